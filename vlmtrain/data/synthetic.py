@@ -40,7 +40,13 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((250, 250, 250), (205, 205, 205), (45, 45, 45))
 """Neutral greys, none close to a shape colour."""
 
-POSITIONS: dict[str, str] = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"}
+POSITIONS: dict[str, str] = {
+    "left": "leftmost",
+    "right": "rightmost",
+    "top": "topmost",
+    "bottom": "bottommost",
+}
+"""Image edge -> the adjective for the shape nearest it."""
 
 SPLIT_SHARES = {"multi_image": 0.15, "text_only": 0.15}
 """Share of lines per kind; the remaining ~70% are single-image lines."""
@@ -302,7 +308,9 @@ def _single_image_turns(rng: random.Random, shapes: list[DrawnShape]) -> list[di
     return turns
 
 
-def _multi_image_turns(rng: random.Random, shapes1: list[DrawnShape], shapes2: list[DrawnShape]) -> list[dict]:
+def _multi_image_turns(
+    rng: random.Random, shapes1: list[DrawnShape], shapes2: list[DrawnShape]
+) -> list[dict]:
     prefix = "Image-1: <image>\nImage-2: <image>\n"
     colours1 = {s.colour for s in shapes1}
     colours2 = {s.colour for s in shapes2}
