@@ -1,0 +1,77 @@
+"""Each stage trains exactly its parts; frozen parts build no autograd graph."""
+
+import pytest
+import torch
+
+from conftest import compose_config
+from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
+from vlmtrain.models.internvl import encode_images, part_of
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = compose_config(["data.datasets={}"])
+    tok = load_tokenizer(cfg.model)
+    return cfg, tok
+
+
+def _build(tiny, stage):
+    cfg, tok = tiny
+    scfg = compose_config([f"stage={stage}", "data.datasets={}"]).stage
+    model = build_model(cfg.model, tok)
+    trainable = set(apply_stage(model, scfg))
+    return model, trainable
+
+
+def _names(model, parts):
+    return {n for n, _ in model.named_parameters() if part_of(n) in parts}
+
+
+@pytest.mark.parametrize(
+    "stage, parts",
+    [
+        ("mlp_warmup", {"multi_modal_projector"}),
+        ("vit_incremental", {"vision_tower", "multi_modal_projector"}),
+        ("instruction_tuning", {"vision_tower", "multi_modal_projector", "language_model"}),
+    ],
+)
+def test_trainable_sets_are_exact(tiny, stage, parts):
+    model, trainable = _build(tiny, stage)
+    assert trainable == _names(model, parts)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_mlp_warmup_trains_exactly_the_projector_tensors(tiny):
+    model, trainable = _build(tiny, "mlp_warmup")
+    assert trainable == {
+        "model.multi_modal_projector.layer_norm.weight",
+        "model.multi_modal_projector.layer_norm.bias",
+        "model.multi_modal_projector.linear_1.weight",
+        "model.multi_modal_projector.linear_1.bias",
+        "model.multi_modal_projector.linear_2.weight",
+        "model.multi_modal_projector.linear_2.bias",
+    }
+
+
+def test_frozen_vit_builds_no_graph(tiny):
+    model, _ = _build(tiny, "mlp_warmup")
+    size = model.config.vision_config.image_size[0]
+    seen = []
+    model.model.vision_tower.encoder.layer[-1].register_forward_hook(lambda m, a, o: seen.append(o))
+    feats = encode_images(model, torch.randn(2, 3, size, size))
+    assert feats.requires_grad  # the projector trains
+    assert not seen[0].requires_grad and seen[0].grad_fn is None  # the ViT kept no graph
+
+
+def test_drop_path_follows_the_stage(tiny):
+    model, _ = _build(tiny, "vit_incremental")
+    tower = model.model.vision_tower
+    size = model.config.vision_config.image_size[0]
+    x = torch.randn(8, 3, size, size)
+    tower.eval()
+    a, b = tower(pixel_values=x).last_hidden_state, tower(pixel_values=x).last_hidden_state
+    assert torch.equal(a, b)  # no drop path in eval
+    tower.train()
+    torch.manual_seed(0)
+    c = tower(pixel_values=x).last_hidden_state
+    assert not torch.allclose(a, c)  # drop path 0.1 on the last layer changes some samples

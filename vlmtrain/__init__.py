@@ -1,0 +1,1 @@
+"""vlmtrain: config-driven training of InternVL-style vision-language models."""

@@ -1,0 +1,29 @@
+"""Where the YAML config tree lives and the pieces Hydra needs before composing it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from vlmtrain.config import register_schemas
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _demo_data() -> str:
+    from vlmtrain.data.synthetic import ensure_demo_dataset
+
+    return str(ensure_demo_dataset())
+
+
+def _wandb_offline() -> bool:
+    return not os.environ.get("WANDB_API_KEY")
+
+
+def register() -> None:
+    """Schemas in the ConfigStore and vlmtrain's resolvers (idempotent)."""
+    register_schemas()
+    OmegaConf.register_new_resolver("vlmtrain.demo_data", _demo_data, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("vlmtrain.wandb_offline", _wandb_offline, replace=True)

@@ -1,0 +1,167 @@
+"""Typed schemas for every config group.
+
+The YAML files under conf/ are merged on top of these dataclasses (registered in Hydra's
+ConfigStore as ``vlmtrain_schema``), so a misspelled key or a value of the wrong type fails at
+compose time with the key's full name, before anything is built.
+
+Groups whose options are whole components (optim, loss, logger, hardware.strategy) carry a
+``_target_`` and are typed ``Any`` here: the option *file* picks the component and
+``hydra.utils.instantiate`` checks its arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+@dataclass
+class VisionConfig:
+    """InternViT settings (transformers' InternVLVisionConfig names)."""
+
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    intermediate_size: int = MISSING
+    image_size: int = 448
+    """Tile side in pixels; tiles are cut at this size and the ViT sees exactly one tile."""
+    patch_size: int = 14
+    norm_type: str = "layer_norm"
+    """``layer_norm`` (InternViT-300M) or ``rms_norm`` (InternViT-6B)."""
+    use_qk_norm: bool = False
+    attention_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    layer_scale_init_value: float = 0.1
+    hidden_act: str = "gelu"
+    path: Optional[str] = None
+    """Load the vision tower from a local ViT or whole-VLM checkpoint (progressive scaling)."""
+
+
+@dataclass
+class LLMConfig:
+    config: Dict[str, Any] = field(default_factory=dict)
+    """Any transformers causal-LM config as keyword arguments; ``model_type`` picks the class."""
+    path: Optional[str] = None
+    """Load the language model from a local causal-LM checkpoint."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Optional[str] = None
+    """A local InternVL checkpoint (HF-native or OpenGVLab layout). None: random init."""
+    tokenizer: Optional[str] = None
+    """A local tokenizer directory. None: the checkpoint's, else the one vlmtrain ships."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    downsample_ratio: float = 0.5
+    projector_hidden_act: str = "gelu"
+    vision_select_layer: int = -1
+    template: str = "internvl2_5"
+    allow_pickle: bool = False
+    """Permit loading pickle ``.bin`` weights (they can run code); safetensors never need it."""
+    gradient_checkpointing: List[str] = field(default_factory=list)
+    """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]."""
+
+
+@dataclass
+class DatasetConfig:
+    """One source of the mixture."""
+
+    path: str = MISSING
+    """A jsonl/json annotation file, meta file or folder."""
+    format: Optional[str] = None
+    """Reader name (internvl, swift, llava, cogvlm, wds); guessed from the path when None."""
+    root: Optional[str] = None
+    """Folder that relative media paths are resolved against (default: the annotation's folder)."""
+    n_max: int = 6
+    """Max tiles per sample (split across the images of a multi-image sample)."""
+    min_tiles: int = 1
+    repeat: float = 1.0
+    """r < 1: a seeded random subset of round(N*r) lines; r > 1: floor(r) copies plus a fraction."""
+    jpeg_augment: Optional[bool] = None
+    """Random JPEG re-encoding; None: on for image datasets, off for video."""
+    template: Optional[str] = None
+    system: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
+    template: str = "${model.template}"
+    system: Optional[str] = None
+    """System prompt; None: the template's default."""
+    tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
+    use_thumbnail: bool = True
+    max_seq_len: int = 16384
+    too_long: str = "skip"
+    """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""
+    on_error: str = "skip"
+    """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
+    micro_batch_size: int = 1
+    num_workers: int = 2
+    min_frames: int = 8
+    max_frames: int = 32
+
+
+@dataclass
+class StageConfig:
+    """One stage of the InternVL 2.5 recipe: what trains and with which hyperparameters."""
+
+    name: str = MISSING
+    trainable: List[str] = field(default_factory=list)
+    """Parts that train fully: any of vision_tower, multi_modal_projector, language_model."""
+    lr: float = MISSING
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Fraction of the run's optimizer steps used for warmup (used when warmup_steps is 0)."""
+    drop_path: float = 0.0
+    """Stochastic depth of the ViT, rising linearly over its layers to this value."""
+    global_batch_size: int = 512
+    """Samples per optimizer step over all ranks; gradient accumulation makes up the rest."""
+    max_steps: int = -1
+    max_epochs: int = 1
+    lora: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class HardwareConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: str = "32-true"
+
+
+@dataclass
+class TrainerConfig:
+    log_every_n_steps: int = 1
+    checkpoint_every_n_steps: int = 0
+    """Also write a checkpoint every N optimizer steps (0: only at the end)."""
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    run_dir: str = "${hydra:runtime.output_dir}"
+    init_from: Optional[str] = None
+    """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optim: Any = MISSING
+    loss: Any = MISSING
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="vlmtrain_schema", node=TrainConfig)

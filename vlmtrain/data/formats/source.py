@@ -1,0 +1,50 @@
+"""Raw records of one annotation source, kept as text until a sample is asked for."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmtrain.data.conversation import SampleError
+
+
+@dataclass
+class Record:
+    """One annotation line: where it came from and its JSON text (parsed lazily)."""
+
+    file: str
+    line: int
+    text: str
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def parse(self) -> dict:
+        try:
+            obj = json.loads(self.text)
+        except json.JSONDecodeError as e:
+            raise SampleError("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise SampleError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+        return obj
+
+
+def read_json_records(path: Path) -> list[Record]:
+    """Lines of a .jsonl file, or the elements of a .json list (line = element index + 1)."""
+    if not path.exists():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of samples")
+        return [Record(str(path), i + 1, json.dumps(item, ensure_ascii=False)) for i, item in enumerate(items)]
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                records.append(Record(str(path), i, line))
+    return records

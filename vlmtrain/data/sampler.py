@@ -1,0 +1,57 @@
+"""Which samples form each optimizer step, on each rank.
+
+One item of the loader is one optimizer step's data for this rank (its micro-batches), so the
+loss can be normalised over the whole accumulation window before the first backward. The order
+is a deterministic function of (seed, epoch); the sampler's state is (epoch, first step), so a
+resumed run continues with the next unseen step instead of replaying the epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class StepSampler:
+    def __init__(self, num_samples: int, samples_per_step: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        if samples_per_step % world_size:
+            raise ValueError(f"samples per step {samples_per_step} is not divisible by {world_size} ranks")
+        if num_samples < samples_per_step:
+            raise ValueError(
+                f"the data has {num_samples} samples, fewer than one optimizer step's "
+                f"{samples_per_step} (stage.global_batch_size): lower it or add data"
+            )
+        self.num_samples, self.samples_per_step = num_samples, samples_per_step
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.samples_per_step  # the last partial step is dropped
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each epoch start; a resumed epoch keeps its start step."""
+        if epoch != self.epoch:
+            self.epoch, self.start_step = epoch, 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        order, n, epoch = self.order(self.epoch), self.samples_per_step, self.epoch
+        for step in range(self.start_step, self.steps_per_epoch):
+            chunk = order[step * n:(step + 1) * n]
+            yield [(int(i), epoch) for i in chunk[self.rank::self.world_size]]
+
+    def state_dict(self, steps_done: int = 0) -> dict:
+        """steps_done: optimizer steps of the current epoch already taken (the loader prefetches,
+        so the sampler itself cannot know how many of its batches were consumed)."""
+        return {"epoch": self.epoch, "start_step": steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start_step = state["epoch"], state["start_step"]

@@ -1,0 +1,170 @@
+"""The InternVL model: transformers' native ``InternVLForConditionalGeneration``.
+
+We build on the transformers classes rather than our own copy so that a vlmtrain checkpoint *is* an
+HF-native InternVL checkpoint (export is ``save_pretrained``, serving engines load it) and the
+three parts carry transformers' names: ``model.vision_tower`` (InternViT),
+``model.multi_modal_projector`` (LayerNorm -> Linear -> GELU -> Linear on pixel-shuffled
+features) and ``model.language_model`` (+ ``lm_head``). What transformers lacks for training, we
+add from outside through public APIs: stochastic depth via forward hooks (``add_drop_path``), a
+vision path that builds no autograd graph when the ViT is frozen, and a loss that never
+materialises full logits (``vlmtrain.training.loss``).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from vlmtrain.config import ModelConfig
+
+IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+def tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:
+    """256 for 448 px tiles, patch 14, pixel shuffle 0.5."""
+    side = image_size // patch_size
+    return int(side * downsample_ratio) ** 2
+
+
+def internvl_config(cfg: ModelConfig, image_token_id: int) -> InternVLConfig:
+    v = cfg.vision
+    vision = dict(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.intermediate_size,
+        image_size=[v.image_size, v.image_size],
+        patch_size=[v.patch_size, v.patch_size],
+        norm_type=v.norm_type,
+        use_qk_norm=v.use_qk_norm,
+        attention_bias=v.attention_bias,
+        layer_norm_eps=v.layer_norm_eps,
+        layer_scale_init_value=v.layer_scale_init_value,
+        hidden_act=v.hidden_act,
+        use_mean_pooling=True,  # InternViT has no final norm
+    )
+    text = dict(cfg.llm.config)
+    text.setdefault("tie_word_embeddings", False)
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=tokens_per_tile(v.image_size, v.patch_size, cfg.downsample_ratio),
+        downsample_ratio=cfg.downsample_ratio,
+        projector_hidden_act=cfg.projector_hidden_act,
+        vision_feature_layer=cfg.vision_select_layer,
+        vision_feature_select_strategy="default",  # drop CLS
+        tie_word_embeddings=False,
+    )
+
+
+def build_from_config(cfg: ModelConfig, image_token_id: int, seed: int = 0) -> InternVLForConditionalGeneration:
+    """Random-init model, deterministic in ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(internvl_config(cfg, image_token_id))
+    return model
+
+
+def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:
+    """The three parts; the LM head belongs to the language model."""
+    return {
+        "vision_tower": model.model.vision_tower,
+        "multi_modal_projector": model.model.multi_modal_projector,
+        "language_model": nn.ModuleList([model.model.language_model, model.lm_head]),
+    }
+
+
+def part_of(param_name: str) -> str:
+    """Which part a parameter of InternVLForConditionalGeneration belongs to."""
+    for part in ("vision_tower", "multi_modal_projector", "language_model"):
+        if param_name.startswith(f"model.{part}."):
+            return part
+    if param_name.startswith("lm_head."):
+        return "language_model"
+    raise KeyError(f"parameter {param_name!r} belongs to no known part")
+
+
+def add_drop_path(vision_tower: nn.Module, rate: float) -> list:
+    """Stochastic depth on both residual branches of every ViT layer, rising linearly to ``rate``.
+
+    A forward hook scales a branch's output by mask / keep_prob per sample; since the branch is
+    then multiplied by the layer scale and added to the residual, this equals timm's DropPath.
+    Returns the hook handles (remove them to turn drop path off).
+    """
+    layers = vision_tower.encoder.layer
+    handles = []
+    if rate <= 0:
+        return handles
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        p = rate * i / max(1, n - 1)
+        if p <= 0:
+            continue
+        handles.append(layer.attention.register_forward_hook(_drop_path_hook(p, tuple_output=True)))
+        handles.append(layer.mlp.register_forward_hook(_drop_path_hook(p, tuple_output=False)))
+    return handles
+
+
+def _drop_path_hook(p: float, tuple_output: bool):
+    keep = 1.0 - p
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        x = output[0] if tuple_output else output
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
+        return (x * mask, *output[1:]) if tuple_output else x * mask
+
+    return hook
+
+
+def encode_images(model: InternVLForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Tiles (N, 3, S, S) -> LLM embeddings (N, tokens_per_tile, D).
+
+    When no vision-tower parameter needs a gradient the ViT runs under no_grad, so a frozen ViT
+    holds no activations for backward (the projector still trains).
+    """
+    tower = model.model.vision_tower
+    vision_grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+    layer = model.config.vision_feature_layer
+    with nullcontext() if vision_grad else torch.no_grad():
+        out = tower(pixel_values=pixel_values.to(model.dtype), output_hidden_states=layer != -1)
+        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        feats = feats[:, 1:, :]  # drop CLS
+        n, hw, c = feats.shape
+        side = int(hw**0.5)
+        feats = model.model.pixel_shuffle(feats.reshape(n, side, side, c), model.config.downsample_ratio)
+        feats = feats.reshape(n, -1, feats.shape[-1])
+    return model.model.multi_modal_projector(feats)
+
+
+def multimodal_embeddings(
+    model: InternVLForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    dummy_vision: bool = False,
+) -> torch.Tensor:
+    """Token embeddings with IMG_CONTEXT positions replaced, in order, by projected tile features.
+
+    With ``dummy_vision`` the tiles belong to no text position (a text-only batch): their features
+    enter the graph with weight zero, so every rank runs the vision tower every step and sharded
+    strategies (FSDP, ZeRO-3) never wait on a rank that skipped it.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    if pixel_values is None:
+        return embeds
+    feats = encode_images(model, pixel_values).to(embeds.dtype)
+    if dummy_vision:
+        return embeds + 0.0 * feats.sum()
+    mask = input_ids == model.config.image_token_id
+    n_slots, n_feats = int(mask.sum()), feats.shape[0] * feats.shape[1]
+    if n_slots != n_feats:
+        raise ValueError(
+            f"{n_slots} <IMG_CONTEXT> tokens but {feats.shape[0]} tiles x {feats.shape[1]} = {n_feats} "
+            "image features: the data side and the model disagree on tokens per tile"
+        )
+    return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))

@@ -1,0 +1,88 @@
+"""Compose -> build -> fit. The entry point only wires parts together; the parts own the work."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlmtrain.models.build import apply_stage, build_model, load_tokenizer, load_weights
+from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.training.datamodule import VLMDataModule
+from vlmtrain.training.module import VLMTrainingModule
+
+log = logging.getLogger("vlmtrain")
+
+
+def find_checkpoint(path: str) -> Path:
+    """A run directory (its checkpoints/last.ckpt) or a .ckpt file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise FileNotFoundError(f"init_from: no checkpoint at {p}")
+    return p
+
+
+def init_weights_from(model: torch.nn.Module, path: str) -> None:
+    ckpt = find_checkpoint(path)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    load_weights(model, state, str(ckpt))
+    log.info("initialised weights from %s", ckpt)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    hw = cfg.hardware
+    strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or None,
+    )
+    return pl.Trainer(
+        accelerator=hw.accelerator,
+        devices=hw.devices,
+        num_nodes=hw.num_nodes,
+        strategy=strategy,
+        precision=hw.precision,
+        max_epochs=cfg.stage.max_epochs,
+        max_steps=cfg.stage.max_steps,
+        logger=instantiate(cfg.logger) if cfg.logger else False,
+        callbacks=[checkpoint],
+        default_root_dir=str(run_dir),
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        use_distributed_sampler=False,  # the StepSampler shards by rank itself
+        num_sanity_val_steps=0,
+    )
+
+
+def train(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    if cfg.init_from:
+        init_weights_from(model, cfg.init_from)
+    trainable = apply_stage(model, cfg.stage)
+    log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
+
+    v = cfg.model.vision
+    data = VLMDataModule(
+        cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
+        cfg.stage.global_batch_size, cfg.seed,
+    )
+    module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=data)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    return run_dir

@@ -1,0 +1,64 @@
+"""Loss reweighting and the weighted, chunked cross-entropy.
+
+InternVL 2.5 weighs every supervised token of a sample with x supervised tokens by f(x):
+token averaging f = 1, sample averaging f = 1/x, square averaging f = 1/sqrt(x). The loss of an
+optimizer step is sum(w * CE) / sum(w) over every supervised token of the step (all micro-batches
+of the accumulation window on all ranks), so this module returns the numerator and the weights
+separately and the caller divides once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PowerWeighting:
+    """f(x) = x ** -power: token 0, square 0.5, sample 1."""
+
+    power: float
+
+    def __call__(self, num_supervised: torch.Tensor) -> torch.Tensor:
+        x = num_supervised.to(torch.float64).clamp(min=1)
+        return (x ** -self.power).to(torch.float32)
+
+
+def token_weights(weighting, num_supervised: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """Per-token weights from per-sample supervised counts; sample_index maps tokens to samples."""
+    return weighting(num_supervised)[sample_index]
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor):
+    logits = F.linear(hidden, weight).float()
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    return (ce * w).sum()
+
+
+def weighted_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """sum(w * CE) over the given positions, never holding more than one chunk of logits.
+
+    hidden: (N, D) hidden states of the supervised positions only; targets: (N,); weights: (N,).
+    Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory is
+    one chunk of (chunk_size x vocab) floats instead of (N x vocab).
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (hidden[sl], lm_head_weight, targets[sl], weights[sl])
+        if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
+            total = total + checkpoint(_ce_sum, *args, use_reentrant=False)
+        else:
+            total = total + _ce_sum(*args)
+    return total
