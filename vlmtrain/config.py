@@ -88,6 +88,10 @@ class DatasetConfig:
     """Random JPEG re-encoding; None: on for image datasets, off for video."""
     template: Optional[str] = None
     system: Optional[str] = None
+    min_frames: Optional[int] = None
+    """Video frames drawn per video in training (None: data.min_frames)."""
+    max_frames: Optional[int] = None
+    """Upper bound of that draw, and the frame count at evaluation (None: data.max_frames)."""
 
 
 @dataclass
@@ -107,6 +111,10 @@ class DataConfig:
     num_workers: int = 2
     min_frames: int = 8
     max_frames: int = 32
+    path: Optional[str] = None
+    """One-off dataset for ``data=single`` (a jsonl, json, meta.json, folder or shard pattern)."""
+    format: Optional[str] = None
+    """Its format for ``data=single`` (guessed when None)."""
 
 
 @dataclass

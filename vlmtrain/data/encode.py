@@ -27,6 +27,8 @@ class EncodedSample:
     num_tiles: list[int] = field(default_factory=list)
     """Tiles per image (or per video frame), in placeholder order."""
     dataset: str = ""
+    truncated: bool = False
+    """True when trailing text-only turns were dropped to fit max_seq_len (data.too_long)."""
 
     @property
     def num_supervised(self) -> int:
@@ -63,7 +65,10 @@ class ConversationEncoder:
         return ids
 
     def encode(self, conv: Conversation, template: ChatTemplate, num_tiles: list[int], system: str | None):
-        """Returns (input_ids, labels) as int64 tensors. num_tiles: tiles per <image>, in order."""
+        """Returns (input_ids, labels) as int64 tensors. num_tiles: tiles per <image>, in order.
+
+        ``self.last_truncated`` tells whether trailing turns were dropped (data.too_long)."""
+        self.last_truncated = False
         tiles = list(num_tiles)
         ids = self._text(template.render_system(conv.system if conv.system is not None else system))
         labels = [IGNORE_INDEX] * len(ids)
@@ -73,7 +78,9 @@ class ConversationEncoder:
             a = self._with_images(answer, tiles) + self._text(template.answer_end)
             s = self._text(template.turn_sep)
             ids += u + a + s
-            labels += [IGNORE_INDEX] * len(u) + a + [IGNORE_INDEX] * len(s)
+            # an image inside an answer is input, never a target
+            a_labels = [IGNORE_INDEX if t in (self.img_start, self.img_context, self.img_end) else t for t in a]
+            labels += [IGNORE_INDEX] * len(u) + a_labels + [IGNORE_INDEX] * len(s)
             turn_ends.append(len(ids))
         if tiles:
             raise SampleError("placeholder_mismatch", f"{len(tiles)} images have no <image> placeholder")
@@ -88,5 +95,6 @@ class ConversationEncoder:
             keep = [e for e in turn_ends if e <= self.max_seq_len]
             if keep and self.img_context not in ids[keep[-1]:]:
                 end = keep[-1]
+                self.last_truncated = True
                 return ids[:end], labels[:end]
         raise SampleError("too_long", f"{n} tokens > data.max_seq_len={self.max_seq_len}")

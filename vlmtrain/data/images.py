@@ -32,6 +32,17 @@ def load_image(src) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_size(src) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else Path(src)) as img:
+            return img.size
+    except FileNotFoundError:
+        raise SampleError("missing_media", f"image not found: {src}") from None
+    except Exception as e:
+        raise SampleError("corrupt_media", f"cannot read image {src if not isinstance(src, bytes) else '<bytes>'}: {e}") from None
+
+
 def jpeg_reencode(img: Image.Image, rng: random.Random) -> Image.Image:
     """InternVL 2.5's augmentation: re-encode as JPEG with quality uniform over 75..100."""
     buf = io.BytesIO()

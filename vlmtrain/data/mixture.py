@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from vlmtrain.config import DataConfig, DatasetConfig
-from vlmtrain.data.conversation import SampleError
+from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.encode import ConversationEncoder, EncodedSample
-from vlmtrain.data.formats import guess_format, reader
-from vlmtrain.data.images import jpeg_reencode, load_image, to_pixel_values
+from vlmtrain.data.formats import META, guess_format, reader
+from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_values
+from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.templates import get_template
-from vlmtrain.data.tiling import tile_image, tiles_per_image
+from vlmtrain.data.tiling import choose_grid, tile_image, tiles_per_image
+from vlmtrain.data.video import count_frames, frame_placeholders, read_frames
+
+_PLACEHOLDER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
+_VIDEO = re.compile(re.escape(VIDEO_PLACEHOLDER))
 
 
 @dataclass
@@ -33,7 +42,7 @@ class Skipped:
     dataset: str = ""
 
 
-def repeat_indices(n: int, repeat: float, seed: int) -> np.ndarray:
+def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
     """Line indices after the repeat factor: floor(r) full copies plus a seeded random subset of
     round(N * frac(r)) lines (r < 1: only that subset)."""
     if repeat <= 0:
@@ -45,66 +54,154 @@ def repeat_indices(n: int, repeat: float, seed: int) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(n), whole), extra]).astype(np.int64)
 
 
+def dataset_configs(datasets) -> dict[str, DatasetConfig]:
+    """The configured datasets as DatasetConfig objects, meta files expanded into their entries."""
+    out: dict[str, DatasetConfig] = {}
+    for name, d in datasets.items():
+        if isinstance(d, DictConfig):
+            d = OmegaConf.to_object(d)
+        if d.path is None or d.path == "???":
+            raise ValueError(f"data.datasets.{name}.path is not set")
+        fmt = d.format
+        if fmt is None and "{" not in str(d.path):
+            path = Path(d.path).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"data.datasets.{name}.path: {path} does not exist")
+            fmt = guess_format(path)
+        if fmt == META:
+            out.update(expand_meta(name, d))
+        else:
+            out[name] = d
+    return out
+
+
 class SourceDataset:
     """One configured dataset: its records, format, and per-dataset settings."""
 
     def __init__(self, name: str, cfg: DatasetConfig, seed: int):
         self.name, self.cfg = name, cfg
         path = Path(cfg.path).expanduser()
-        if not path.exists():
+        if "{" not in str(cfg.path) and not path.exists():
             raise FileNotFoundError(f"data.datasets.{name}.path: {path} does not exist")
         self.format = cfg.format or guess_format(path)
         self.reader = reader(self.format)
         self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
         self.records = self.reader.read(path)
-        self.indices = repeat_indices(len(self.records), cfg.repeat, seed)
+        # each dataset draws its own repeat subset: seeded by the run seed and the dataset's name
+        self.indices = repeat_indices(len(self.records), cfg.repeat, [seed, zlib.crc32(name.encode())])
+
+
+@dataclass
+class Media:
+    """Where the placeholders of a conversation get their pixels from, in text order."""
+
+    kind: str  # image | video
+    src: object
+
+
+def media_in_order(conv: Conversation) -> list[Media]:
+    """The conversation's images and videos in the order their placeholders appear."""
+    images, videos, out = iter(conv.images), iter(conv.videos), []
+    for user, answer in conv.turns:
+        for m in _PLACEHOLDER.finditer(user + answer):
+            if m.group(0) == IMAGE_PLACEHOLDER:
+                out.append(Media("image", next(images)))
+            else:
+                out.append(Media("video", next(videos)))
+    return out
+
+
+def expand_videos(conv: Conversation, frames: list[int]) -> Conversation:
+    """Each ``<video>`` (in order) becomes ``Frame-1: <image>\\n...`` with its frame count."""
+    counts = iter(frames)
+
+    def sub(text: str) -> str:
+        return _VIDEO.sub(lambda _: frame_placeholders(next(counts)), text)
+
+    turns = [(sub(u), sub(a)) for u, a in conv.turns]
+    return Conversation(turns=turns, system=conv.system)
 
 
 class MixtureDataset:
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, seed: int = 0):
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, seed: int = 0, training: bool = True):
         if cfg.on_error not in ("skip", "raise"):
             raise ValueError(f"data.on_error must be skip or raise, got {cfg.on_error!r}")
         if not cfg.datasets:
             raise ValueError("data.datasets is empty: name at least one dataset")
-        self.cfg, self.seed = cfg, seed
-        self.sources = [SourceDataset(name, d, seed) for name, d in cfg.datasets.items()]
+        self.cfg, self.seed, self.training = cfg, seed, training
+        self.sources = [SourceDataset(name, d, seed) for name, d in dataset_configs(cfg.datasets).items()]
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
         sizes = [len(s.indices) for s in self.sources]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def locate(self, index: int) -> tuple[SourceDataset, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range: the mixture has {len(self)} samples")
         k = int(np.searchsorted(self.offsets, index, side="right") - 1)
         source = self.sources[k]
         return source, int(source.indices[index - self.offsets[k]])
 
     def __getitem__(self, key) -> EncodedSample | Skipped:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        return self.load(index, epoch)
+
+    def load(self, index: int, epoch: int = 0, pixels: bool = True) -> EncodedSample | Skipped:
+        """Sample ``index`` of the mixture in ``epoch``. pixels=False: tile counts and tokens only
+        (image headers and video frame counts are read, no pixel is decoded), for statistics."""
         source, line = self.locate(index)
         record = source.records[line]
         try:
-            return self._build(source, record, random.Random(f"{self.seed}:{epoch}:{index}"))
+            rng = random.Random(f"{self.seed}:{epoch}:{index}")
+            return self._build(source, record, rng, pixels)
         except SampleError as e:
             if self.cfg.on_error == "raise":
                 raise ValueError(f"{record.where()}: {e}") from None
             return Skipped(e.reason, record.where(), str(e), source.name)
 
-    def _build(self, source: SourceDataset, record, rng: random.Random) -> EncodedSample:
+    def _frames(self, d: DatasetConfig) -> tuple[int, int]:
+        lo = d.min_frames if d.min_frames is not None else self.cfg.min_frames
+        hi = d.max_frames if d.max_frames is not None else self.cfg.max_frames
+        return lo, hi
+
+    def _build(self, source: SourceDataset, record, rng: random.Random, pixels: bool = True) -> EncodedSample:
         d = source.cfg
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
-        tiles, num_tiles = [], []
-        if conv.images:
-            per_image = tiles_per_image(len(conv.images), d.n_max)
-            augment = True if d.jpeg_augment is None else d.jpeg_augment
-            for src in conv.images:
-                img_tiles = tile_image(load_image(src), d.min_tiles, per_image, self.cfg.tile_size, self.cfg.use_thumbnail)
-                if augment:
-                    img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
-                tiles += img_tiles
-                num_tiles.append(len(img_tiles))
+        media = media_in_order(conv)
+        per_image = tiles_per_image(len(conv.images), d.n_max) if conv.images else 0
+        size = self.cfg.tile_size
+        frame_rng = rng if self.training else None
+        tiles, num_tiles, frames_per_video = [], [], []
+        for m in media:
+            if m.kind == "image":
+                if pixels:
+                    img_tiles = tile_image(load_image(m.src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
+                    if d.jpeg_augment is not False:  # on for images unless the dataset turns it off
+                        img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
+                    tiles += img_tiles
+                    num_tiles.append(len(img_tiles))
+                else:
+                    w, h = image_size(m.src)
+                    cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
+                    num_tiles.append(cols * rows + (1 if self.cfg.use_thumbnail and cols * rows > 1 else 0))
+            else:
+                lo, hi = self._frames(d)
+                if pixels:
+                    frames = read_frames(m.src, lo, hi, frame_rng)
+                    frame_tiles = [f.resize((size, size), Image.Resampling.BICUBIC) for f in frames]
+                    if d.jpeg_augment is True:  # off for video unless the dataset turns it on
+                        frame_tiles = [jpeg_reencode(t, rng) for t in frame_tiles]
+                    tiles += frame_tiles
+                    n = len(frame_tiles)
+                else:
+                    n = min(hi, count_frames(m.src))
+                frames_per_video.append(n)
+                num_tiles += [1] * n
+        if conv.videos:
+            conv = expand_videos(conv, frames_per_video)
         template = get_template(d.template or self.cfg.template)
         system = d.system if d.system is not None else self.cfg.system
         input_ids, labels = self.encoder.encode(conv, template, num_tiles, system)
@@ -114,4 +211,5 @@ class MixtureDataset:
             pixel_values=to_pixel_values(tiles) if tiles else None,
             num_tiles=num_tiles,
             dataset=source.name,
+            truncated=self.encoder.last_truncated,
         )

@@ -35,6 +35,11 @@ class ChatTemplate:
         return self.prefix + (self.system.format(content=text) if self.system and text else "")
 
 
+INTERNVL2_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+"""System text the InternVL 2 / 1.5 checkpoints were trained with (internlm2-chat, phi3-chat, Hermes-2)."""
+
 _CHATML = dict(
     system="<|im_start|>system\n{content}<|im_end|>\n",
     user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
@@ -43,28 +48,38 @@ _CHATML = dict(
     stop="<|im_end|>",
 )
 
+# InternVL 1.5 / 2 render internlm2-chat, Hermes-2 and phi3-chat in its "MPT" style: the end marker
+# is the whole separator, with no newline after it (unlike the LLMs' own HF chat templates). We keep
+# that layout, because fine-tuning a released InternVL checkpoint on another layout shifts its inputs.
+_CHATML_MPT = dict(
+    system="<|im_start|>system\n{content}<|im_end|>",
+    user="<|im_start|>user\n{content}<|im_end|><|im_start|>assistant\n",
+    answer_end="<|im_end|>",
+    turn_sep="",
+    stop="<|im_end|>",
+)
+
 TEMPLATES = {
     t.name: t
     for t in [
+        # InternVL 2.5: chatml with newlines (Qwen2.5 and InternLM2.5 LLMs alike)
         ChatTemplate(name="internvl2_5", prefix="", default_system=INTERNVL_SYSTEM, **_CHATML),
-        ChatTemplate(
-            name="internlm2-chat",
-            prefix="<s>",
-            default_system=(
-                "You are an AI assistant whose name is InternLM (书生·浦语)."
-            ),
-            **_CHATML,
-        ),
-        ChatTemplate(name="hermes2", prefix="", **_CHATML),
+        # InternVL 1.5 / 2 with InternLM2 LLMs; the InternLM2 tokenizer starts every text with <s>
+        ChatTemplate(name="internlm2-chat", prefix="<s>", default_system=INTERNVL2_SYSTEM, **_CHATML_MPT),
+        # InternVL 2 with Nous-Hermes-2-Yi-34B (chatml; the Yi tokenizer adds no BOS)
+        ChatTemplate(name="hermes2", prefix="", default_system=INTERNVL2_SYSTEM, **_CHATML_MPT),
+        # InternVL 2 / Mini-InternVL 1.5 with Phi-3-mini (its tokenizer starts with <s>)
         ChatTemplate(
             name="phi3-chat",
             prefix="<s>",
-            system="<|system|>\n{content}<|end|>\n",
-            user="<|user|>\n{content}<|end|>\n<|assistant|>\n",
+            system="<|system|>\n{content}<|end|>",
+            user="<|user|>\n{content}<|end|><|assistant|>\n",
             answer_end="<|end|>",
-            turn_sep="\n",
+            turn_sep="",
+            default_system=INTERNVL2_SYSTEM,
             stop="<|end|>",
         ),
+        # Llama 3 instruct layout, as Meta's chat template writes it
         ChatTemplate(
             name="llama3-chat",
             prefix="<|begin_of_text|>",

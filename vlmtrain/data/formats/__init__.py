@@ -1,8 +1,10 @@
-"""Input formats. Each module exposes ``read(path, root) -> Source`` turning a user's annotation
-file (or folder) into raw records, and ``to_conversation(record, root) -> Conversation``.
+"""Input formats. Each module exposes ``read(path) -> list[Record]`` turning a user's annotation
+file (or folder, or shard pattern) into raw records, ``to_conversation(record_obj, root) ->
+Conversation``, and ``claims(path) -> bool`` for guessing the format when the config names none.
 
 Adding a format is one module here plus its test; ``FORMATS`` maps the ``format:`` key of a
-dataset config to its module.
+dataset config to its module, in the order formats are tried when guessing. An InternVL meta file
+(``format: meta``) is not a line format: ``vlmtrain.data.meta`` expands it into datasets.
 """
 
 from __future__ import annotations
@@ -11,21 +13,30 @@ import importlib
 from pathlib import Path
 
 FORMATS = {
+    "wds": "vlmtrain.data.formats.wds",
+    "cogvlm": "vlmtrain.data.formats.cogvlm",
+    "swift": "vlmtrain.data.formats.swift",
+    "llava": "vlmtrain.data.formats.llava",
     "internvl": "vlmtrain.data.formats.internvl",
 }
+META = "meta"
 
 
 def reader(name: str):
     if name not in FORMATS:
-        raise ValueError(f"unknown data format {name!r}; known: {', '.join(sorted(FORMATS))}")
+        raise ValueError(f"unknown data format {name!r}; known: {', '.join(sorted([*FORMATS, META]))}")
     return importlib.import_module(FORMATS[name])
 
 
 def guess_format(path: str | Path) -> str:
-    """Guess a dataset's format from its path (the format key overrides this)."""
-    p = Path(path)
+    """Guess a dataset's format from its path and first record (the format key overrides this)."""
+    from vlmtrain.data.meta import is_meta_file
+
+    if is_meta_file(path):
+        return META
     for name in FORMATS:
-        mod = reader(name)
-        if getattr(mod, "claims", None) and mod.claims(p):
+        if reader(name).claims(Path(path)):
             return name
-    return "internvl"
+    raise ValueError(
+        f"cannot guess the format of {path}: set format to one of {', '.join([*FORMATS, META])}"
+    )

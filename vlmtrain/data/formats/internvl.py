@@ -8,9 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
-from vlmtrain.data.formats.source import Record, read_json_records
+from vlmtrain.data.formats.source import Record, first_object, read_json_records
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def claims(path: Path) -> bool:
+    obj = first_object(path)
+    return Path(path).suffix == ".jsonl" and isinstance(obj, dict) and "conversations" in obj
 
 
 def read(path: Path) -> list[Record]:

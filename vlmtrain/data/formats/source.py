@@ -48,3 +48,24 @@ def read_json_records(path: Path) -> list[Record]:
             if line.strip():
                 records.append(Record(str(path), i, line))
     return records
+
+
+def first_object(path: Path):
+    """The first JSON object of a .jsonl file, or the first element (or the object) of a .json file;
+    None when there is none. Used to guess a file's format."""
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        return None
+    try:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        return json.loads(line)
+            return None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(obj, list):
+        return obj[0] if obj else None
+    return obj

@@ -1,0 +1,77 @@
+"""InternVL meta files: a JSON object name -> {root, annotation, data_augment, repeat_time,
+max_dynamic_patch, length}, one entry per dataset of the mixture.
+
+Pointing a dataset of the data config at a meta file (``format: meta``, or guessed) trains every
+entry with its own settings: ``max_dynamic_patch`` -> ``n_max``, ``repeat_time`` -> ``repeat``,
+``data_augment`` -> ``jpeg_augment``, ``root`` -> ``root``, ``annotation`` -> ``path``. Keys an
+entry lacks come from the data config's entry (its ``n_max``, ``template``, ``system``, ...).
+Relative paths are taken from the meta file's folder when they exist there, else from the
+working directory (where InternVL's own scripts run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from vlmtrain.config import DatasetConfig
+
+KEYS = {"root", "annotation", "data_augment", "repeat_time", "max_dynamic_patch", "min_dynamic_patch",
+        "length", "max_num_frame", "min_num_frame"}
+
+
+def is_meta_file(path) -> bool:
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".json":
+        return False
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) and "annotation" in v for v in obj.values())
+
+
+def _resolve(base: Path, p: str) -> str:
+    q = Path(p).expanduser()
+    if q.is_absolute():
+        return str(q)
+    return str(base / q) if (base / q).exists() else str(q)
+
+
+def expand_meta(name: str, cfg: DatasetConfig) -> dict[str, DatasetConfig]:
+    """The datasets of a meta file as DatasetConfigs named ``{name}/{entry}``."""
+    path = Path(cfg.path).expanduser()
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.datasets.{name}.path: meta file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON in meta file: {e.msg}") from None
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{path}: a meta file is a JSON object name -> {{root, annotation, ...}}")
+    out = {}
+    for entry, spec in meta.items():
+        where = f"{path}: entry {entry!r}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("annotation"), str):
+            raise ValueError(f"{where}: needs an 'annotation' path")
+        unknown = set(spec) - KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(KEYS)}")
+        d = replace(cfg, path=_resolve(path.parent, spec["annotation"]), format=None)
+        if spec.get("root") is not None:
+            d.root = _resolve(path.parent, spec["root"])
+        if "max_dynamic_patch" in spec:
+            d.n_max = int(spec["max_dynamic_patch"])
+        if "min_dynamic_patch" in spec:
+            d.min_tiles = int(spec["min_dynamic_patch"])
+        if "repeat_time" in spec:
+            d.repeat = float(spec["repeat_time"])
+        if "min_num_frame" in spec:
+            d.min_frames = int(spec["min_num_frame"])
+        if "max_num_frame" in spec:
+            d.max_frames = int(spec["max_num_frame"])
+        if "data_augment" in spec:
+            d.jpeg_augment = bool(spec["data_augment"])
+        out[f"{name}/{entry}"] = d
+    return out
