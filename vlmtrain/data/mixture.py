@@ -152,9 +152,12 @@ class MixtureDataset:
         """Sample ``index`` of the mixture in ``epoch``. pixels=False: tile counts and tokens only
         (image headers and video frame counts are read, no pixel is decoded), for statistics."""
         source, line = self.locate(index)
+        return self.load_line(source, line, random.Random(f"{self.seed}:{epoch}:{index}"), pixels)
+
+    def load_line(self, source: SourceDataset, line: int, rng: random.Random, pixels: bool = True):
+        """Line ``line`` of one source, encoded; a bad line is a Skipped (or raises, on_error=raise)."""
         record = source.records[line]
         try:
-            rng = random.Random(f"{self.seed}:{epoch}:{index}")
             return self._build(source, record, rng, pixels)
         except SampleError as e:
             if self.cfg.on_error == "raise":
