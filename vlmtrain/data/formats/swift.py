@@ -120,7 +120,7 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
     sizes: dict[int, tuple[int, int]] = {}
     counters = {"listed": 0, "ref": 0, "box": 0}
 
-    def image_size(index: int):
+    def size_of(index: int):
         if not 0 <= index < len(images_all):
             raise SampleError("bad_bbox", f"object refers to image {index}, the line has {len(images_all)}")
         if index not in sizes:
@@ -148,7 +148,7 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
                 raise SampleError("bad_bbox", f"object {k} needs a string caption")
             return f"<ref>{caption}</ref>"
         bbox_type = o.get("bbox_type", "real")
-        size = image_size(int(o.get("image", 0))) if bbox_type == "real" else None
+        size = size_of(int(o.get("image", 0))) if bbox_type == "real" else None
         x1, y1, x2, y2 = box_thousandths(o.get("bbox"), bbox_type, size)
         return f"<box>[[{x1}, {y1}, {x2}, {y2}]]</box>"
 
