@@ -130,6 +130,10 @@ class MixtureDataset:
             raise ValueError("data.datasets is empty: name at least one dataset")
         self.cfg, self.seed, self.training = cfg, seed, training
         self.sources = [SourceDataset(name, d, seed) for name, d in dataset_configs(cfg.datasets).items()]
+        for source in self.sources:
+            lo, hi = self._frames(source.cfg)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
