@@ -250,3 +250,28 @@ def test_bad_input_is_counted_per_reason_or_raises_naming_file_and_line(tmp_path
     strict = mixture(tok, {"bad": DatasetConfig(path=str(path), n_max=1)}, on_error="raise")
     with pytest.raises(ValueError, match=rf"{path}:3: image not found"):
         strict[(2, 0)]
+
+
+# -- fast resize ----------------------------------------------------------------------------------------------------
+def test_fast_resize_matches_pil_tiles(tmp_path, tok):
+    from vlmtrain.data.images import to_pixel_values
+    from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast
+
+    rgb = np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb).resize((700, 300), Image.Resampling.BICUBIC)  # smooth, like a photo
+    img.save(tmp_path / "p.jpg", quality=95)
+    slow = tile_image(img, 1, 6, 56)
+    fast = tile_image_fast(img, choose_grid(700, 300, 1, 6, 56), 56)
+    assert len(fast) == len(slow) == 3  # 2x1 + thumbnail
+    diff = (to_pixel_values(fast) - to_pixel_values(slow)).abs() * 255 * 0.229
+    assert float(diff.max()) <= 3 and float(diff.mean()) < 0.1
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"image": "p.jpg", "conversations": [
+        {"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}]}])
+    d = {"p": DatasetConfig(path=str(path), n_max=6, jpeg_augment=False)}
+    exact = mixture(tok, d, tile_size=56, fast_resize=False)[(0, 0)]
+    reference = to_pixel_values(tile_image(Image.open(tmp_path / "p.jpg"), 1, 6, 56))
+    assert torch.equal(exact.pixel_values, reference)  # fast_resize=False: the reference, pixel for pixel
+    quick = mixture(tok, d, tile_size=56)[(0, 0)]
+    assert quick.num_tiles == exact.num_tiles
+    assert float((quick.pixel_values - exact.pixel_values).abs().mean()) < 0.02

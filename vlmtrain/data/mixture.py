@@ -25,7 +25,7 @@ from vlmtrain.data.formats import META, guess_format, reader
 from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_values
 from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.templates import get_template
-from vlmtrain.data.tiling import choose_grid, tile_image, tiles_per_image
+from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
 from vlmtrain.data.video import count_frames, frame_placeholders, read_frames
 
 _PLACEHOLDER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
@@ -181,24 +181,34 @@ class MixtureDataset:
         per_image = tiles_per_image(len(conv.images), d.n_max) if conv.images else 0
         size = self.cfg.tile_size
         frame_rng = rng if self.training else None
-        tiles, num_tiles, frames_per_video = [], [], []
+        tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
         for m in media:
             if m.kind == "image":
-                if pixels:
-                    img_tiles = tile_image(load_image(m.src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
-                    if d.jpeg_augment is not False:  # on for images unless the dataset turns it off
-                        img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
-                    tiles += img_tiles
-                    num_tiles.append(len(img_tiles))
-                else:
+                if not pixels:
                     w, h = image_size(m.src)
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
                     num_tiles.append(cols * rows + (1 if self.cfg.use_thumbnail and cols * rows > 1 else 0))
+                    continue
+                if self.cfg.fast_resize:
+                    # grid from the header's size, decode no larger than the grid needs, torch resize
+                    w, h = image_size(m.src)
+                    grid = choose_grid(w, h, d.min_tiles, per_image, size)
+                    img = load_image(m.src, draft_size=(grid[0] * size, grid[1] * size))
+                    img_tiles = tile_image_fast(img, grid, size, self.cfg.use_thumbnail)
+                else:
+                    img_tiles = tile_image(load_image(m.src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
+                if d.jpeg_augment is not False:  # on for images unless the dataset turns it off
+                    img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
+                tiles += img_tiles
+                num_tiles.append(len(img_tiles))
             else:
                 lo, hi = self._frames(d)
                 if pixels:
                     frames = read_frames(m.src, lo, hi, frame_rng)
-                    frame_tiles = [f.resize((size, size), Image.Resampling.BICUBIC) for f in frames]
+                    if self.cfg.fast_resize:
+                        frame_tiles = [tile_image_fast(f, (1, 1), size, False)[0] for f in frames]
+                    else:
+                        frame_tiles = [f.resize((size, size), Image.Resampling.BICUBIC) for f in frames]
                     if d.jpeg_augment is True:  # off for video unless the dataset turns it on
                         frame_tiles = [jpeg_reencode(t, rng) for t in frame_tiles]
                     tiles += frame_tiles
