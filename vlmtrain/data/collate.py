@@ -38,6 +38,8 @@ class Step:
 
     micro_batches: list[Batch]
     skipped: list = field(default_factory=list)
+    truncated: int = 0
+    """Samples of this step whose trailing text turns were dropped to fit (data.too_long=truncate_text)."""
 
 
 def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_multiple: int = 8) -> Batch:
@@ -81,4 +83,4 @@ class StepCollator:
             good = [EncodedSample(torch.tensor([self.pad_id]), torch.tensor([IGNORE_INDEX]), None)]
         m = self.micro_batch_size
         micro = [pad_batch(good[i:i + m], self.pad_id, self.tile_size) for i in range(0, len(good), m)]
-        return Step(micro_batches=micro, skipped=skipped)
+        return Step(micro_batches=micro, skipped=skipped, truncated=sum(bool(x.truncated) for x in good))

@@ -30,6 +30,7 @@ class VLMTrainingModule(pl.LightningModule):
         self.stage_cfg = stage_cfg
         self.automatic_optimization = False
         self.skipped = Counter()
+        self.truncated = 0  # samples cut to max_seq_len by dropping text turns (data.too_long)
         self._t_last = None
 
     # -- frozen parts stay in eval mode (no dropout / drop path), whatever Lightning asks ----------
@@ -109,6 +110,9 @@ class VLMTrainingModule(pl.LightningModule):
             self.skipped[s.reason] += 1
         for reason, count in self.skipped.items():
             metrics[f"data/skipped_{reason}"] = float(count)
+        self.truncated += getattr(step, "truncated", 0)
+        if self.truncated:
+            metrics["data/truncated"] = float(self.truncated)
         self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=samples)
         self.log("loss", loss, prog_bar=True, on_step=True, logger=False, batch_size=samples)
 
@@ -116,6 +120,8 @@ class VLMTrainingModule(pl.LightningModule):
         if self.skipped:
             report = ", ".join(f"{r}: {c}" for r, c in sorted(self.skipped.items()))
             print(f"[vlmtrain] epoch {self.current_epoch}: skipped samples so far by reason: {report}")
+        if self.truncated:
+            print(f"[vlmtrain] epoch {self.current_epoch}: samples truncated to max_seq_len so far: {self.truncated}")
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
