@@ -81,6 +81,7 @@ class StepMeter:
         self.steps = 0
         self.losses: list[tuple[int, float]] = []
         self.dataset_losses: dict[str, float] = {}
+        self.dataset_names: set[str] = set()
         self.skipped: dict[str, float] = {}
         self.max_memory_gib = 0.0
 
@@ -132,10 +133,14 @@ class StepMeter:
         }
         if self.peak:
             m["train/mfu"] = flops / dt / (self.peak * self.world_size)
-        for name, (num, weight) in sorted(datasets.items()):
-            if weight > 0:
-                self.dataset_losses[name] = num / weight
-                m[f"train/loss/{name}"] = num / weight
+        if dataset_loss is not None:
+            # a dataset seen before but absent from this step logs NaN (a gap), never a stale value
+            self.dataset_names.update(name for name, (_, w) in datasets.items() if w > 0)
+            for name in sorted(self.dataset_names):
+                num, weight = datasets.get(name, (0.0, 0.0))
+                m[f"train/loss/{name}"] = num / weight if weight > 0 else float("nan")
+                if weight > 0:
+                    self.dataset_losses[name] = num / weight
         self.skipped = {r: float(c) for r, c in skipped_all.items()}
         for reason, count in sorted(self.skipped.items()):
             m[f"data/skipped/{reason}"] = count

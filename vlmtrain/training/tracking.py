@@ -124,8 +124,13 @@ def wandb_run_id(save_dir: str | os.PathLike, id: str | None = None) -> str:
 
 def wandb_logger(save_dir: str, id: str | None = None, **kwargs):
     """Lightning's WandbLogger, continuing this run directory's W&B run (``resume="allow"``)."""
+    import sys
+
     from lightning.pytorch.loggers import WandbLogger
 
+    # W&B records the command line (sys.argv) with the run: redact credentials passed as overrides
+    secrets = secret_env_values()
+    sys.argv[1:] = [scrub_override(scrub_text(a, secrets)) for a in sys.argv[1:]]
     return WandbLogger(save_dir=save_dir, id=wandb_run_id(save_dir, id), resume="allow", **kwargs)
 
 
