@@ -113,6 +113,8 @@ def test_per_dataset_loss_from_per_token_ce():
     all_num = sum(v[0] for v in total.values())
     all_w = sum(v[1] for v in total.values())
     assert all_num / all_w == pytest.approx(float(num / w.sum()), rel=1e-5)
+    # unweighted per-token CE, comparable across reweightings
+    assert sum(v[2] for v in total.values()) / sum(v[3] for v in total.values()) == pytest.approx(float(ref.mean()))
 
 
 def _mixed_dataset(tmp_path: Path) -> Path:
@@ -162,7 +164,7 @@ def test_wandb_offline_run_holds_config_metrics_and_summary(tmp_path, monkeypatc
     # the metrics users read, every log_every_n_steps
     rows = [r for r in run["history"] if "train/loss" in r]
     assert [r["trainer/global_step"] for r in rows] == [0, 1, 2, 3]
-    every_row = {"train/loss", "train/grad_norm", "train/lr/decay", "train/lr/no_decay", "train/tokens_per_s",
+    every_row = {"train/loss", "train/token_ce", "train/grad_norm", "train/lr/decay", "train/lr/no_decay", "train/tokens_per_s",
                  "train/samples_per_s", "train/tiles_per_s", "train/tflops_per_s_per_device", "train/mfu",
                  "train/padding_share", "train/tokens_seen", "data/skipped_total"}
     for row in rows:

@@ -81,13 +81,16 @@ def weighted_cross_entropy(
 
 def per_sample_loss_sums(token_ce: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor,
                          num_samples: int) -> torch.Tensor:
-    """(num_samples, 2) rows of (sum w * CE, sum w) over each sample's supervised positions.
+    """(num_samples, 4) rows of (sum w * CE, sum w, sum CE, supervised positions) per sample.
 
-    token_ce, weights, sample_ids: (N,) per supervised position. A dataset's loss is then
-    sum of its samples' first column / sum of their second: sum(w * CE) / sum(w) restricted to
-    its tokens, the same normalisation as the step loss.
+    token_ce, weights, sample_ids: (N,) per supervised position. A dataset's loss is then the sum
+    of its samples' first column / the sum of their second: sum(w * CE) / sum(w) restricted to
+    its tokens, the same normalisation as the step loss. Columns 3 and 4 give the unweighted
+    per-token CE, which compares runs with different reweightings.
     """
-    out = torch.zeros(num_samples, 2, dtype=torch.float32, device=token_ce.device)
+    out = torch.zeros(num_samples, 4, dtype=torch.float32, device=token_ce.device)
     out[:, 0].index_add_(0, sample_ids, (weights * token_ce).detach().float())
     out[:, 1].index_add_(0, sample_ids, weights.detach().float())
+    out[:, 2].index_add_(0, sample_ids, token_ce.detach().float())
+    out[:, 3].index_add_(0, sample_ids, torch.ones_like(token_ce, dtype=torch.float32))
     return out

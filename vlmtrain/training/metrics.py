@@ -45,17 +45,17 @@ def batch_counts(mb: Batch) -> torch.Tensor:
 
 
 class DatasetLoss:
-    """Per-dataset sum(w * CE) and sum(w) over one step, from per-sample sums."""
+    """Per-dataset sums over one step: sum(w * CE), sum(w), sum(CE), supervised positions."""
 
     def __init__(self):
         self.sums: dict[str, list[float]] = {}
 
     def add(self, datasets: list[str], per_sample: torch.Tensor) -> None:
-        """per_sample: (num_samples, 2) rows of (sum w*CE, sum w), in the order of ``datasets``."""
-        for name, (num, weight) in zip(datasets, per_sample.tolist()):
-            acc = self.sums.setdefault(name, [0.0, 0.0])
-            acc[0] += num
-            acc[1] += weight
+        """per_sample: (num_samples, 4) rows from ``per_sample_loss_sums``, in ``datasets`` order."""
+        for name, row in zip(datasets, per_sample.tolist()):
+            acc = self.sums.setdefault(name, [0.0] * len(row))
+            for i, v in enumerate(row):
+                acc[i] += v
 
 
 def merge_sums(parts: list[Mapping[str, list[float]]]) -> dict[str, list[float]]:
@@ -79,7 +79,8 @@ class StepMeter:
         self.totals = dict.fromkeys(COUNTS, 0.0)
         self.flops = 0.0
         self.steps = 0
-        self.losses: list[tuple[int, float]] = []
+        self.losses: list[tuple[int, float, float]] = []
+        """(global step, loss, unweighted token CE) of each logging step."""
         self.dataset_losses: dict[str, float] = {}
         self.dataset_names: set[str] = set()
         self.skipped: dict[str, float] = {}
@@ -134,10 +135,14 @@ class StepMeter:
         if self.peak:
             m["train/mfu"] = flops / dt / (self.peak * self.world_size)
         if dataset_loss is not None:
+            ce_sum = sum(v[2] for v in datasets.values())
+            positions = sum(v[3] for v in datasets.values())
+            if positions > 0:
+                m["train/token_ce"] = ce_sum / positions  # unweighted: comparable across loss=...
             # a dataset seen before but absent from this step logs NaN (a gap), never a stale value
-            self.dataset_names.update(name for name, (_, w) in datasets.items() if w > 0)
+            self.dataset_names.update(name for name, v in datasets.items() if v[1] > 0)
             for name in sorted(self.dataset_names):
-                num, weight = datasets.get(name, (0.0, 0.0))
+                num, weight = datasets.get(name, (0.0, 0.0))[:2]
                 m[f"train/loss/{name}"] = num / weight if weight > 0 else float("nan")
                 if weight > 0:
                     self.dataset_losses[name] = num / weight
@@ -149,7 +154,7 @@ class StepMeter:
             self.max_memory_gib = max(self.max_memory_gib, memory[0])
             m["gpu/max_allocated_gib"], m["gpu/reserved_gib"] = memory
         if loss is not None:
-            self.losses.append((global_step, float(loss)))
+            self.losses.append((global_step, float(loss), m.get("train/token_ce", float("nan"))))
         return m
 
     def summary(self, last: int = 10) -> dict:
@@ -171,9 +176,10 @@ class StepMeter:
             if self.peak:
                 out["mfu"] = self.flops / wall / (self.peak * self.world_size)
         if self.losses:
-            tail = [v for _, v in self.losses[-last:]]
+            tail = self.losses[-last:]
             out["first_loss"] = self.losses[0][1]
-            out["final_loss"] = sum(tail) / len(tail)
+            out["final_loss"] = sum(v[1] for v in tail) / len(tail)
+            out["final_token_ce"] = sum(v[2] for v in tail) / len(tail)
             out["final_loss_steps"] = len(tail)
         out["final_loss_by_dataset"] = dict(sorted(self.dataset_losses.items()))
         out["skipped"] = dict(sorted(self.skipped.items()))

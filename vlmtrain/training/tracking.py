@@ -131,6 +131,9 @@ def wandb_logger(save_dir: str, id: str | None = None, **kwargs):
     # W&B records the command line (sys.argv) with the run: redact credentials passed as overrides
     secrets = secret_env_values()
     sys.argv[1:] = [scrub_override(scrub_text(a, secrets)) for a in sys.argv[1:]]
+    if os.environ.get("WANDB_SWEEP_ID"):  # under `wandb agent`: the sweep's project and entity
+        kwargs["project"] = os.environ.get("WANDB_PROJECT") or kwargs.get("project")
+        kwargs["entity"] = os.environ.get("WANDB_ENTITY") or kwargs.get("entity")
     return WandbLogger(save_dir=save_dir, id=wandb_run_id(save_dir, id), resume="allow", **kwargs)
 
 
