@@ -2,6 +2,7 @@
 read, a requeued run continues the same W&B run, and no secret lands in any file."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,34 @@ def test_tensorboard_holds_the_metrics(tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 3]
     assert [e.step for e in acc.Scalars("train/tokens_per_s")] == [1, 3]
     assert (tb / "tensorboard" / "hparams.yaml").is_file() and (tb / "summary.json").is_file()
+
+
+def test_step_counts_throughput_and_padding():
+    """Counts of a padded step (golden numbers), and the window metrics derived from them."""
+    from vlmtrain.data.collate import Step, pad_batch
+    from vlmtrain.data.encode import EncodedSample
+    from vlmtrain.training.flops import InternVLDims, training_flops
+    from vlmtrain.training.metrics import COUNTS, StepMeter, batch_counts
+
+    a = EncodedSample(torch.arange(5), torch.tensor([-100, -100, 3, 4, 5]), torch.zeros(2, 3, 8, 8), [2], "a")
+    b = EncodedSample(torch.arange(11), torch.tensor([-100] * 9 + [1, 2]), None, [], "b")
+    mb = pad_batch([a, b], pad_id=0, tile_size=8)  # rows padded to 16 slots
+    counts = dict(zip(COUNTS, batch_counts(mb).tolist()))
+    assert counts == {"samples": 2, "tokens": 16, "slots": 32, "tiles": 2, "sum_sq_len": 25 + 121, "supervised": 5}
+
+    dims = InternVLDims(64, 2, 256, 224, 14, 0.5, 128, 2, 4, 2, 32, 384, 2048)
+    trainable = {"multi_modal_projector": "full"}
+    meter = StepMeter(dims, trainable, world_size=2, peak_flops_per_device=1e12)
+    meter.count(Step([mb]))
+    meter.count(Step([mb]))
+    other_rank = {"counts": [2 * v for v in counts.values()], "datasets": {}, "skipped": {"too_long": 1},
+                  "memory": None}
+    m = meter.collect(lambda local: [local, other_rank], Counter({"too_long": 2}))
+    assert m["train/padding_share"] == pytest.approx(0.5)
+    assert m["train/tokens_seen"] == 4 * 16 and m["train/samples_seen"] == 4 * 2
+    assert m["data/skipped/too_long"] == 3 and m["data/skipped_total"] == 3
+    ratio = m["train/tokens_per_s"] / m["train/tiles_per_s"]
+    assert ratio == pytest.approx(16 / 2)
+    flops = training_flops(dims, 8, 64, 4 * 146, 20, trainable)
+    assert m["train/mfu"] == pytest.approx(m["train/tflops_per_s_per_device"] * 1e12 / 1e12)
+    assert m["train/tflops_per_s_per_device"] / m["train/tokens_per_s"] == pytest.approx(flops / 64 / 2 / 1e12)

@@ -35,7 +35,8 @@ def batch_counts(mb: Batch) -> torch.Tensor:
     mask = mb.attention_mask.to(torch.float64)
     num_samples = len(mb.num_supervised)
     lengths = torch.zeros(num_samples, dtype=torch.float64, device=mask.device)
-    lengths.index_add_(0, mb.sample_index.reshape(-1), mask.reshape(-1))
+    # padding may carry any sample index (or -1): it adds zero either way
+    lengths.index_add_(0, mb.sample_index.clamp(min=0).reshape(-1), mask.reshape(-1))
     tiles = 0 if mb.dummy_vision else mb.pixel_values.shape[0]
     supervised = (mb.labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float64)
     fixed = torch.tensor([len(mb.datasets), 0, mb.attention_mask.numel(), tiles, 0, 0],

@@ -85,9 +85,10 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 def save_config(cfg: DictConfig, path: Path) -> dict:
-    """Write the resolved, scrubbed config as YAML; returns it."""
+    """Write the resolved, scrubbed config as YAML (rank zero only); returns it."""
     container = resolved_config(cfg)
-    OmegaConf.save(OmegaConf.create(container), path)
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(OmegaConf.create(container), path)
     return container
 
 
