@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 def test_multirun_sweeps_lr_each_job_in_its_own_directory(tmp_path):
     sweep_dir = tmp_path / "multirun"
     r = subprocess.run(
-        [sys.executable, "-m", "vlmtrain", "-m", "optim.lr=1e-4,2e-4", "stage.max_steps=2", "data.num_workers=0",
+        [sys.executable, "-m", "vlmtrain", "-m", "optim.lr=1e-4,2e-4", "stage.max_steps=2", "stage.global_batch_size=4",
+         "data.num_workers=0",
          "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )

@@ -7,7 +7,6 @@ import math
 import os
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

@@ -213,7 +213,7 @@ def test_tensorboard_holds_the_metrics(tmp_path):
 
     from vlmtrain.train import train
 
-    common = ["stage.max_steps=4", "trainer.log_every_n_steps=2", "data.num_workers=0",
+    common = ["stage.max_steps=4", "stage.global_batch_size=4", "trainer.log_every_n_steps=2", "data.num_workers=0",
               "trainer.enable_progress_bar=false"]
     tb = train(compose_config(["logger=tensorboard", *common], run_dir=tmp_path / "tb"))
     (events,) = (tb / "tensorboard").glob("events.out.tfevents.*")
@@ -256,3 +256,29 @@ def test_step_counts_throughput_and_padding():
     flops = training_flops(dims, 8, 64, 4 * 146, 20, trainable)
     assert m["train/mfu"] == pytest.approx(m["train/tflops_per_s_per_device"] * 1e12 / 1e12)
     assert m["train/tflops_per_s_per_device"] / m["train/tokens_per_s"] == pytest.approx(flops / 64 / 2 / 1e12)
+
+
+def test_hydra_records_are_scrubbed(tmp_path, monkeypatch):
+    """A credential passed on the command line (e.g. hydra.job.env_set.WANDB_API_KEY=...) is
+    redacted in Hydra's own records of the job and of its multirun."""
+    from vlmtrain.training.tracking import scrub_hydra_records
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    run = tmp_path / "sweep" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create([f"hydra.job.env_set.WANDB_API_KEY={FAKE_WANDB_KEY}", "stage.lr=1"]),
+                   run / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"env_set": {"WANDB_API_KEY": FAKE_WANDB_KEY},
+                                                       "override_dirname": f"hf_token={FAKE_HF_TOKEN},seed=1"}}}),
+                   run / ".hydra" / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": 1, "note": "nothing secret"}), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": [f"hf_token={FAKE_HF_TOKEN}"]}}}),
+                   tmp_path / "sweep" / "multirun.yaml")
+    before = (run / ".hydra" / "config.yaml").read_text()
+    scrub_hydra_records(run)
+    for f in [*(run / ".hydra").glob("*.yaml"), tmp_path / "sweep" / "multirun.yaml"]:
+        text = f.read_text()
+        assert FAKE_WANDB_KEY not in text and FAKE_HF_TOKEN not in text, f
+    assert OmegaConf.load(run / ".hydra" / "overrides.yaml") == [f"hydra.job.env_set.WANDB_API_KEY={REDACTED}",
+                                                                 "stage.lr=1"]
+    assert (run / ".hydra" / "config.yaml").read_text() == before  # untouched when clean

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("vlmtrain")
 
