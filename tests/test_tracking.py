@@ -225,6 +225,9 @@ def test_tensorboard_holds_the_metrics(tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 3]
     assert [e.step for e in acc.Scalars("train/tokens_per_s")] == [1, 3]
     assert (tb / "tensorboard" / "hparams.yaml").is_file() and (tb / "summary.json").is_file()
+    # the run totals ride in the checkpoint, for a resumed run's summary
+    ckpt = torch.load(tb / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["vlmtrain_metrics"]["steps"] >= 1 and ckpt["vlmtrain_metrics"]["totals"]["tokens"] > 0
 
 
 def test_step_counts_throughput_and_padding():
@@ -282,3 +285,30 @@ def test_hydra_records_are_scrubbed(tmp_path, monkeypatch):
     assert OmegaConf.load(run / ".hydra" / "overrides.yaml") == [f"hydra.job.env_set.WANDB_API_KEY={REDACTED}",
                                                                  "stage.lr=1"]
     assert (run / ".hydra" / "config.yaml").read_text() == before  # untouched when clean
+
+
+def test_meter_state_survives_a_resume():
+    """Totals, losses and skips of the run before a resume carry into the resumed run's summary."""
+    from vlmtrain.data.collate import Step, pad_batch
+    from vlmtrain.data.encode import EncodedSample
+    from vlmtrain.training.flops import InternVLDims
+    from vlmtrain.training.metrics import StepMeter
+
+    dims = InternVLDims(64, 2, 256, 224, 14, 0.5, 128, 2, 4, 2, 32, 384, 2048)
+    s = EncodedSample(torch.arange(6), torch.tensor([-100, -100, -100, 4, 5, 6]), None, [], "a")
+    step = Step([pad_batch([s], pad_id=0, tile_size=8)])
+
+    def run(meter, n, skipped):
+        for i in range(n):
+            meter.count(step)
+            meter.collect(lambda x: [x], Counter(skipped), loss=float(i))
+
+    first = StepMeter(dims, {}, 1)
+    run(first, 3, {"too_long": 1})
+    resumed = StepMeter(dims, {}, 1)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as stored in a checkpoint
+    run(resumed, 2, {"too_long": 2})  # this process's own count since the resume
+    summary = resumed.summary()
+    assert summary["steps"] == 5 and summary["tokens"] == 5 * 6 and summary["skipped"] == {"too_long": 3}
+    assert summary["first_loss"] == 0.0 and summary["final_loss"] == pytest.approx((0 + 1 + 2 + 0 + 1) / 5)
+    assert summary["train_seconds"] >= first.summary()["train_seconds"]

@@ -86,6 +86,30 @@ class StepMeter:
         self.dataset_names: set[str] = set()
         self.skipped: dict[str, float] = {}
         self.max_memory_gib = 0.0
+        self._skipped_before = Counter()  # restored from a checkpoint: counts before a resume
+        self._seconds_before = 0.0
+
+    def state_dict(self) -> dict:
+        """Run totals for the checkpoint, so a resumed run's summary covers the whole run."""
+        return {"totals": dict(self.totals), "flops": self.flops, "steps": self.steps, "losses": list(self.losses),
+                "dataset_losses": dict(self.dataset_losses), "dataset_names": sorted(self.dataset_names),
+                "skipped": dict(self.skipped), "max_memory_gib": self.max_memory_gib,
+                "train_seconds": self._elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals.update(state["totals"])
+        self.flops, self.steps = state["flops"], state["steps"]
+        self.losses = [tuple(x) for x in state["losses"]]
+        self.dataset_losses = dict(state["dataset_losses"])
+        self.dataset_names = set(state["dataset_names"])
+        self.skipped = dict(state["skipped"])
+        self._skipped_before = Counter(state["skipped"])
+        self.max_memory_gib = state["max_memory_gib"]
+        self._seconds_before = state["train_seconds"]
+
+    def _elapsed(self) -> float:
+        now = self._t_window if self._t_window is not None else self._t_start
+        return self._seconds_before + ((now - self._t_start) if self._t_start is not None else 0.0)
 
     def count(self, step: Step) -> None:
         if self._t_start is None:
@@ -112,7 +136,7 @@ class StepMeter:
         parts = gather(local)
         counts = dict(zip(COUNTS, merge_sums([{"c": p["counts"]} for p in parts])["c"]))
         datasets = merge_sums([p["datasets"] for p in parts])
-        skipped_all = Counter()
+        skipped_all = Counter(self._skipped_before)
         for p in parts:
             skipped_all.update(p["skipped"])
         memory = [max(p["memory"][i] for p in parts) for i in range(2)] if parts[0]["memory"] else None
@@ -160,7 +184,7 @@ class StepMeter:
 
     def summary(self, last: int = 10) -> dict:
         """The whole run: totals, average throughput and MFU, final losses, skips, memory."""
-        wall = (self._t_window - self._t_start) if self._t_start is not None else 0.0
+        wall = self._elapsed()
         out: dict = {
             "steps": self.steps,
             "train_seconds": wall,

@@ -48,8 +48,9 @@ class VLMTrainingModule(pl.LightningModule):
     def loss_terms(self, mb: Batch, per_sample: bool = False):
         """(sum of w * CE, sum of w) over this micro-batch's supervised tokens.
 
-        With ``per_sample`` also a detached (num_samples, 2) tensor of each sample's (sum w * CE,
-        sum w), from the same forward pass, for the per-dataset loss.
+        With ``per_sample`` also a detached (num_samples, 4) tensor of each sample's (sum w * CE,
+        sum w, sum CE, supervised positions) from the same forward pass, for the per-dataset loss
+        (``vlmtrain.training.loss.per_sample_loss_sums``).
         """
         model = self.model
         embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
@@ -83,7 +84,8 @@ class VLMTrainingModule(pl.LightningModule):
         world = self.trainer.world_size
         num_total = torch.zeros((), device=self.device)
         n = len(step.micro_batches)
-        self.meter.count(step)
+        if self.meter is not None:
+            self.meter.count(step)
         # per-dataset loss only on logging steps: it costs a host sync per micro-batch
         dataset_loss = DatasetLoss() if self._should_log() else None
         for i, mb in enumerate(step.micro_batches):
@@ -119,10 +121,20 @@ class VLMTrainingModule(pl.LightningModule):
             peak = peak_flops_per_device(torch.cuda.get_device_name(self.device))
         self.meter = StepMeter(InternVLDims.from_hf_config(self.model.config), trainable_states(self.model),
                                self.trainer.world_size, peak)
+        if getattr(self, "_meter_state", None):
+            self.meter.load_state_dict(self._meter_state)  # resumed: the summary covers the whole run
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.meter is not None:
+            checkpoint["vlmtrain_metrics"] = self.meter.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._meter_state = checkpoint.get("vlmtrain_metrics")
 
     def _should_log(self) -> bool:
         # the same rule Lightning's own monitors (LearningRateMonitor, ThroughputMonitor) use
-        return bool(self.trainer.loggers) and self.trainer._logger_connector.should_update_logs
+        return (self.meter is not None and bool(self.trainer.loggers)
+                and self.trainer._logger_connector.should_update_logs)
 
     def _gather(self, obj) -> list:
         """obj from every rank (a collective: every rank calls it on the same step)."""
