@@ -19,7 +19,20 @@ def _demo_data() -> str:
 
 
 def _wandb_offline() -> bool:
-    return not os.environ.get("WANDB_API_KEY")
+    """Offline unless W&B can log in: WANDB_API_KEY, a run under `wandb agent` (WANDB_SWEEP_ID), or
+    a `wandb login` entry in ~/.netrc. WANDB_MODE=offline/disabled always wins."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SWEEP_ID"):
+        return False
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is None
+    except (OSError, netrc.NetrcParseError):
+        return True
 
 
 def register() -> None:

@@ -157,6 +157,9 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0
     """Also write a checkpoint every N optimizer steps (0: only at the end)."""
     enable_progress_bar: bool = True
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device, for the logged MFU estimate. None: looked up from the GPU's
+    name (bf16 dense peak; vlmtrain.training.flops.PEAK_BF16_FLOPS); no MFU on a CPU unless set."""
 
 
 @dataclass

@@ -8,12 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer, load_weights
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.datamodule import VLMDataModule
 from vlmtrain.training.module import VLMTrainingModule
+from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_records
 
 log = logging.getLogger("vlmtrain")
 
@@ -54,7 +55,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         max_epochs=cfg.stage.max_epochs,
         max_steps=cfg.stage.max_steps,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, RunTracking(cfg, run_dir)],
         default_root_dir=str(run_dir),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
@@ -66,7 +67,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
 def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    save_config(cfg, run_dir / "config.yaml")  # resolved, credentials redacted
+    scrub_hydra_records(run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -81,7 +83,7 @@ def train(cfg: DictConfig) -> Path:
         cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
         cfg.stage.global_batch_size, cfg.seed,
     )
-    module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage)
+    module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage, peak_tflops=cfg.trainer.peak_tflops)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data)
     tokenizer.save_pretrained(run_dir / "tokenizer")

@@ -40,25 +40,57 @@ def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w
     return (ce * w).sum()
 
 
+def _ce_sum_and_tokens(hidden, weight, targets, w):
+    ce = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    return (ce * w).sum(), ce.detach()
+
+
 def weighted_cross_entropy(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
     targets: torch.Tensor,
     weights: torch.Tensor,
     chunk_size: int = 4096,
-) -> torch.Tensor:
+    return_token_ce: bool = False,
+):
     """sum(w * CE) over the given positions, never holding more than one chunk of logits.
 
     hidden: (N, D) hidden states of the supervised positions only; targets: (N,); weights: (N,).
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory is
     one chunk of (chunk_size x vocab) floats instead of (N x vocab).
+    With ``return_token_ce`` also the detached per-position CE (N,), for per-dataset metrics.
     """
     total = hidden.new_zeros((), dtype=torch.float32)
+    fn = _ce_sum_and_tokens if return_token_ce else _ce_sum
+    token_ce = []
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (hidden[sl], lm_head_weight, targets[sl], weights[sl])
         if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
-            total = total + checkpoint(_ce_sum, *args, use_reentrant=False)
+            out = checkpoint(fn, *args, use_reentrant=False)
         else:
-            total = total + _ce_sum(*args)
+            out = fn(*args)
+        if return_token_ce:
+            out, ce = out
+            token_ce.append(ce)
+        total = total + out
+    if return_token_ce:
+        return total, torch.cat(token_ce) if token_ce else hidden.new_zeros(0, dtype=torch.float32)
     return total
+
+
+def per_sample_loss_sums(token_ce: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor,
+                         num_samples: int) -> torch.Tensor:
+    """(num_samples, 4) rows of (sum w * CE, sum w, sum CE, supervised positions) per sample.
+
+    token_ce, weights, sample_ids: (N,) per supervised position. A dataset's loss is then the sum
+    of its samples' first column / the sum of their second: sum(w * CE) / sum(w) restricted to
+    its tokens, the same normalisation as the step loss. Columns 3 and 4 give the unweighted
+    per-token CE, which compares runs with different reweightings.
+    """
+    out = torch.zeros(num_samples, 4, dtype=torch.float32, device=token_ce.device)
+    out[:, 0].index_add_(0, sample_ids, (weights * token_ce).detach().float())
+    out[:, 1].index_add_(0, sample_ids, weights.detach().float())
+    out[:, 2].index_add_(0, sample_ids, token_ce.detach().float())
+    out[:, 3].index_add_(0, sample_ids, torch.ones_like(token_ce, dtype=torch.float32))
+    return out

@@ -8,7 +8,6 @@ of the one big batch.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from contextlib import nullcontext
 
@@ -18,11 +17,13 @@ from hydra.utils import instantiate
 
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.models.internvl import multimodal_embeddings
-from vlmtrain.training.loss import IGNORE_INDEX, weighted_cross_entropy
+from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
+from vlmtrain.training.loss import IGNORE_INDEX, per_sample_loss_sums, weighted_cross_entropy
+from vlmtrain.training.metrics import DatasetLoss, StepMeter
 
 
 class VLMTrainingModule(pl.LightningModule):
-    def __init__(self, model, weighting, optim_cfg, stage_cfg):
+    def __init__(self, model, weighting, optim_cfg, stage_cfg, peak_tflops: float | None = None):
         super().__init__()
         self.model = model
         self.weighting = weighting
@@ -31,7 +32,9 @@ class VLMTrainingModule(pl.LightningModule):
         self.automatic_optimization = False
         self.skipped = Counter()
         self.truncated = 0  # samples cut to max_seq_len by dropping text turns (data.too_long)
-        self._t_last = None
+        self.peak_tflops = peak_tflops
+        """Peak dense TFLOP/s of one device for the MFU estimate; None: from the GPU's name."""
+        self.meter: StepMeter | None = None
 
     # -- frozen parts stay in eval mode (no dropout / drop path), whatever Lightning asks ----------
     def train(self, mode: bool = True):
@@ -43,8 +46,13 @@ class VLMTrainingModule(pl.LightningModule):
         return self
 
     # -- loss ---------------------------------------------------------------------------------------
-    def loss_terms(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of w * CE, sum of w) over this micro-batch's supervised tokens."""
+    def loss_terms(self, mb: Batch, per_sample: bool = False):
+        """(sum of w * CE, sum of w) over this micro-batch's supervised tokens.
+
+        With ``per_sample`` also a detached (num_samples, 4) tensor of each sample's (sum w * CE,
+        sum w, sum CE, supervised positions) from the same forward pass, for the per-dataset loss
+        (``vlmtrain.training.loss.per_sample_loss_sums``).
+        """
         model = self.model
         embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
         hidden = model.model.language_model(
@@ -53,6 +61,11 @@ class VLMTrainingModule(pl.LightningModule):
         targets = mb.labels[:, 1:]
         sel = targets != IGNORE_INDEX
         w = self.weighting(mb.num_supervised)[mb.sample_index[:, 1:][sel]]
+        if per_sample:
+            num, ce = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head.weight, targets[sel], w,
+                                             return_token_ce=True)
+            sums = per_sample_loss_sums(ce, w, mb.sample_index[:, 1:][sel], len(mb.num_supervised))
+            return num, w.sum(), sums
         num = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head.weight, targets[sel], w)
         return num, w.sum()
 
@@ -72,10 +85,18 @@ class VLMTrainingModule(pl.LightningModule):
         world = self.trainer.world_size
         num_total = torch.zeros((), device=self.device)
         n = len(step.micro_batches)
+        if self.meter is not None:
+            self.meter.count(step)
+        # per-dataset loss only on logging steps: it costs a host sync per micro-batch
+        dataset_loss = DatasetLoss() if self._should_log() else None
         for i, mb in enumerate(step.micro_batches):
             sync = i == n - 1 or not hasattr(strategy, "block_backward_sync")
             with nullcontext() if sync else strategy.block_backward_sync():
-                num, _ = self.loss_terms(mb.to(self.device))
+                if dataset_loss is not None:
+                    num, _, per_sample = self.loss_terms(mb.to(self.device), per_sample=True)
+                    dataset_loss.add(mb.datasets, per_sample)
+                else:
+                    num, _ = self.loss_terms(mb.to(self.device))
                 # DDP/FSDP/ZeRO average gradients over ranks, hence x world
                 self.manual_backward(num * (world / w_total.clamp(min=1e-12)))
             num_total += num.detach()
@@ -84,7 +105,8 @@ class VLMTrainingModule(pl.LightningModule):
             opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        self._log_step(step, strategy.reduce(num_total, reduce_op="sum") / w_total.clamp(min=1e-12), grad_norm)
+        loss = strategy.reduce(num_total, reduce_op="sum") / w_total.clamp(min=1e-12)
+        self._log_step(step, loss, grad_norm, dataset_loss)
 
     def _clip(self, opt) -> torch.Tensor:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -93,28 +115,59 @@ class VLMTrainingModule(pl.LightningModule):
             return torch.zeros(())
         return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
 
-    def _log_step(self, step: Step, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        now = time.perf_counter()
-        tokens = sum(int(mb.attention_mask.sum()) for mb in step.micro_batches)
+    # -- metrics (vlmtrain.training.metrics computes them; loggers are rank zero only) --------------
+    def on_train_start(self) -> None:
+        peak = self.peak_tflops * 1e12 if self.peak_tflops else None
+        if peak is None and self.device.type == "cuda":
+            peak = peak_flops_per_device(torch.cuda.get_device_name(self.device))
+        self.meter = StepMeter(InternVLDims.from_hf_config(self.model.config), trainable_states(self.model),
+                               self.trainer.world_size, peak)
+        if getattr(self, "_meter_state", None):
+            self.meter.load_state_dict(self._meter_state)  # resumed: the summary covers the whole run
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.meter is not None:
+            checkpoint["vlmtrain_metrics"] = self.meter.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._meter_state = checkpoint.get("vlmtrain_metrics")
+
+    def _should_log(self) -> bool:
+        # the same rule Lightning's own monitors (LearningRateMonitor, ThroughputMonitor) use
+        return (self.meter is not None and bool(self.trainer.loggers)
+                and self.trainer._logger_connector.should_update_logs)
+
+    def _gather(self, obj) -> list:
+        """obj from every rank (a collective: every rank calls it on the same step)."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            out = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(out, obj)
+            return out
+        return [obj]
+
+    def _log_step(self, step: Step, loss: torch.Tensor, grad_norm: torch.Tensor,
+                  dataset_loss: DatasetLoss | None = None) -> None:
         samples = sum(len(mb.datasets) for mb in step.micro_batches)
-        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens": float(tokens),
-                   "train/samples": float(samples)}
-        for i, g in enumerate(self.optimizers().param_groups):
-            metrics[f"train/lr_group{i}"] = g["lr"]
-        if self._t_last is not None:
-            dt = now - self._t_last
-            metrics["train/tokens_per_s"] = tokens / dt
-            metrics["train/samples_per_s"] = samples / dt
-        self._t_last = now
         for s in step.skipped:
             self.skipped[s.reason] += 1
-        for reason, count in self.skipped.items():
-            metrics[f"data/skipped_{reason}"] = float(count)
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm}
+        for i, g in enumerate(self.optimizers().param_groups):
+            metrics[f"train/lr/{g.get('name', f'group{i}')}"] = g["lr"]
         self.truncated += getattr(step, "truncated", 0)
         if self.truncated:
             metrics["data/truncated"] = float(self.truncated)
-        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=samples)
-        self.log("loss", loss, prog_bar=True, on_step=True, logger=False, batch_size=samples)
+        if dataset_loss is not None:
+            metrics.update(self.meter.collect(self._gather, self.skipped, dataset_loss, float(loss),
+                                              self.global_step))
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=max(1, samples))
+        self.log("loss", loss, prog_bar=True, on_step=True, logger=False, batch_size=max(1, samples))
+
+    def run_summary(self) -> dict:
+        """The run's totals (a collective: every rank calls it at the end of training)."""
+        if self.meter is None:
+            return {}
+        self.meter.collect(self._gather, self.skipped)
+        return self.meter.summary()
 
     def on_train_epoch_end(self) -> None:
         if self.skipped:
@@ -130,7 +183,7 @@ class VLMTrainingModule(pl.LightningModule):
             if not p.requires_grad:
                 continue  # frozen parameters never reach the optimizer
             (no_decay if p.ndim < 2 or any(k in name for k in self.optim_cfg.no_decay) else decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         optimizer = instantiate(self.optim_cfg.optimizer)([g for g in groups if g["params"]])
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.stage_cfg.warmup_steps or int(round(self.stage_cfg.warmup_ratio * total))

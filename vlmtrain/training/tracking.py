@@ -1,0 +1,194 @@
+"""Experiment tracking: the resolved config (secrets scrubbed) to every logger, a W&B run that a
+requeued or resumed run continues, and a run summary at the end.
+
+Secrets never reach a file: a config value is replaced by ``<redacted>`` when its key looks like a
+credential (``api_key``, ``hf_token``, ``password``, ``client_secret``...) or when it contains the
+value of an environment variable whose name looks like one (``WANDB_API_KEY``, ``HF_TOKEN``...).
+The same scrub rewrites Hydra's own records (``.hydra/*.yaml``, ``multirun.yaml``) when a secret was
+passed on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("vlmtrain")
+
+REDACTED = "<redacted>"
+RUN_ID_FILE = "wandb_run_id"
+
+# the last word of a key (split on _ - . and camelCase) names a credential; special-token keys of
+# tokenizers (pad_token, image_token...) hold token strings, not credentials
+_SECRET_WORDS = r"(api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?key|key|token|secret|" \
+                r"password|passwd|passphrase|credentials?|auth)"
+SECRET_KEY = re.compile(rf"(^|[_\-.]){_SECRET_WORDS}$", re.IGNORECASE)
+NOT_SECRET_KEY = re.compile(r"(^|[_\-.])(pad|bos|eos|unk|sep|cls|mask|image|video|img|context|start|end)_token$",
+                            re.IGNORECASE)
+MIN_SECRET_LEN = 8  # shorter env values ("1", "true") are flags, not secrets
+
+
+def is_secret_key(key: str) -> bool:
+    key = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", str(key))  # hfToken -> hf_Token
+    return bool(SECRET_KEY.search(key)) and not NOT_SECRET_KEY.search(key)
+
+
+def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of environment variables whose names look like credentials, longest first."""
+    environ = os.environ if environ is None else environ
+    values = {v for k, v in environ.items() if is_secret_key(k) and len(v) >= MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub_text(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, REDACTED)
+    return text
+
+
+def scrub_secrets(obj: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of a plain container (dicts, lists, scalars) with credentials redacted."""
+    secrets = secret_env_values() if secrets is None else secrets
+    if isinstance(obj, Mapping):
+        return {k: REDACTED if is_secret_key(k) and obj[k] not in (None, "") else scrub_secrets(v, secrets)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_secrets(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        return scrub_override(scrub_text(obj, secrets))
+    return obj
+
+
+def scrub_override(text: str) -> str:
+    """``logger.api_key=abc`` (a Hydra override, also inside ``a=1,b=2`` dir names) -> redacted."""
+    def one(item: str) -> str:
+        key, eq, _ = item.partition("=")
+        return f"{key}={REDACTED}" if eq and " " not in key and is_secret_key(key.lstrip("+~")) else item
+
+    if "=" not in text or "\n" in text:
+        return text
+    return ",".join(one(part) for part in text.split(","))
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The fully resolved config as plain containers, credentials redacted."""
+    return scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
+
+
+def save_config(cfg: DictConfig, path: Path) -> dict:
+    """Write the resolved, scrubbed config as YAML (rank zero only); returns it."""
+    container = resolved_config(cfg)
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(OmegaConf.create(container), path)
+    return container
+
+
+@rank_zero_only
+def scrub_hydra_records(run_dir: Path) -> None:
+    """Rewrite Hydra's records of this job (and of its multirun sweep) if they hold a secret."""
+    run_dir = Path(run_dir)
+    files = list((run_dir / ".hydra").glob("*.yaml")) + [run_dir.parent / "multirun.yaml"]
+    secrets = secret_env_values()
+    for f in files:
+        if not f.is_file():
+            continue
+        original = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        scrubbed = scrub_secrets(original, secrets)
+        if scrubbed != original:
+            OmegaConf.save(OmegaConf.create(scrubbed), f)
+            log.info("redacted secrets in %s", f)
+
+
+def wandb_run_id(save_dir: str | os.PathLike, id: str | None = None) -> str:
+    """The W&B run id for this run directory: an explicit id, else the agent's (WANDB_RUN_ID, set by
+    `wandb agent`), else the one stored by an earlier start of this run (requeue, resume), else a
+    new one. It is stored in <save_dir>/wandb_run_id so the next start continues the same run."""
+    path = Path(save_dir) / RUN_ID_FILE
+    stored = path.read_text().strip() if path.is_file() else None
+    run_id = id or os.environ.get("WANDB_RUN_ID") or stored or uuid.uuid4().hex[:12]
+    if run_id != stored and rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(run_id + "\n")
+        tmp.replace(path)
+    return run_id
+
+
+def wandb_logger(save_dir: str, id: str | None = None, **kwargs):
+    """Lightning's WandbLogger, continuing this run directory's W&B run (``resume="allow"``)."""
+    import sys
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    # W&B records the command line (sys.argv) with the run: redact credentials passed as overrides
+    secrets = secret_env_values()
+    sys.argv[1:] = [scrub_override(scrub_text(a, secrets)) for a in sys.argv[1:]]
+    if os.environ.get("WANDB_SWEEP_ID"):  # under `wandb agent`: the sweep's project and entity
+        kwargs["project"] = os.environ.get("WANDB_PROJECT") or kwargs.get("project")
+        kwargs["entity"] = os.environ.get("WANDB_ENTITY") or kwargs.get("entity")
+    return WandbLogger(save_dir=save_dir, id=wandb_run_id(save_dir, id), resume="allow", **kwargs)
+
+
+def _wandb_run(logger):
+    from lightning.pytorch.loggers import WandbLogger
+
+    return logger.experiment if isinstance(logger, WandbLogger) else None
+
+
+class RunTracking(pl.Callback):
+    """Logs the resolved config (scrubbed) to every logger at the start, and at the end writes
+    <run_dir>/summary.json and the W&B run summary, then closes the W&B run (so a multirun's next
+    job starts its own)."""
+
+    def __init__(self, config: DictConfig | Mapping, run_dir: str | os.PathLike):
+        self.config = config
+        self.run_dir = Path(run_dir)
+
+    def _params(self) -> dict:
+        cfg = self.config
+        return resolved_config(cfg) if isinstance(cfg, DictConfig) else scrub_secrets(dict(cfg))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self._params()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)  # loggers write on rank zero only
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary = pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}  # all ranks
+        if trainer.global_rank != 0:
+            return
+        summary = {"global_step": trainer.global_step, "epochs": trainer.current_epoch, **summary}
+        for logger in trainer.loggers:
+            run = _wandb_run(logger)
+            if run is not None:
+                summary["wandb_run_id"] = run.id
+                run.summary.update({f"summary/{k}": v for k, v in summary.items()})
+        path = self.run_dir / "summary.json"
+        path.write_text(json.dumps(scrub_secrets(summary), indent=2, sort_keys=True) + "\n")
+        log.info("run summary: %s", path)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish_wandb(trainer, 0)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish_wandb(trainer, 1)
+
+    @staticmethod
+    def _finish_wandb(trainer: pl.Trainer, exit_code: int) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if trainer.global_rank != 0 or not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+            return
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
