@@ -77,7 +77,7 @@ def test_swift_placeholders_history_system_and_text_only(tmp_path, tok):
     assert supervised(tok, s0) == "red<|im_end|>"
 
     text1 = decoded(tok, s1.input_ids)
-    assert f"<|im_start|>user\nHi<|im_end|>" in text1  # the history turn has no image
+    assert "<|im_start|>user\nHi<|im_end|>" in text1  # the history turn has no image
     assert f"<|im_start|>user\n{IMG}{IMG}Compare.<|im_end|>" in text1
     assert supervised(tok, s1) == "Hello<|im_end|>same<|im_end|>"
     assert s1.num_tiles == [1, 1]

@@ -3,7 +3,6 @@ same samples in the same order, split across ranks and workers with each sample 
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,7 +10,6 @@ from torch.utils.data import DataLoader
 from conftest import compose_config
 from test_data_formats import image, write_jsonl
 from test_data_processing import make_video
-from vlmtrain.data.collate import StepCollator
 from vlmtrain.data.mixture import MixtureDataset, Skipped
 from vlmtrain.data.sampler import StepSampler
 from vlmtrain.models.build import load_tokenizer

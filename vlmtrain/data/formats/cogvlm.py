@@ -8,7 +8,6 @@ and ``labels/``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
