@@ -13,7 +13,7 @@ def load_tokenizer(cfg: ModelConfig):
     """The configured tokenizer (local files only), else the one vlmtrain ships."""
     from vlmtrain.assets import TOKENIZER_DIR
 
-    path = cfg.tokenizer or cfg.path or str(TOKENIZER_DIR)
+    path = cfg.tokenizer or cfg.path or cfg.llm.path or str(TOKENIZER_DIR)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     missing = [t for t in IMAGE_TOKENS if t not in tok.get_vocab()]
     if missing:
@@ -22,26 +22,48 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForConditionalGeneration:
+    """The configured architecture with the weights the config names (``model.path``,
+    ``model.vision.path``, ``model.llm.path``); parts no path names are randomly initialised."""
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     vocab = cfg.llm.config.get("vocab_size")
     if vocab is not None and vocab < len(tokenizer):
         raise ValueError(
             f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)"
         )
-    return build_from_config(cfg, image_token_id, seed)
+    tokenizer_from_checkpoint = bool(cfg.tokenizer or cfg.path or cfg.llm.path)
+    if tokenizer_from_checkpoint and cfg.image_token_id is not None and cfg.image_token_id != image_token_id:
+        raise ValueError(
+            f"model.image_token_id={cfg.image_token_id} but the tokenizer puts <IMG_CONTEXT> at {image_token_id}"
+        )
+    model = build_from_config(cfg, image_token_id, seed)
+    if cfg.path or cfg.vision.path or cfg.llm.path:
+        from vlmtrain.models.loading import load_pretrained
+
+        load_pretrained(model, cfg)
+    return model
 
 
 def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig) -> list[str]:
-    """Freeze everything but the stage's trainable parts; add the stage's ViT drop path.
+    """Freeze everything but the stage's trainable parts (and its LoRA adapters, injected here);
+    add the stage's ViT drop path.
 
     Returns the names of the trainable parameters.
     """
     unknown = set(stage.trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+    if stage.lora is not None:
+        from vlmtrain.models.lora import add_lora
+
+        add_lora(model, stage.lora)
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(part_of(name) in stage.trainable)
+        is_adapter = "lora_" in name
+        if is_adapter and part_of(name) in stage.trainable:
+            raise ValueError(
+                f"stage: {part_of(name)} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
+            )
+        p.requires_grad_(is_adapter or part_of(name) in stage.trainable)
         if p.requires_grad:
             trainable.append(name)
     if "vision_tower" in stage.trainable:

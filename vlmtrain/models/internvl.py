@@ -61,12 +61,23 @@ def internvl_config(cfg: ModelConfig, image_token_id: int) -> InternVLConfig:
     )
 
 
-def build_from_config(cfg: ModelConfig, image_token_id: int, seed: int = 0) -> InternVLForConditionalGeneration:
-    """Random-init model, deterministic in ``seed``."""
+def build_from_config(
+    cfg: ModelConfig, image_token_id: int | None = None, seed: int = 0, device: str | torch.device | None = None
+) -> InternVLForConditionalGeneration:
+    """Random-init model, deterministic in ``seed``. ``device="meta"`` builds the architecture
+    without allocating or initialising any weight (a 78B config is inspected in seconds)."""
+    if image_token_id is None:
+        if cfg.image_token_id is None:
+            raise ValueError("model.image_token_id is not set and no tokenizer was given")
+        image_token_id = cfg.image_token_id
+    config = internvl_config(cfg, image_token_id)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return InternVLForConditionalGeneration(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(internvl_config(cfg, image_token_id))
-    return model
+        model = InternVLForConditionalGeneration(config)
+    return model if device is None else model.to(device)
 
 
 def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:
