@@ -43,7 +43,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
     return model
 
 
-def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig) -> list[str]:
+def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_meta: bool = False) -> list[str]:
     """Freeze everything but the stage's trainable parts (and its LoRA adapters, injected here);
     add the stage's ViT drop path.
 
@@ -55,7 +55,7 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig) -> 
     if stage.lora is not None:
         from vlmtrain.models.lora import add_lora
 
-        add_lora(model, stage.lora)
+        add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []
     for name, p in model.named_parameters():
         is_adapter = "lora_" in name

@@ -15,6 +15,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
@@ -46,7 +47,8 @@ def internvl_config(cfg: ModelConfig, image_token_id: int) -> InternVLConfig:
         hidden_act=v.hidden_act,
         use_mean_pooling=True,  # InternViT has no final norm
     )
-    text = dict(cfg.llm.config)
+    text = cfg.llm.config
+    text = OmegaConf.to_container(text, resolve=True) if isinstance(text, DictConfig) else dict(text)
     text.setdefault("tie_word_embeddings", False)
     return InternVLConfig(
         vision_config=vision,

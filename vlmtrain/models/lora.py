@@ -58,11 +58,12 @@ def peft_config(cfg: LoraConfig, modules_to_save: list[str] | None = None) -> Pe
     )
 
 
-def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
+def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = False) -> list[str]:
     """Inject adapters in place; returns the names of the adapted modules. Base weights stay
-    as they are (their ``requires_grad`` is the caller's business)."""
+    as they are (their ``requires_grad`` is the caller's business). ``low_cpu_mem_usage`` makes
+    the adapters on the meta device (for a model built there)."""
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER_NAME)
+    inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=low_cpu_mem_usage)
     adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not adapted:
         raise ValueError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
