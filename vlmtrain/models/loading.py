@@ -2,8 +2,9 @@
 
 Layouts understood (detected from the key names):
 
-- HF-native InternVL (``model.vision_tower.*``, ``model.multi_modal_projector.*``,
-  ``model.language_model.*``, ``lm_head.*``): what the ``-hf`` repos and ``vlmtrain.export`` write.
+- HF-native InternVL as files hold it (``vision_tower.*``, ``multi_modal_projector.*``,
+  ``language_model.model.*``, ``language_model.lm_head.*``: the ``-hf`` repos, transformers'
+  ``save_pretrained``, ``vlmtrain.export``) or as module names (``model.vision_tower.*`` ...).
 - OpenGVLab InternVL (``vision_model.*``, ``mlp1.{0,1,3}.*``, ``language_model.*``), with a
   Qwen2 / Llama / Phi-3 LLM (HF key names under ``language_model.``) or an InternLM2 LLM
   (``tok_embeddings``, fused ``wqkv``, ``wo``, ``feed_forward.w1/w2/w3``, ``output``), which
@@ -105,6 +106,15 @@ INTERNLM2_RENAMES = [
 """InternLM2 causal LM -> Llama causal LM (``attention.wqkv`` is split separately)."""
 
 
+HF_HUB_RENAMES = [
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+]
+"""The file layout of the ``-hf`` repos and of transformers' ``save_pretrained`` -> module names."""
+
+
 def _rename(key: str, table) -> str | None:
     for pattern, repl in table:
         new, n = re.subn(pattern, repl, key)
@@ -179,6 +189,8 @@ def layout_of(state: dict[str, torch.Tensor]) -> str:
     keys = list(state)
     if any(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in keys):
         return "hf_internvl"
+    if any(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in keys):
+        return "hf_hub_internvl"
     if any(k.startswith(("vision_model.", "mlp1.")) for k in keys):
         return "opengvlab_internvl"
     if any(k.startswith(("embeddings.", "encoder.layers.")) for k in keys):
@@ -193,6 +205,8 @@ def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, tor
     layout = layout_of(state)
     if layout == "hf_internvl":
         return dict(state)
+    if layout == "hf_hub_internvl":
+        return {_rename(k, HF_HUB_RENAMES) or k: v for k, v in state.items()}
     if layout == "internvit":
         return {"model.vision_tower." + k: v for k, v in convert_vision(state).items()}
     if layout == "causal_lm":
@@ -224,12 +238,13 @@ def check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
     the first key that is missing, unexpected or mis-shaped."""
     own = model.state_dict()
     wanted = [k for k in own if prefixes is None or k.startswith(tuple(prefixes))]
-    for key, value in state.items():
+    for key in state:
         if key not in own or (prefixes is not None and not key.startswith(tuple(prefixes))):
             raise ValueError(f"{source}: unexpected key {key!r} (not in the configured model)")
-        if own[key].shape != value.shape:
+    for key in wanted:  # in the model's order, so "first" means first in the model
+        if key in state and own[key].shape != state[key].shape:
             raise ValueError(
-                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs "
+                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(state[key].shape)} vs "
                 f"configured model {tuple(own[key].shape)}"
             )
     missing = [k for k in wanted if k not in state]
