@@ -21,15 +21,24 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+PLACEHOLDER_TOKENS = ("<video>",)
+"""Tokens that only mark where a processor expands media; they never reach the model (an exported
+tokenizer declares ``<video>`` for transformers' InternVLProcessor)."""
+
+
+def rows_needed(tokenizer) -> int:
+    """Embedding rows the tokenizer needs: its largest id + 1, placeholders aside."""
+    return 1 + max(i for t, i in tokenizer.get_vocab().items() if t not in PLACEHOLDER_TOKENS)
+
+
 def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForConditionalGeneration:
     """The configured architecture with the weights the config names (``model.path``,
     ``model.vision.path``, ``model.llm.path``); parts no path names are randomly initialised."""
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     vocab = cfg.llm.config.get("vocab_size")
-    if vocab is not None and vocab < len(tokenizer):
-        raise ValueError(
-            f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)"
-        )
+    needed = rows_needed(tokenizer)
+    if vocab is not None and vocab < needed:
+        raise ValueError(f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({needed} tokens)")
     tokenizer_from_checkpoint = bool(cfg.tokenizer or cfg.path or cfg.llm.path)
     if tokenizer_from_checkpoint and cfg.image_token_id is not None and cfg.image_token_id != image_token_id:
         raise ValueError(

@@ -102,11 +102,10 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, t
     for name, p in model.state_dict().items():
         if "lora_" in name:
             continue
-        for m in modules_to_save:
-            head, sep, rest = name.partition(m + ".")
+        for m in modules_to_save:  # peft stores a module to save under its plain name
+            head, sep, _ = name.partition(m + ".")
             if sep and (not head or head.endswith(".")):
-                base = rest.replace("base_layer.", "")
-                tensors[f"base_model.model.{head}{m}.modules_to_save.{base}"] = p.detach().cpu().contiguous()
+                tensors["base_model.model." + name.replace(".base_layer.", ".")] = p.detach().cpu().contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = peft_config(cfg, modules_to_save).to_dict()
     config["base_model_name_or_path"] = None
