@@ -114,3 +114,22 @@ def test_console_through_a_pseudo_terminal(run):
     expected = engine.generate([Prompt("<image>What colour is it?", [str(run / "green.png")])],
                                GenerationConfig(max_new_tokens=6))[0]
     assert expected.split()[0] in answer
+
+
+def test_video_placeholder_becomes_frames(run, tmp_path):
+    import av
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(16):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 15, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    engine = InferenceEngine(load_trained(run / "run"), max_tiles=4, num_frames=4)
+    ids, px = engine.encode(Prompt("<video>\nWhat happens?", videos=[str(path)]))
+    text = engine.tokenizer.decode(ids)
+    assert px.shape[0] == 4 and all(f"Frame-{i}: <img>" in text for i in range(1, 5))
+    assert ids.count(engine.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == 4 * engine.tokens_per_tile

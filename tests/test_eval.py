@@ -52,3 +52,18 @@ def test_eval_run_dir_on_demo_heldout(tmp_path):
     for r in rows:
         assert set(r) >= {"prediction", "reference", "exact_match", "relaxed_match", "anls"}
         assert r["exact_match"] == score(r["prediction"], r["reference"])["exact_match"]
+
+
+def test_eval_exported_dir_gives_the_same_predictions(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vlmtrain.export import export
+
+    make_run_dir(tmp_path / "run")
+    export(OmegaConf.create({"ckpt": str(tmp_path / "run"), "out": str(tmp_path / "hf"), "dtype": None, "max_tiles": 4}))
+    common = ["eval.limit=4", "eval.batch_size=4", "generation.max_new_tokens=4", "device=cpu"]
+    evaluate(_eval_cfg([f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'e1'}", *common]))
+    evaluate(_eval_cfg([f"ckpt={tmp_path / 'hf'}", f"out={tmp_path / 'e2'}", *common]))
+    p1 = [json.loads(x)["prediction"] for x in (tmp_path / "e1" / "predictions.jsonl").read_text().splitlines()]
+    p2 = [json.loads(x)["prediction"] for x in (tmp_path / "e2" / "predictions.jsonl").read_text().splitlines()]
+    assert p1 == p2 and len(p1) == 4

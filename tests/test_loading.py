@@ -227,3 +227,26 @@ def test_shape_mismatch_names_first_key(tmp_path):
     cfg = compose_config([f"model.path={tmp_path / 'hf'}", "model.vision.intermediate_size=128"])
     with pytest.raises(ValueError, match=r"shape mismatch at 'model\.vision_tower\.encoder\.layer\.0\.mlp\.fc1\.weight'"):
         build_model(cfg.model, load_tokenizer(cfg.model))
+
+
+def test_standalone_internvit_for_vision_path(tmp_path):
+    _, tok, donor = tiny(seed=3)
+    save_file({k: v.contiguous() for k, v in opengvlab_vision(donor.state_dict()).items()}, str(tmp_path / "vit.safetensors"))
+    cfg = compose_config([f"model.vision.path={tmp_path / 'vit.safetensors'}"])
+    model = build_model(cfg.model, load_tokenizer(cfg.model))
+    got = model.state_dict()
+    for k, v in donor.state_dict().items():
+        if k.startswith("model.vision_tower."):
+            assert torch.equal(got[k], v), k
+
+
+def test_tokenizer_that_needs_remote_code_is_refused(tmp_path):
+    d = tmp_path / "ogvl_tok"
+    d.mkdir()
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}}))
+    (d / "tokenizer.model").write_bytes(b"\x00not a real sentencepiece model")
+    cfg = compose_config([f"model.tokenizer={d}"])
+    with pytest.raises(ValueError, match="InternLM2Tokenizer.*never"):
+        load_tokenizer(cfg.model)

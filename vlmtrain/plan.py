@@ -89,7 +89,15 @@ def sharding_of(hw, opts: PlanOptions) -> Sharding:
     """What hardware.strategy shards: a Lightning strategy name, or a strategy config with a
     ``_target_`` (DeepSpeedStrategy's ``stage`` / ``offload_optimizer``, FSDPStrategy's
     ``sharding_strategy``)."""
-    world = int(hw.devices if isinstance(hw.devices, int) else len(hw.devices)) * hw.num_nodes
+    if isinstance(hw.devices, int):
+        per_node = hw.devices
+    elif isinstance(hw.devices, str) and hw.devices.isdigit():
+        per_node = int(hw.devices)
+    elif isinstance(hw.devices, str):
+        raise ValueError(f"hardware.devices={hw.devices!r}: give a number of GPUs per node to plan for")
+    else:
+        per_node = len(hw.devices)
+    world = per_node * hw.num_nodes
     s = hw.strategy
     stage, ds, offload, ranks = 0, False, opts.optimizer_offload, world
     if isinstance(s, str):

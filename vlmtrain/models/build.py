@@ -14,11 +14,34 @@ def load_tokenizer(cfg: ModelConfig):
     from vlmtrain.assets import TOKENIZER_DIR
 
     path = cfg.tokenizer or cfg.path or cfg.llm.path or str(TOKENIZER_DIR)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        remote = _remote_tokenizer_class(path)
+        if remote:
+            raise ValueError(
+                f"the tokenizer at {path} is {remote}, which only loads by running the checkpoint's code; "
+                "vlmtrain never does: set model.tokenizer to a directory with a tokenizer.json "
+                "(e.g. the matching -hf release's)"
+            ) from None
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
     missing = [t for t in IMAGE_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
+
+
+def _remote_tokenizer_class(path) -> str | None:
+    """The tokenizer class a checkpoint's tokenizer_config.json maps to its own code, if any."""
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    c = json.loads(f.read_text())
+    auto = c.get("auto_map", {}).get("AutoTokenizer")
+    return (c.get("tokenizer_class") or str(auto)) if auto else None
 
 
 PLACEHOLDER_TOKENS = ("<video>",)
@@ -44,7 +67,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
         raise ValueError(
             f"model.image_token_id={cfg.image_token_id} but the tokenizer puts <IMG_CONTEXT> at {image_token_id}"
         )
-    model = build_from_config(cfg, image_token_id, seed)
+    # a whole checkpoint overwrites every weight (strictly checked): skip the random init
+    model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
     if cfg.path or cfg.vision.path or cfg.llm.path:
         from vlmtrain.models.loading import load_pretrained
 

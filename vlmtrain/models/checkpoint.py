@@ -83,7 +83,7 @@ def load_trained(path: str | Path, dtype: torch.dtype | None = None) -> TrainedM
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         else:
             tokenizer = load_tokenizer(model_cfg)
-        model = build_from_config(model_cfg, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+        model = build_from_config(model_cfg, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), init_weights=False)
         stage = saved.get("stage") or {}
         lora = None
         if stage.get("lora"):

@@ -64,10 +64,15 @@ def internvl_config(cfg: ModelConfig, image_token_id: int) -> InternVLConfig:
 
 
 def build_from_config(
-    cfg: ModelConfig, image_token_id: int | None = None, seed: int = 0, device: str | torch.device | None = None
+    cfg: ModelConfig,
+    image_token_id: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    init_weights: bool = True,
 ) -> InternVLForConditionalGeneration:
     """Random-init model, deterministic in ``seed``. ``device="meta"`` builds the architecture
-    without allocating or initialising any weight (a 78B config is inspected in seconds)."""
+    without allocating or initialising any weight (a 78B config is inspected in seconds);
+    ``init_weights=False`` allocates without initialising (every weight is loaded next)."""
     if image_token_id is None:
         if cfg.image_token_id is None:
             raise ValueError("model.image_token_id is not set and no tokenizer was given")
@@ -76,6 +81,12 @@ def build_from_config(
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             return InternVLForConditionalGeneration(config)
+    if not init_weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = InternVLForConditionalGeneration(config)
+        return model if device is None else model.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
