@@ -138,3 +138,15 @@ def test_export_chat_template_and_processor_match_training(tmp_path):
     proc = AutoProcessor.from_pretrained(str(out), local_files_only=True)
     batch = proc(images=[img], text=[rendered], return_tensors="pt")
     assert batch["input_ids"][0].tolist() == ids
+
+
+def test_init_from_a_lora_run_starts_from_merged_weights(tmp_path):
+    from vlmtrain.train import init_weights_from
+
+    make_run_dir(tmp_path / "run", ["stage=lora"])
+    cfg = compose_config(["stage=instruction_tuning"])
+    tok = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok)
+    init_weights_from(model, str(tmp_path / "run"))
+    merged = load_trained(tmp_path / "run").model.state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())

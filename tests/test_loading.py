@@ -250,3 +250,15 @@ def test_tokenizer_that_needs_remote_code_is_refused(tmp_path):
     cfg = compose_config([f"model.tokenizer={d}"])
     with pytest.raises(ValueError, match="InternLM2Tokenizer.*never"):
         load_tokenizer(cfg.model)
+
+
+def test_vision_path_takes_the_vit_of_a_training_run(tmp_path):
+    """Progressive scaling from a run directory: its (stage-1.5) ViT in front of another LLM."""
+    from model_fixtures import make_run_dir
+
+    _, trained_model, _ = make_run_dir(tmp_path / "run", ["stage=vit_incremental"])
+    cfg = compose_config(LLAMA + [f"model.vision.path={tmp_path / 'run'}"])
+    model = build_model(cfg.model, load_tokenizer(cfg.model))
+    got = model.state_dict()
+    vit = {k: v for k, v in trained_model.state_dict().items() if k.startswith("model.vision_tower.")}
+    assert vit and all(torch.equal(got[k], v) for k, v in vit.items())

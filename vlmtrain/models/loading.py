@@ -59,6 +59,15 @@ def weight_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: safetensors (single or sharded), pickle files (only with
+    allow_pickle), or a vlmtrain run directory / ``.ckpt`` (read with ``weights_only``; a LoRA run
+    comes back merged), so a trained run's ViT can be reused by path (progressive scaling)."""
+    from vlmtrain.models.checkpoint import find_run_checkpoint, load_trained, run_state_dict
+
+    run = find_run_checkpoint(path) if Path(path).expanduser().exists() else None
+    if run is not None:
+        state = run_state_dict(run.ckpt)
+        return load_trained(path).model.state_dict() if any("lora_" in k for k in state) else state
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(path, allow_pickle):
         if f.suffix == ".safetensors":
