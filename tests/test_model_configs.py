@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import vlmtrain.chat  # noqa: F401  (entry points register their config schemas on import)
+import vlmtrain.eval  # noqa: F401
+import vlmtrain.export  # noqa: F401
 from conftest import compose_config
 from vlmtrain.conf import CONFIG_DIR
 from vlmtrain.models.internvl import build_from_config
@@ -94,3 +97,31 @@ def test_plan_lora_78b_counts_only_adapters_and_projector():
     per_layer = 16 * ((h + h) + (h + kv) + (h + kv) + (h + h))
     assert counts["language_model"].trainable == 80 * per_layer
     assert r["sharding"].shard_ranks == 32 and r["memory"]["weights"] == 2 * r["total"] / 32
+
+
+@pytest.mark.parametrize("root, overrides", [
+    ("plan", ["model=internvl2_5_26b", "stage=instruction_tuning", "hardware.devices=8",
+              "hardware.strategy=deepspeed_stage_3"]),
+    ("plan", ["model=internvl2_5_1b", "stage=mlp_warmup", "plan.zero_stage=0"]),
+    ("export", ["ckpt=/x", "out=/y"]),
+    ("chat", ["ckpt=/x", "chat.query=hi", "chat.images=[a.png]"]),
+    ("eval", ["ckpt=/x", "data=demo_val"]),
+])
+def test_entry_point_root_configs_compose(root, overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=root, overrides=overrides)
+    assert cfg.ckpt == "/x" if root != "plan" else cfg.plan.gpu_memory_gb == 80
+    if root == "plan":
+        text = report(cfg, plan(cfg))
+        assert "ZeRO-3:" in text and cfg.model.name in text
+
+
+def test_typo_in_an_entry_point_config_names_the_key():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="plan.gpu_memroy_gb"):
+            compose(config_name="plan", overrides=["plan.gpu_memroy_gb=40"])
