@@ -262,3 +262,23 @@ def test_vision_path_takes_the_vit_of_a_training_run(tmp_path):
     got = model.state_dict()
     vit = {k: v for k, v in trained_model.state_dict().items() if k.startswith("model.vision_tower.")}
     assert vit and all(torch.equal(got[k], v) for k, v in vit.items())
+
+
+def test_llm_path_with_padded_vocabulary_is_cut_to_the_config(tmp_path):
+    """Qwen2.5 checkpoints pad their vocabulary (151936 rows) beyond InternVL's 151674: the rows
+    past the configured vocabulary are dropped, the rest kept as they are."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = compose_config([f"model.llm.path={tmp_path / 'lm'}", f"model.tokenizer={tmp_path / 'tok'}"])
+    tok = load_tokenizer(compose_config([]).model)
+    tok.save_pretrained(tmp_path / "tok")
+    text = dict(cfg.model.llm.config)
+    text.pop("model_type")
+    text["vocab_size"] = 2048 + 64
+    lm = Qwen2ForCausalLM(Qwen2Config(**text))
+    lm.save_pretrained(tmp_path / "lm")
+    model = build_model(cfg.model, load_tokenizer(cfg.model))
+    got, src = model.state_dict(), lm.state_dict()
+    assert torch.equal(got["model.language_model.embed_tokens.weight"], src["model.embed_tokens.weight"][:2048])
+    assert torch.equal(got["lm_head.weight"], src["lm_head.weight"][:2048])
+    assert torch.equal(got["model.language_model.layers.1.mlp.down_proj.weight"], src["model.layers.1.mlp.down_proj.weight"])
