@@ -18,6 +18,12 @@ def _demo_data() -> str:
     return str(ensure_demo_dataset())
 
 
+def _demo_data_val() -> str:
+    from vlmtrain.data.synthetic import annotation_path, ensure_demo_dataset
+
+    return str(annotation_path(ensure_demo_dataset().parent, "val"))
+
+
 def _wandb_offline() -> bool:
     """Offline unless W&B can log in: WANDB_API_KEY, a run under `wandb agent` (WANDB_SWEEP_ID), or
     a `wandb login` entry in ~/.netrc. WANDB_MODE=offline/disabled always wins."""
@@ -39,4 +45,5 @@ def register() -> None:
     """Schemas in the ConfigStore and vlmtrain's resolvers (idempotent)."""
     register_schemas()
     OmegaConf.register_new_resolver("vlmtrain.demo_data", _demo_data, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("vlmtrain.demo_data_val", _demo_data_val, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("vlmtrain.wandb_offline", _wandb_offline, replace=True)

@@ -63,6 +63,9 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
     template: str = "internvl2_5"
+    image_token_id: Optional[int] = None
+    """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
+    when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
     allow_pickle: bool = False
     """Permit loading pickle ``.bin`` weights (they can run code); safetensors never need it."""
     gradient_checkpointing: List[str] = field(default_factory=list)
@@ -122,6 +125,20 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft LoRA) on top of the frozen weights of some parts."""
+
+    targets: List[str] = field(default_factory=lambda: ["llm_attention"])
+    """Which linear layers get adapters: any of llm_attention, llm_mlp, vit (see
+    ``vlmtrain.models.lora.TARGETS``)."""
+    target_modules: Optional[str] = None
+    """A regex over full module names; replaces ``targets`` when set."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+
+
+@dataclass
 class StageConfig:
     """One stage of the InternVL 2.5 recipe: what trains and with which hyperparameters."""
 
@@ -139,7 +156,8 @@ class StageConfig:
     """Samples per optimizer step over all ranks; gradient accumulation makes up the rest."""
     max_steps: int = -1
     max_epochs: int = 1
-    lora: Optional[Dict[str, Any]] = None
+    lora: Optional[LoraConfig] = None
+    """Adapters on frozen parts; ``trainable`` parts (e.g. the projector) still train fully."""
 
 
 @dataclass

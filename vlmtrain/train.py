@@ -33,6 +33,10 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
     ckpt = find_checkpoint(path)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    if any("lora_" in k for k in state):  # a LoRA run: start from its merged weights
+        from vlmtrain.models.checkpoint import load_trained
+
+        state = load_trained(ckpt).model.state_dict()
     load_weights(model, state, str(ckpt))
     log.info("initialised weights from %s", ckpt)
 
@@ -87,4 +91,8 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data)
     tokenizer.save_pretrained(run_dir / "tokenizer")
+    if cfg.stage.lora is not None and trainer.is_global_zero:
+        from vlmtrain.models.lora import save_adapter
+
+        save_adapter(model, run_dir / "adapter", cfg.stage.lora, list(cfg.stage.trainable))
     return run_dir

@@ -13,35 +13,90 @@ def load_tokenizer(cfg: ModelConfig):
     """The configured tokenizer (local files only), else the one vlmtrain ships."""
     from vlmtrain.assets import TOKENIZER_DIR
 
-    path = cfg.tokenizer or cfg.path or str(TOKENIZER_DIR)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    path = cfg.tokenizer or cfg.path or cfg.llm.path or str(TOKENIZER_DIR)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        remote = _remote_tokenizer_class(path)
+        if remote:
+            raise ValueError(
+                f"the tokenizer at {path} is {remote}, which only loads by running the checkpoint's code; "
+                "vlmtrain never does: set model.tokenizer to a directory with a tokenizer.json "
+                "(e.g. the matching -hf release's)"
+            ) from None
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
     missing = [t for t in IMAGE_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
 
 
+def _remote_tokenizer_class(path) -> str | None:
+    """The tokenizer class a checkpoint's tokenizer_config.json maps to its own code, if any."""
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    c = json.loads(f.read_text())
+    auto = c.get("auto_map", {}).get("AutoTokenizer")
+    return (c.get("tokenizer_class") or str(auto)) if auto else None
+
+
+PLACEHOLDER_TOKENS = ("<video>",)
+"""Tokens that only mark where a processor expands media; they never reach the model (an exported
+tokenizer declares ``<video>`` for transformers' InternVLProcessor)."""
+
+
+def rows_needed(tokenizer) -> int:
+    """Embedding rows the tokenizer needs: its largest id + 1, placeholders aside."""
+    return 1 + max(i for t, i in tokenizer.get_vocab().items() if t not in PLACEHOLDER_TOKENS)
+
+
 def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForConditionalGeneration:
+    """The configured architecture with the weights the config names (``model.path``,
+    ``model.vision.path``, ``model.llm.path``); parts no path names are randomly initialised."""
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     vocab = cfg.llm.config.get("vocab_size")
-    if vocab is not None and vocab < len(tokenizer):
+    needed = rows_needed(tokenizer)
+    if vocab is not None and vocab < needed:
+        raise ValueError(f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({needed} tokens)")
+    tokenizer_from_checkpoint = bool(cfg.tokenizer or cfg.path or cfg.llm.path)
+    if tokenizer_from_checkpoint and cfg.image_token_id is not None and cfg.image_token_id != image_token_id:
         raise ValueError(
-            f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)"
+            f"model.image_token_id={cfg.image_token_id} but the tokenizer puts <IMG_CONTEXT> at {image_token_id}"
         )
-    return build_from_config(cfg, image_token_id, seed)
+    # a whole checkpoint overwrites every weight (strictly checked): skip the random init
+    model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
+    if cfg.path or cfg.vision.path or cfg.llm.path:
+        from vlmtrain.models.loading import load_pretrained
+
+        load_pretrained(model, cfg)
+    return model
 
 
-def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig) -> list[str]:
-    """Freeze everything but the stage's trainable parts; add the stage's ViT drop path.
+def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_meta: bool = False) -> list[str]:
+    """Freeze everything but the stage's trainable parts (and its LoRA adapters, injected here);
+    add the stage's ViT drop path.
 
     Returns the names of the trainable parameters.
     """
     unknown = set(stage.trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+    if stage.lora is not None:
+        from vlmtrain.models.lora import add_lora
+
+        add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(part_of(name) in stage.trainable)
+        is_adapter = "lora_" in name
+        if is_adapter and part_of(name) in stage.trainable:
+            raise ValueError(
+                f"stage: {part_of(name)} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
+            )
+        p.requires_grad_(is_adapter or part_of(name) in stage.trainable)
         if p.requires_grad:
             trainable.append(name)
     if "vision_tower" in stage.trainable:

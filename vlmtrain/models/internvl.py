@@ -15,6 +15,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
@@ -46,7 +47,8 @@ def internvl_config(cfg: ModelConfig, image_token_id: int) -> InternVLConfig:
         hidden_act=v.hidden_act,
         use_mean_pooling=True,  # InternViT has no final norm
     )
-    text = dict(cfg.llm.config)
+    text = cfg.llm.config
+    text = OmegaConf.to_container(text, resolve=True) if isinstance(text, DictConfig) else dict(text)
     text.setdefault("tie_word_embeddings", False)
     return InternVLConfig(
         vision_config=vision,
@@ -61,12 +63,34 @@ def internvl_config(cfg: ModelConfig, image_token_id: int) -> InternVLConfig:
     )
 
 
-def build_from_config(cfg: ModelConfig, image_token_id: int, seed: int = 0) -> InternVLForConditionalGeneration:
-    """Random-init model, deterministic in ``seed``."""
+def build_from_config(
+    cfg: ModelConfig,
+    image_token_id: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    init_weights: bool = True,
+) -> InternVLForConditionalGeneration:
+    """Random-init model, deterministic in ``seed``. ``device="meta"`` builds the architecture
+    without allocating or initialising any weight (a 78B config is inspected in seconds);
+    ``init_weights=False`` allocates without initialising (every weight is loaded next)."""
+    if image_token_id is None:
+        if cfg.image_token_id is None:
+            raise ValueError("model.image_token_id is not set and no tokenizer was given")
+        image_token_id = cfg.image_token_id
+    config = internvl_config(cfg, image_token_id)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return InternVLForConditionalGeneration(config)
+    if not init_weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = InternVLForConditionalGeneration(config)
+        return model if device is None else model.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(internvl_config(cfg, image_token_id))
-    return model
+        model = InternVLForConditionalGeneration(config)
+    return model if device is None else model.to(device)
 
 
 def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:

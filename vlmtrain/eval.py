@@ -1,0 +1,243 @@
+"""`python -m vlmtrain.eval ckpt=<run dir | .ckpt | HF dir> [data=<config>]`: answer a held-out
+set in batches and score it.
+
+    python -m vlmtrain.eval ckpt=outputs/2026-11-21/12-00-00                 # demo held-out split
+    python -m vlmtrain.eval ckpt=runs/s2/checkpoints/last.ckpt data=demo_val eval.batch_size=16
+    python -m vlmtrain.eval ckpt=exported/ out=eval_out generation.max_new_tokens=32
+
+Every assistant turn of every line is one question: the turns before it (with their reference
+answers) form the history, the model answers the turn's query, and the answer is scored against
+the reference by exact match (whitespace-stripped), relaxed match (case, whitespace and
+punctuation normalised) and ANLS (average normalised Levenshtein similarity, threshold 0.5), per
+dataset and overall. ``predictions.jsonl`` lands beside ``metrics.json`` in ``out`` (default:
+``<run or checkpoint dir>/eval``). The data config's ``repeat`` factors are ignored: each line
+counts once; a line that cannot be read is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from vlmtrain.config import DataConfig
+from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.inference import GenerationConfig
+
+log = logging.getLogger("vlmtrain")
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 8
+    """Questions generated together (left-padded)."""
+    limit: Optional[int] = None
+    """Evaluate only the first N questions of each dataset."""
+    anls_threshold: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING
+    """A run directory, a .ckpt, or an exported / HF-native InternVL directory."""
+    out: Optional[str] = None
+    """Where predictions.jsonl and metrics.json go (default: <ckpt dir>/eval)."""
+    device: str = "auto"
+    """auto (cuda when visible), cpu, cuda, cuda:1, ..."""
+    dtype: Optional[str] = None
+    """float32 / bfloat16 / float16; None keeps the checkpoint's."""
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
+    model: Any = None
+    """Filled from the checkpoint (data configs interpolate ``${model.template}`` etc.)."""
+    stage: Any = None
+    """Absorbs the stage keys a training data config may set; unused here."""
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def relaxed(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed."""
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return " ".join(text.split())
+
+
+def levenshtein(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def anls(prediction: str, reference: str, threshold: float = 0.5) -> float:
+    """1 - normalised edit distance (case-insensitive, whitespace-collapsed), 0 below the threshold."""
+    p, r = " ".join(prediction.lower().split()), " ".join(reference.lower().split())
+    if not p and not r:
+        return 1.0
+    nl = levenshtein(p, r) / max(len(p), len(r))
+    return 1.0 - nl if nl < threshold else 0.0
+
+
+def score(prediction: str, reference: str, threshold: float = 0.5) -> dict[str, float]:
+    return {
+        "exact_match": float(prediction.strip() == reference.strip()),
+        "relaxed_match": float(relaxed(prediction) == relaxed(reference)),
+        "anls": anls(prediction, reference, threshold),
+    }
+
+
+def summarise(rows: list[dict]) -> dict[str, float]:
+    n = len(rows)
+    out = {"count": n}
+    for k in ("exact_match", "relaxed_match", "anls"):
+        out[k] = sum(r[k] for r in rows) / n if n else 0.0
+    return out
+
+
+# -- questions ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Question:
+    dataset: str
+    where: str
+    turn: int
+    prompt: Any
+    reference: str
+
+
+def questions(name: str, dcfg, default_system: str | None, limit: int | None, skipped: dict) -> list[Question]:
+    from vlmtrain.data.conversation import SampleError
+    from vlmtrain.data.formats import guess_format, reader
+    from vlmtrain.inference import Prompt
+
+    path = Path(dcfg.path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.datasets.{name}.path: {path} does not exist")
+    fmt = reader(dcfg.format or guess_format(path))
+    root = Path(dcfg.root).expanduser() if dcfg.root else (path if path.is_dir() else path.parent)
+    out: list[Question] = []
+    for record in fmt.read(path):
+        try:
+            conv = fmt.to_conversation(record.parse(), root)
+            conv.check()
+        except SampleError as e:
+            skipped[f"{name}/{e.reason}"] = skipped.get(f"{name}/{e.reason}", 0) + 1
+            continue
+        system = conv.system if conv.system is not None else (dcfg.system if dcfg.system is not None else default_system)
+        images, videos = list(conv.images), list(conv.videos)
+        for t, (user, answer) in enumerate(conv.turns):
+            history = conv.turns[:t]
+            seen = "".join(u + a for u, a in history) + user
+            n_img, n_vid = seen.count("<image>"), seen.count("<video>")
+            out.append(Question(name, record.where(), t, Prompt(user, images[:n_img], videos[:n_vid], history, system), answer))
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_out(ckpt: str) -> Path:
+    p = Path(ckpt).expanduser()
+    if p.is_file():
+        p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return p / "eval"
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from vlmtrain.inference import InferenceEngine
+    from vlmtrain.models.checkpoint import load_trained
+
+    trained = load_trained(cfg.ckpt, getattr(torch, cfg.dtype) if cfg.dtype else None)
+    with open_dict(cfg):
+        cfg.model = OmegaConf.to_container(trained.model_cfg, resolve=True)
+    data = cfg.data
+    if not data.datasets:
+        raise ValueError("data.datasets is empty: name at least one dataset to evaluate")
+    out_dir = Path(cfg.out).expanduser() if cfg.out else default_out(cfg.ckpt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
+    results, skipped = {}, {}
+    rows_all = []
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for name, dcfg in data.datasets.items():
+            engine = InferenceEngine(trained, max_tiles=dcfg.n_max, num_frames=data.min_frames,
+                                     template=dcfg.template or data.template, system=data.system,
+                                     device=resolve_device(cfg.device))
+            qs = questions(name, dcfg, None, cfg.eval.limit, skipped)
+            rows = []
+            for start in range(0, len(qs), cfg.eval.batch_size):
+                batch = qs[start:start + cfg.eval.batch_size]
+                preds = engine.generate([q.prompt for q in batch], gen)
+                for q, pred in zip(batch, preds):
+                    row = {"dataset": name, "where": q.where, "turn": q.turn, "query": q.prompt.query,
+                           "prediction": pred, "reference": q.reference,
+                           **score(pred, q.reference, cfg.eval.anls_threshold)}
+                    rows.append(row)
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                log.info("%s: %d/%d answered", name, len(rows), len(qs))
+            results[name] = summarise(rows)
+            rows_all += rows
+    metrics = {"ckpt": str(cfg.ckpt), "datasets": results, "overall": summarise(rows_all), "skipped": skipped}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    print(format_table(metrics))
+    print(f"predictions: {out_dir / 'predictions.jsonl'}\nmetrics: {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    lines = [f"{'dataset':<24}{'count':>7}{'exact':>9}{'relaxed':>9}{'anls':>9}"]
+    for name, m in list(metrics["datasets"].items()) + [("overall", metrics["overall"])]:
+        lines.append(f"{name:<24}{m['count']:>7}{m['exact_match']:>9.3f}{m['relaxed_match']:>9.3f}{m['anls']:>9.3f}")
+    if metrics["skipped"]:
+        lines.append("skipped lines: " + ", ".join(f"{k}: {v}" for k, v in sorted(metrics["skipped"].items())))
+    return "\n".join(lines)
+
+
+ConfigStore.instance().store(name="vlmtrain_eval_schema", node=EvalConfig)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
+def _run(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("VLMTRAIN_DEBUG"):
+            raise
+        print(f"vlmtrain.eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register()
+    _run()
+
+
+if __name__ == "__main__":
+    main()

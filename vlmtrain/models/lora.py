@@ -1,0 +1,113 @@
+"""LoRA adapters through peft, injected in place so the model keeps its transformers structure.
+
+``peft.inject_adapter_in_model`` swaps the targeted ``nn.Linear`` layers for LoRA layers without
+wrapping the model, so the training code keeps calling ``model.model.language_model`` and
+``model.lm_head`` as for full tuning. Adapters are written in peft's standard format
+(``adapter_config.json`` + ``adapter_model.safetensors``, keys ``base_model.model.<name>``), so
+``peft.PeftModel.from_pretrained(InternVLForConditionalGeneration(...), dir)`` loads them; parts
+that train fully beside the adapters (e.g. the projector) are saved as peft ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+
+from vlmtrain.config import LoraConfig
+
+TARGETS = {
+    "llm_attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)",
+    "llm_mlp": r"model\.language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj|gate_up_proj)",
+    "vit": r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.fc1|mlp\.fc2)",
+}
+"""Named groups of linear layers (full-name regexes; q/k/v/o of Llama, Qwen2 and Phi-3 layouts)."""
+
+PART_MODULES = {
+    "vision_tower": ["vision_tower"],
+    "multi_modal_projector": ["multi_modal_projector"],
+    "language_model": ["language_model", "lm_head"],
+}
+"""The module names peft's ``modules_to_save`` uses for each fully trained part."""
+
+ADAPTER_NAME = "default"
+
+
+def target_regex(cfg: LoraConfig) -> str:
+    if cfg.target_modules:
+        return cfg.target_modules
+    unknown = [t for t in cfg.targets if t not in TARGETS]
+    if unknown or not cfg.targets:
+        raise ValueError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(TARGETS)}")
+    return "|".join(f"(?:{TARGETS[t]})" for t in cfg.targets)
+
+
+def peft_config(cfg: LoraConfig, modules_to_save: list[str] | None = None) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_regex(cfg),
+        modules_to_save=modules_to_save or None,
+        bias="none",
+    )
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = False) -> list[str]:
+    """Inject adapters in place; returns the names of the adapted modules. Base weights stay
+    as they are (their ``requires_grad`` is the caller's business). ``low_cpu_mem_usage`` makes
+    the adapters on the meta device (for a model built there)."""
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=low_cpu_mem_usage)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if not adapted:
+        raise ValueError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
+    for n, p in model.named_parameters():  # peft froze everything else; restore the caller's choice
+        key = n.replace(".base_layer.", ".")
+        if "lora_" not in n and key in grads:
+            p.requires_grad_(grads[key])
+    return adapted
+
+
+def has_lora(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into its base weight and put the plain layer back (peft's
+    merge_and_unload, for a model whose adapters were injected in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    return model
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, trainable_parts: list[str]) -> Path:
+    """Write the adapters (and the fully trained parts as ``modules_to_save``) in peft's format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    modules_to_save = [m for part in trainable_parts for m in PART_MODULES[part]]
+    tensors = {}
+    marker = f".{ADAPTER_NAME}."
+    for name, p in model.state_dict().items():
+        if "lora_" in name:
+            tensors["base_model.model." + name.replace(marker, ".")] = p.detach().cpu().contiguous()
+    for name, p in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        for m in modules_to_save:  # peft stores a module to save under its plain name
+            head, sep, _ = name.partition(m + ".")
+            if sep and (not head or head.endswith(".")):
+                tensors["base_model.model." + name.replace(".base_layer.", ".")] = p.detach().cpu().contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = peft_config(cfg, modules_to_save).to_dict()
+    config["base_model_name_or_path"] = None
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+    return out
