@@ -215,6 +215,11 @@ def _attention_function(backend: str):
             raise ValueError("packed attention does not implement attention dropout")
         # transformers hands (1, H, T, D); the varlen kernels take (T, H, D)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            # RoPE in fp32 can lift q/k out of the autocast dtype; flash kernels take half precision only
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = varlen_causal_attention(q, k, v, cu, int(kwargs["max_length_q"]), scaling, backend)
         return out.unsqueeze(0), None  # (1, T, H, D), as transformers' attention functions return
 
