@@ -31,7 +31,9 @@ def main():
 
     ref, ref_grads = run("sdpa")
     for name, b in BACKENDS.items():
-        if name == "sdpa" or not b.available(device):
+        if name == "sdpa":
+            continue
+        if not b.available(device):
             print(f"{name}: not available on {device}")
             continue
         out, grads = run(name)
