@@ -94,8 +94,12 @@ def sample_flops(s: EncodedSample, cfg) -> float:
     return 3.0 * (tiles * (vit + proj) + s_len * per_token + attn + head)
 
 
-def run_vlmtrain(cfg, tokenizer, steps, device, warmup):
+def run_vlmtrain(cfg, tokenizer, steps, device, warmup, compile_layers=False):
     model = build_model(cfg.model, tokenizer, cfg.seed).to(device).train()
+    if compile_layers:
+        # regional compilation: fuses each layer's norms, activations and residual adds
+        for layer in [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]:
+            layer.compile(dynamic=True)
     module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     collate = instantiate(cfg.data.collate, pad_id=tokenizer.pad_token_id, tile_size=cfg.data.tile_size)
@@ -178,6 +182,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--compile-layers", action="store_true", help="torch.compile every ViT and LLM layer (vlmtrain run)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, overrides = ap.parse_known_args()
 
@@ -201,8 +206,9 @@ def main():
 
     results = {"model": cfg.model.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "samples_per_step": args.samples_per_step, "steps": args.steps,
-               "tokens_timed": tokens, "overrides": overrides}
-    runs = [("vlmtrain", lambda: run_vlmtrain(cfg, tokenizer, args.steps, device, args.warmup))]
+               "tokens_timed": tokens, "overrides": overrides, "compile_layers": args.compile_layers}
+    runs = [("vlmtrain", lambda: run_vlmtrain(cfg, tokenizer, args.steps, device, args.warmup,
+                                                            args.compile_layers))]
     if not args.skip_baseline:
         runs.append(("baseline", lambda: run_baseline(cfg, tokenizer, args.steps, device, args.warmup,
                                                       args.baseline_batch)))
