@@ -225,6 +225,8 @@ def main():
         print(f"{cfg.model.name} {name}: {stats['tokens_per_s']:.0f} tok/s, {stats['samples_per_s']:.2f} samples/s, "
               f"{stats['tflops']:.1f} TFLOP/s, MFU {100 * stats['mfu']:.1f}%, peak {stats['peak_mem_gib']:.1f} GiB, "
               f"{stats['max_tokens_per_micro_batch']} tokens/micro-batch max", flush=True)
+        if args.out:  # after each run, so a later failure keeps what was measured
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if "baseline" in results:
         results["speedup"] = results["vlmtrain"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
         print(f"{cfg.model.name} speedup: {results['speedup']:.2f}x", flush=True)
