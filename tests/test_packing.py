@@ -113,3 +113,33 @@ def test_packed_collator_from_config():
     cfg = compose_config(["data/collate=packed"])
     collate = instantiate(cfg.data.collate, pad_id=0, tile_size=224)
     assert isinstance(collate, PackedStepCollator) and (collate.max_tokens, collate.max_tiles) == (16384, 48)
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny):
+    cfg, tok, _, samples = tiny
+    step = PackedStepCollator(tok.pad_token_id, cfg.data.tile_size)(samples[:4])
+    results = []
+    for parts in ([], ["vision_tower", "language_model"]):
+        ckpt_cfg = compose_config(["model.attention=sdpa", f"model.gradient_checkpointing=[{','.join(parts)}]"])
+        model = build_model(ckpt_cfg.model, tok, seed=0)  # train mode: transformers checkpoints only then
+        assert model.model.language_model.is_gradient_checkpointing == bool(parts)
+        assert model.model.vision_tower.is_gradient_checkpointing == bool(parts)
+        module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
+        results.append(_loss_and_grads(module, step.micro_batches))
+    (loss, grads), (ckpt_loss, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_loss, loss, rtol=RTOL, atol=ATOL)
+    for k in grads:
+        torch.testing.assert_close(ckpt_grads[k], grads[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_unknown_checkpointing_part_fails_naming_the_key(tiny):
+    cfg, tok, _, _ = tiny
+    bad = compose_config(["model.gradient_checkpointing=[projector]"])
+    with pytest.raises(ValueError, match="model.gradient_checkpointing"):
+        build_model(bad.model, tok)
+
+
+def test_unknown_attention_backend_fails_naming_the_key(tiny):
+    cfg, tok, _, _ = tiny
+    with pytest.raises(ValueError, match="model.attention"):
+        build_model(compose_config(["model.attention=flash9"]).model, tok)
