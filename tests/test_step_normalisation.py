@@ -62,7 +62,13 @@ def test_single_process_variants_equal_one_batch(one_batch, tmp_path, variant):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process(one_batch, tmp_path):
-    # each rank takes 2 of the step's 4 samples, as 2 micro-batches of 1: unequal loss weights per rank
-    ddp = ["hardware.devices=2", "hardware.strategy=ddp_fork", "data.micro_batch_size=1"]
+@pytest.mark.parametrize(
+    "collate",
+    [["data.micro_batch_size=1"], ["data/collate=packed", "data.collate.max_tokens=700"]],
+    ids=["padded", "packed"],
+)
+def test_two_gloo_ranks_equal_one_process(one_batch, tmp_path, collate):
+    # each rank takes 2 of the step's 4 samples (unequal loss weights per rank), as 2 micro-batches
+    # of 1 (padded) or as many packed rows as its samples need (the ranks may differ in count)
+    ddp = ["hardware.devices=2", "hardware.strategy=ddp_fork", *collate]
     _assert_same_update(one_batch, _update(train(compose_config([*SGD_STEP, *ddp], run_dir=tmp_path))))
