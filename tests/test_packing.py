@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from vlmtrain.data.collate import pad_batch
+from vlmtrain.data.collate import StepCollator, pad_batch
 from vlmtrain.data.encode import EncodedSample
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.packing import PackedStepCollator, plan_buffers
@@ -109,10 +109,13 @@ def test_packed_equals_one_by_one(tiny, power):
         torch.testing.assert_close(grads[k] / scale, ref_grads[k] / scale, rtol=RTOL, atol=ATOL, msg=k)
 
 
-def test_packed_collator_from_config():
+def test_collators_from_config():
     cfg = compose_config(["data/collate=packed"])
     collate = instantiate(cfg.data.collate, pad_id=0, tile_size=224)
     assert isinstance(collate, PackedStepCollator) and (collate.max_tokens, collate.max_tiles) == (16384, 48)
+    cfg = compose_config(["data.micro_batch_size=3"])  # padded is the default
+    collate = instantiate(cfg.data.collate, pad_id=0, tile_size=224)
+    assert isinstance(collate, StepCollator) and collate.micro_batch_size == 3
 
 
 def test_activation_checkpointing_keeps_loss_and_gradients(tiny):
