@@ -70,6 +70,9 @@ class ModelConfig:
     """Permit loading pickle ``.bin`` weights (they can run code); safetensors never need it."""
     gradient_checkpointing: List[str] = field(default_factory=list)
     """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]."""
+    attention: str = "auto"
+    """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
+    else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""
 
 
 @dataclass
@@ -115,6 +118,10 @@ class DataConfig:
     on_error: str = "skip"
     """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
     micro_batch_size: int = 1
+    collate: Any = None
+    """How a step's samples become micro-batches (group ``data/collate``): ``padded`` (rows of
+    micro_batch_size samples) or ``packed`` (buffers of max_tokens / max_tiles, one row each).
+    None: padded."""
     num_workers: int = 2
     min_frames: int = 8
     max_frames: int = 32

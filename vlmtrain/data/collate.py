@@ -24,6 +24,14 @@ class Batch:
     sample_index: torch.Tensor
     """(rows, length) which sample each token belongs to."""
     datasets: list[str] = field(default_factory=list)
+    cu_seq_lens: torch.Tensor | None = None
+    """Packed rows only (one row): (num_samples + 1,) int32 sample boundaries; None for padded rows."""
+    max_length: int = 0
+    """Packed rows only: the longest sample's length (a Python int, so kernels need no device sync)."""
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seq_lens is not None
 
     def to(self, device):
         for k, v in vars(self).items():

@@ -6,7 +6,14 @@ import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 from vlmtrain.config import PARTS, ModelConfig, StageConfig
-from vlmtrain.models.internvl import IMAGE_TOKENS, add_drop_path, build_from_config, part_of
+from vlmtrain.models.attention import use_packed_attention
+from vlmtrain.models.internvl import (
+    IMAGE_TOKENS,
+    add_drop_path,
+    build_from_config,
+    part_of,
+    set_activation_checkpointing,
+)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -73,7 +80,14 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
         from vlmtrain.models.loading import load_pretrained
 
         load_pretrained(model, cfg)
+    configure_training(model, cfg)
     return model
+
+
+def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
+    """Packed attention backend and per-part activation checkpointing, as configured."""
+    use_packed_attention(model, cfg.attention)
+    set_activation_checkpointing(model, cfg.gradient_checkpointing)
 
 
 def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_meta: bool = False) -> list[str]:

@@ -112,6 +112,18 @@ def part_of(param_name: str) -> str:
     raise KeyError(f"parameter {param_name!r} belongs to no known part")
 
 
+def set_activation_checkpointing(model: InternVLForConditionalGeneration, part_names) -> None:
+    """Activation checkpointing (recompute in backward) for the named parts, through transformers'
+    own per-layer checkpointing. The projector is too small to be worth it."""
+    towers = {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
+    unknown = set(part_names) - set(towers)
+    if unknown:
+        raise ValueError(f"model.gradient_checkpointing: {sorted(unknown)} cannot be checkpointed; "
+                         f"choose from {sorted(towers)}")
+    for name in part_names:
+        towers[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def add_drop_path(vision_tower: nn.Module, rate: float) -> list:
     """Stochastic depth on both residual branches of every ViT layer, rising linearly to ``rate``.
 

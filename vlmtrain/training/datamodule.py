@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from vlmtrain.config import DataConfig
@@ -32,6 +33,12 @@ class VLMDataModule(pl.LightningDataModule):
     def micro_batches_per_step(self) -> int:
         return math.ceil(self.global_batch_size / max(1, self.sampler.world_size) / self.cfg.micro_batch_size)
 
+    def collator(self, pad_id: int):
+        """The configured step collator (``data.collate``), padded by default."""
+        if self.cfg.get("collate") is None:
+            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size)
+        return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
+
     def train_dataloader(self) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -39,7 +46,7 @@ class VLMDataModule(pl.LightningDataModule):
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
-            collate_fn=StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size),
+            collate_fn=self.collator(pad_id),
             num_workers=self.cfg.num_workers,
             persistent_workers=False,
         )

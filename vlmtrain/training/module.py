@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from vlmtrain.data.collate import Batch, Step
+from vlmtrain.models.attention import packed_kwargs
 from vlmtrain.models.internvl import multimodal_embeddings
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
 from vlmtrain.training.loss import IGNORE_INDEX, per_sample_loss_sums, weighted_cross_entropy
@@ -55,9 +56,15 @@ class VLMTrainingModule(pl.LightningModule):
         """
         model = self.model
         embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
-        hidden = model.model.language_model(
-            inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids
-        ).last_hidden_state
+        if mb.packed:
+            # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
+            hidden = model.model.language_model(
+                inputs_embeds=embeds, position_ids=mb.position_ids, **packed_kwargs(mb.cu_seq_lens, mb.max_length)
+            ).last_hidden_state
+        else:
+            hidden = model.model.language_model(
+                inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids
+            ).last_hidden_state
         targets = mb.labels[:, 1:]
         sel = targets != IGNORE_INDEX
         w = self.weighting(mb.num_supervised)[mb.sample_index[:, 1:][sel]]

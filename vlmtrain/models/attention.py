@@ -1,0 +1,269 @@
+"""Packed (variable-length) causal attention for the language model, plugged in through transformers'
+``AttentionInterface``.
+
+A packed row holds several samples back to back; each attends only to itself. The training step
+passes ``cu_seq_lens_q/k`` (cumulative sample lengths, int32, like flash-attn) and
+``max_length_q/k`` as keyword arguments of the language model's forward; transformers hands such
+keyword arguments through every decoder layer to the attention function, so a function registered
+under a name of our own and selected with ``set_attn_implementation`` sees them. No library code
+is patched.
+
+Backends, in the order ``auto`` tries them:
+
+| name        | kernel                                                  | needs            |
+|-------------|---------------------------------------------------------|------------------|
+| flash_attn  | ``flash_attn.flash_attn_varlen_func``                   | flash-attn, CUDA |
+| varlen      | ``torch.nn.attention.varlen.varlen_attn`` (flash)       | torch >= 2.9, CUDA |
+| flex        | ``flex_attention`` (compiled) with a document mask      | CUDA             |
+| sdpa        | ``scaled_dot_product_attention`` with a dense block-diagonal causal mask | any (CPU tests) |
+
+Rows without ``cu_seq_lens`` (padded batches, generation) go to transformers' own SDPA function
+with the usual padding mask, so a model set to a packed implementation still runs everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+PREFIX = "packed_"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    available: Callable[[torch.device], bool]
+    run: Callable
+    """(q, k, v, cu_seq_lens, max_length, scale) with q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+
+
+# -- flash-attn ------------------------------------------------------------------------------------
+def _flash_attn_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_attn(q, k, v, cu, max_len, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+
+
+# -- torch.nn.attention.varlen ---------------------------------------------------------------------
+def _torch_varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _varlen_params() -> frozenset:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _torch_varlen(q, k, v, cu, max_len, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
+    kwargs = {"scale": scale}
+    # torch 2.9/2.10 take is_causal; later versions express causality as a (-1, 0) window
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+# -- flex_attention ----------------------------------------------------------------------------------
+def _flex_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+class _BlockMaskCache:
+    """Every layer of one forward sees the same cu_seq_lens tensor: build its block mask once."""
+
+    def __init__(self):
+        self.key, self.mask = None, None
+
+    def get(self, cu: torch.Tensor, total: int):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key = (cu.data_ptr(), cu.numel(), total, cu._version)
+        if key != self.key:
+            doc = document_ids(cu, total)
+
+            def causal_document(b, h, q_idx, kv_idx):
+                return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+            self.mask = create_block_mask(causal_document, None, None, total, total, device=cu.device)
+            self.key = key
+        return self.mask
+
+
+_block_masks = _BlockMaskCache()
+
+
+def _flex(q, k, v, cu, max_len, scale):
+    total = q.shape[0]
+    block_mask = _block_masks.get(cu, total)
+    out = _compiled_flex()(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+# -- dense masked SDPA (CPU, tests) ------------------------------------------------------------------
+def document_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) index of the packed sample each position belongs to."""
+    positions = torch.arange(total, device=cu_seq_lens.device)
+    return torch.searchsorted(cu_seq_lens[1:].to(positions.dtype), positions, right=True)
+
+
+def _sdpa(q, k, v, cu, max_len, scale):
+    total = q.shape[0]
+    doc = document_ids(cu, total)
+    pos = torch.arange(total, device=q.device)
+    mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("flash_attn", _flash_attn_available, _flash_attn),
+        Backend("varlen", _torch_varlen_available, _torch_varlen),
+        Backend("flex", _flex_available, _flex),
+        Backend("sdpa", lambda device: True, _sdpa),
+    )
+}
+
+
+@functools.cache
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend ``name`` names (``auto``: the first one available on ``device``)."""
+    if name == "auto":
+        return next(b for b in BACKENDS.values() if b.available(device))
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention={name!r}: choose auto or one of {sorted(BACKENDS)}")
+    backend = BACKENDS[name]
+    if not backend.available(device):
+        raise RuntimeError(f"model.attention={name!r} is not available on {device} (not installed or no CUDA)")
+    return backend
+
+
+def varlen_causal_attention(q, k, v, cu_seq_lens, max_length, scale=None, backend: str = "auto"):
+    """Causal attention within each packed sample. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    return resolve_backend(backend, q.device).run(q, k, v, cu_seq_lens, max_length, scale)
+
+
+def _attention_function(backend: str):
+    def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                 sliding_window=None, **kwargs):
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, sliding_window=sliding_window, **kwargs)
+        if query.shape[0] != 1:
+            raise ValueError(f"packed attention takes one packed row per forward, got a batch of {query.shape[0]}")
+        if sliding_window is not None:
+            raise ValueError("packed attention does not implement sliding-window layers")
+        if dropout and module.training:
+            raise ValueError("packed attention does not implement attention dropout")
+        # transformers hands (1, H, T, D); the varlen kernels take (T, H, D)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            # RoPE in fp32 can lift q/k out of the autocast dtype; flash kernels take half precision only
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        out = varlen_causal_attention(q, k, v, cu, int(kwargs["max_length_q"]), scaling, backend)
+        return out.unsqueeze(0), None  # (1, T, H, D), as transformers' attention functions return
+
+    packed_attention_forward.__name__ = f"{PREFIX}{backend}_attention_forward"
+    return packed_attention_forward
+
+
+def _padding_only_mask(*args, attention_mask=None, **kwargs):
+    """Packed rows need no mask (cu_seq_lens carries the structure); padded rows get SDPA's mask."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_attention() -> list[str]:
+    """Register ``packed_<backend>`` for every backend (and ``packed_auto``) with transformers."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    names = []
+    for backend in ("auto", *BACKENDS):
+        name = PREFIX + backend
+        AttentionInterface.register(name, _attention_function(backend))
+        AttentionMaskInterface.register(name, _padding_only_mask)
+        names.append(name)
+    return names
+
+
+def use_packed_attention(model, backend: str = "auto") -> str:
+    """Set the language model of an InternVL model to packed attention with ``backend``.
+
+    The vision tower keeps SDPA: a tile is one sequence, so per-tile isolation is the batch
+    dimension.
+    """
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"model.attention={backend!r}: choose auto or one of {sorted(BACKENDS)}")
+    register_packed_attention()
+    name = PREFIX + backend
+    model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
+    return name
+
+
+def packed_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict:
+    """Keyword arguments that carry the packing structure to the attention function."""
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length, "max_length_k": max_length}
