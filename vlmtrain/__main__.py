@@ -7,37 +7,27 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.conf import command
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
+def _train(cfg) -> None:
     from vlmtrain.train import train
 
-    try:
-        train(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VLMTRAIN_DEBUG"):
-            raise
-        print(f"vlmtrain: error: {e}", file=sys.stderr)  # bad input: one line naming key or path
-        sys.exit(2)
+    train(cfg)
+
+
+_main = command("config", "vlmtrain")(_train)
 
 
 def main() -> None:
-    register()
-    args = sys.argv[1:]
-    if not any(a.startswith(("hardware=", "+hardware=")) for a in args):
+    if not any(a.startswith(("hardware=", "+hardware=")) for a in sys.argv[1:]):
         import torch
 
         if torch.cuda.is_available():
             sys.argv.append("hardware=gpu")  # a visible GPU makes gpu the default hardware
-    _run()
+    _main()
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.conf import command
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vlmtrain.inference import GenerationConfig, Prompt
 
@@ -182,20 +181,7 @@ def _place_leading(query: str, n: int) -> str:
 ConfigStore.instance().store(name="vlmtrain_chat_schema", node=ChatConfig)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="chat", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
-    try:
-        chat(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VLMTRAIN_DEBUG"):
-            raise
-        print(f"vlmtrain.chat: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    register()
-    _run()
+main = command("chat", "vlmtrain.chat")(chat)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,33 @@ def register() -> None:
     OmegaConf.register_new_resolver("vlmtrain.demo_data", _demo_data, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("vlmtrain.demo_data_val", _demo_data_val, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("vlmtrain.wandb_offline", _wandb_offline, replace=True)
+
+
+def command(config_name: str, prog: str):
+    """Make ``fn(cfg)`` a console entry point on the root config ``config_name``.
+
+    Bad input (a missing file, a wrong value) ends in one line naming it, ``prog: error: ...``,
+    and exit code 2; ``VLMTRAIN_DEBUG=1`` shows the traceback instead.
+    """
+    import sys
+
+    import hydra
+
+    def wrap(fn):
+        @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
+        def run(cfg) -> None:
+            try:
+                fn(cfg)
+            except (FileNotFoundError, ValueError) as e:
+                if os.environ.get("VLMTRAIN_DEBUG"):
+                    raise
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                sys.exit(2)
+
+        def main() -> None:
+            register()
+            run()
+
+        return main
+
+    return wrap

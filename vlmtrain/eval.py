@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from vlmtrain.config import DataConfig
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.conf import command
 from vlmtrain.inference import GenerationConfig
 
 log = logging.getLogger("vlmtrain")
@@ -223,20 +219,7 @@ def format_table(metrics: dict) -> str:
 ConfigStore.instance().store(name="vlmtrain_eval_schema", node=EvalConfig)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VLMTRAIN_DEBUG"):
-            raise
-        print(f"vlmtrain.eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    register()
-    _run()
+main = command("eval", "vlmtrain.eval")(evaluate)
 
 
 if __name__ == "__main__":

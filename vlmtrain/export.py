@@ -17,19 +17,16 @@ and ``vlmtrain_model.yaml`` (the ModelConfig, so vlmtrain's eval and chat reload
 from __future__ import annotations
 
 import json
-import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.conf import command
 from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmtrain.data.templates import ChatTemplate, get_template
 
@@ -167,20 +164,7 @@ def export(cfg) -> Path:
 ConfigStore.instance().store(name="vlmtrain_export_schema", node=ExportConfig)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VLMTRAIN_DEBUG"):
-            raise
-        print(f"vlmtrain.export: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    register()
-    _run()
+main = command("export", "vlmtrain.export")(export)
 
 
 if __name__ == "__main__":

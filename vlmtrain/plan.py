@@ -20,16 +20,13 @@ Frozen parameters cost their weight bytes only.
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.conf import command
 from vlmtrain.config import PARTS, HardwareConfig, ModelConfig, StageConfig
 
 GiB = 1024**3
@@ -212,20 +209,11 @@ def report(cfg, result: dict) -> str:
 ConfigStore.instance().store(name="vlmtrain_plan_schema", node=PlanConfig)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="plan", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
-    try:
-        print(report(cfg, plan(cfg)))
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VLMTRAIN_DEBUG"):
-            raise
-        print(f"vlmtrain.plan: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _print_plan(cfg: DictConfig) -> None:
+    print(report(cfg, plan(cfg)))
 
 
-def main() -> None:
-    register()
-    _run()
+main = command("plan", "vlmtrain.plan")(_print_plan)
 
 
 if __name__ == "__main__":
