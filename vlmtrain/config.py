@@ -153,6 +153,9 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: Optional[str] = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
+    resume: Optional[str] = None
+    """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
+    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)

@@ -8,10 +8,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer, load_weights
 from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption, find_resume_checkpoint
 from vlmtrain.training.datamodule import VLMDataModule
 from vlmtrain.training.module import VLMTrainingModule
 
@@ -39,12 +41,18 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     hw = cfg.hardware
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
-    checkpoint = pl.callbacks.ModelCheckpoint(
+    checkpoint = AtomicModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=True,
         save_top_k=0,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or None,
+        enable_version_counter=False,  # always (over)write last.ckpt, also in a resumed run
     )
+    plugins = []
+    if SLURMEnvironment.detect():
+        # our Preemption callback saves at a step boundary and requeues; Lightning's own
+        # auto-requeue would save from inside the signal handler, mid-step
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -54,7 +62,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         max_epochs=cfg.stage.max_epochs,
         max_steps=cfg.stage.max_steps,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, Preemption(checkpoint)],
+        plugins=plugins,
         default_root_dir=str(run_dir),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
@@ -69,9 +78,12 @@ def train(cfg: DictConfig) -> Path:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    resume = find_resume_checkpoint(cfg.resume, run_dir)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.seed)
-    if cfg.init_from:
+    if resume is not None:
+        log.info("resuming from %s (model, optimizer, scheduler, RNG, data position)", resume)
+    elif cfg.init_from:
         init_weights_from(model, cfg.init_from)
     trainable = apply_stage(model, cfg.stage)
     log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
@@ -83,6 +95,6 @@ def train(cfg: DictConfig) -> Path:
     )
     module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     return run_dir

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -34,15 +35,16 @@ def token_weights(weighting, num_supervised: torch.Tensor, sample_index: torch.T
     return weighting(num_supervised)[sample_index]
 
 
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor):
-    logits = F.linear(hidden, weight).float()
+def _ce_sum(hidden: torch.Tensor, head, targets: torch.Tensor, w: torch.Tensor):
+    # a module head runs through its own forward, so sharded strategies (FSDP2, ZeRO-3) gather it
+    logits = (head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)).float()
     ce = F.cross_entropy(logits, targets, reduction="none")
     return (ce * w).sum()
 
 
 def weighted_cross_entropy(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    lm_head_weight: torch.Tensor | nn.Module,
     targets: torch.Tensor,
     weights: torch.Tensor,
     chunk_size: int = 4096,
@@ -50,6 +52,8 @@ def weighted_cross_entropy(
     """sum(w * CE) over the given positions, never holding more than one chunk of logits.
 
     hidden: (N, D) hidden states of the supervised positions only; targets: (N,); weights: (N,).
+    lm_head_weight: the (V, D) output matrix, or the LM head module itself (needed under FSDP2 and
+    ZeRO-3, where its weight is only whole inside its forward).
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory is
     one chunk of (chunk_size x vocab) floats instead of (N x vocab).
     """
@@ -57,7 +61,9 @@ def weighted_cross_entropy(
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (hidden[sl], lm_head_weight, targets[sl], weights[sl])
-        if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
+        head_grad = (any(p.requires_grad for p in lm_head_weight.parameters())
+                     if isinstance(lm_head_weight, nn.Module) else lm_head_weight.requires_grad)
+        if torch.is_grad_enabled() and (hidden.requires_grad or head_grad):
             total = total + checkpoint(_ce_sum, *args, use_reentrant=False)
         else:
             total = total + _ce_sum(*args)

@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.models.internvl import multimodal_embeddings
 from vlmtrain.training.loss import IGNORE_INDEX, weighted_cross_entropy
+from vlmtrain.training.rng import gather_rng_states, set_rng_state
+from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, is_deepspeed
 
 
 class VLMTrainingModule(pl.LightningModule):
@@ -52,7 +54,7 @@ class VLMTrainingModule(pl.LightningModule):
         targets = mb.labels[:, 1:]
         sel = targets != IGNORE_INDEX
         w = self.weighting(mb.num_supervised)[mb.sample_index[:, 1:][sel]]
-        num = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head.weight, targets[sel], w)
+        num = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head, targets[sel], w)
         return num, w.sum()
 
     def step_weight(self, step: Step) -> torch.Tensor:
@@ -67,30 +69,36 @@ class VLMTrainingModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         strategy = self.trainer.strategy
+        deepspeed = is_deepspeed(strategy)
         w_total = strategy.reduce(self.step_weight(step), reduce_op="sum")
         world = self.trainer.world_size
         num_total = torch.zeros((), device=self.device)
         n = len(step.micro_batches)
         for i, mb in enumerate(step.micro_batches):
-            sync = i == n - 1 or not hasattr(strategy, "block_backward_sync")
+            last = i == n - 1
+            if deepspeed:
+                # DeepSpeed's protocol: reduce/partition gradients only at the boundary micro-batch
+                strategy.model.set_gradient_accumulation_boundary(last)
+            sync = last or deepspeed or not hasattr(strategy, "block_backward_sync")
             with nullcontext() if sync else strategy.block_backward_sync():
                 num, _ = self.loss_terms(mb.to(self.device))
                 # DDP/FSDP/ZeRO average gradients over ranks, hence x world
                 self.manual_backward(num * (world / w_total.clamp(min=1e-12)))
             num_total += num.detach()
-        grad_norm = self._clip(opt)
-        if w_total > 0:
-            opt.step()
+        if deepspeed:
+            opt.step()  # the engine clips (config gradient_clipping) and steps at the boundary
+            grad_norm = deepspeed_grad_norm(strategy)
+        else:
+            grad_norm = self._clip(opt)
+            if w_total > 0:
+                opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         self._log_step(step, strategy.reduce(num_total, reduce_op="sum") / w_total.clamp(min=1e-12), grad_norm)
 
     def _clip(self, opt) -> torch.Tensor:
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        clip = self.optim_cfg.grad_clip
-        if not params:
-            return torch.zeros(())
-        return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        params = [p for g in opt.param_groups for p in g["params"]]
+        return clip_grad_norm(self.trainer.strategy, params, self.optim_cfg.grad_clip)
 
     def _log_step(self, step: Step, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -116,6 +124,23 @@ class VLMTrainingModule(pl.LightningModule):
         if self.skipped:
             report = ", ".join(f"{r}: {c}" for r, c in sorted(self.skipped.items()))
             print(f"[vlmtrain] epoch {self.current_epoch}: skipped samples so far by reason: {report}")
+
+    # -- sharding and checkpoint state ---------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Sharded strategies (FSDP2) shard the model here, after the process group exists."""
+        shard = getattr(self.trainer.strategy, "shard_model", None)
+        if shard is not None:
+            shard(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every rank's RNG (drop path masks differ per rank), so a resumed run draws what the
+        # uninterrupted run would have drawn
+        checkpoint["rng_states"] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            set_rng_state(states[self.global_rank % len(states)])
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
