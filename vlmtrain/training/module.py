@@ -111,6 +111,8 @@ class VLMTrainingModule(pl.LightningModule):
         if self._t_last is not None:
             dt = now - self._t_last
             metrics["train/tokens_per_s"] = tokens / dt
+            # over all ranks, per GPU: the scaling figure (benchmarks/scaleout.py)
+            metrics["train/tokens_per_s_per_gpu"] = float(self._tokens_all_ranks(tokens)) / dt / self.trainer.world_size
             metrics["train/samples_per_s"] = samples / dt
         self._t_last = now
         for s in step.skipped:
@@ -119,6 +121,9 @@ class VLMTrainingModule(pl.LightningModule):
             metrics[f"data/skipped_{reason}"] = float(count)
         self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=samples)
         self.log("loss", loss, prog_bar=True, on_step=True, logger=False, batch_size=samples)
+
+    def _tokens_all_ranks(self, tokens: int) -> torch.Tensor:
+        return self.trainer.strategy.reduce(torch.tensor(float(tokens), device=self.device), reduce_op="sum")
 
     def on_train_epoch_end(self) -> None:
         if self.skipped:
