@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 DEFAULT_RUNS = [
-    f"{hw}:{stage}:2"
-    for hw in ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
-    for stage in ("mlp_warmup", "instruction_tuning")
-] + ["fsdp:instruction_tuning:1", "deepspeed_zero2:instruction_tuning:1"]
+    "fsdp:mlp_warmup:2:ckpt", "fsdp:instruction_tuning:2",
+    "deepspeed_zero2:mlp_warmup:2", "deepspeed_zero2:instruction_tuning:2",
+    "deepspeed_zero3:mlp_warmup:2:ckpt", "deepspeed_zero3:instruction_tuning:2",
+    "fsdp:instruction_tuning:1", "deepspeed_zero2:instruction_tuning:1",
+]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -36,15 +37,20 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def run_one(spec: str, steps: int, out: Path, extra: list[str], per_gpu_batch: int) -> dict:
-    hardware, stage, devices = spec.split(":")
+def run_one(spec: str, steps: int, out: Path, extra: list[str], per_gpu_batch: int, timeout: int) -> dict:
+    hardware, stage, devices, *flags = spec.split(":")
     devices = int(devices)
+    save = "ckpt" in flags  # hardware:stage:devices:ckpt also writes (and checks) the final checkpoint
     run_dir = out / f"{hardware}-{stage}-{devices}gpu"
     cmd = [sys.executable, "-m", "vlmtrain", "experiment=scaleout_internvl2_5_1b", f"hardware={hardware}",
            f"stage={stage}", f"hardware.devices={devices}", f"stage.global_batch_size={per_gpu_batch * devices}",
-           f"stage.max_steps={steps}", f"hydra.run.dir={run_dir}", *extra]
+           f"stage.max_steps={steps}", f"trainer.checkpoint={save}", f"hydra.run.dir={run_dir}", *extra]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        (out / f"{run_dir.name}.log").write_text(str(e.stdout or "") + str(e.stderr or ""))
+        return {"run": spec, "error": f"timed out after {timeout}s", "wall_s": timeout}
     wall = time.time() - t0
     (out / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     result = {"run": spec, "hardware": hardware, "stage": stage, "devices": devices, "wall_s": round(wall, 1),
@@ -57,6 +63,12 @@ def run_one(spec: str, steps: int, out: Path, extra: list[str], per_gpu_batch: i
     result["grad_norm"] = [round(r.get("train/grad_norm", float("nan")), 4) for r in rows]
     tps = [r["train/tokens_per_s_per_gpu"] for r in rows[2:] if "train/tokens_per_s_per_gpu" in r]
     result["tokens_per_s_per_gpu"] = round(sum(tps) / len(tps), 1) if tps else None  # steps 3.. (warm)
+    if save:
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        files = [ckpt] if ckpt.is_file() else sorted(p for p in ckpt.rglob("*") if p.is_file())
+        result["checkpoint"] = {"path": str(ckpt), "is_dir": ckpt.is_dir(), "files": len(files),
+                                "bytes": sum(p.stat().st_size for p in files),
+                                "tmp_left": ckpt.with_name("last.ckpt.tmp").exists()}
     return result
 
 
@@ -66,12 +78,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--per-gpu-batch", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("outputs/scaleout"))
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for spec in args.runs:
-        r = run_one(spec, args.steps, args.out, args.extra, args.per_gpu_batch)
+        r = run_one(spec, args.steps, args.out, args.extra, args.per_gpu_batch, args.timeout)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "command"}), flush=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -79,8 +92,8 @@ def main() -> None:
     print("\n| run | wall s | loss per step | tokens/s per GPU (steps 3+) |")
     print("|---|---|---|---|")
     for r in results:
-        loss = " ".join(f"{x:.4f}" for x in r.get("loss", [])) or f"FAILED ({r.get('returncode')})"
-        print(f"| {r['run']} | {r['wall_s']} | {loss} | {r.get('tokens_per_s_per_gpu')} |")
+        loss = " ".join(f"{x:.4f}" for x in r.get("loss", [])) or f"FAILED ({r.get('error', '')[-80:]})"
+        print(f"| {r['run']} | {r.get('wall_s')} | {loss} | {r.get('tokens_per_s_per_gpu')} |")
 
 
 if __name__ == "__main__":

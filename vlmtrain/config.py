@@ -144,6 +144,8 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 0
     """Also write a checkpoint every N optimizer steps (0: only at the end)."""
+    checkpoint: bool = True
+    """False: write no checkpoint at all (benchmarks; preemption then cannot save either)."""
     enable_progress_bar: bool = True
 
 

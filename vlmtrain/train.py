@@ -21,18 +21,30 @@ log = logging.getLogger("vlmtrain")
 
 
 def find_checkpoint(path: str) -> Path:
-    """A run directory (its checkpoints/last.ckpt) or a .ckpt file."""
+    """A run directory (its checkpoints/last.ckpt) or a checkpoint (a .ckpt file, or the folder
+    DeepSpeed writes)."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() and (p / "checkpoints").is_dir():
         p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"init_from: no checkpoint at {p}")
     return p
 
 
+def read_weights(ckpt: Path) -> dict:
+    """The full-precision model state of a checkpoint file or a DeepSpeed checkpoint folder."""
+    if ckpt.is_dir():
+        if not (ckpt / "latest").is_file():
+            raise ValueError(f"init_from: {ckpt} is a folder but not a DeepSpeed checkpoint (no 'latest' file)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # gathers ZeRO partitions
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
 def init_weights_from(model: torch.nn.Module, path: str) -> None:
     ckpt = find_checkpoint(path)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_weights(ckpt)
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     load_weights(model, state, str(ckpt))
     log.info("initialised weights from %s", ckpt)
@@ -62,7 +74,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         max_epochs=cfg.stage.max_epochs,
         max_steps=cfg.stage.max_steps,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=[checkpoint, Preemption(checkpoint)],
+        callbacks=[checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else [],
+        enable_checkpointing=cfg.trainer.checkpoint,
         plugins=plugins,
         default_root_dir=str(run_dir),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
