@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_RUNS = [
-    "fsdp:mlp_warmup:2:ckpt", "fsdp:instruction_tuning:2",
-    "deepspeed_zero2:mlp_warmup:2", "deepspeed_zero2:instruction_tuning:2",
-    "deepspeed_zero3:mlp_warmup:2:ckpt", "deepspeed_zero3:instruction_tuning:2",
-    "fsdp:instruction_tuning:1", "deepspeed_zero2:instruction_tuning:1",
+DEFAULT_RUNS = [  # most informative first, in case the deadline cuts the list
+    "fsdp:instruction_tuning:2", "fsdp:instruction_tuning:1",
+    "deepspeed_zero2:instruction_tuning:2", "deepspeed_zero3:instruction_tuning:2",
+    "fsdp:mlp_warmup:2:ckpt", "deepspeed_zero3:mlp_warmup:2:ckpt", "deepspeed_zero2:mlp_warmup:2",
+    "deepspeed_zero2:instruction_tuning:1",
 ]
 
 
@@ -79,11 +79,16 @@ def main() -> None:
     ap.add_argument("--per-gpu-batch", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("outputs/scaleout"))
     ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="start no run after this many seconds")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    start = time.time()
     for spec in args.runs:
+        if time.time() - start > args.deadline:
+            results.append({"run": spec, "error": "not started: deadline reached"})
+            continue
         r = run_one(spec, args.steps, args.out, args.extra, args.per_gpu_batch, args.timeout)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "command"}), flush=True)

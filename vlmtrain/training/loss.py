@@ -42,6 +42,14 @@ def _ce_sum(hidden: torch.Tensor, head, targets: torch.Tensor, w: torch.Tensor):
     return (ce * w).sum()
 
 
+def _zero3_partitioned(head) -> bool:
+    """DeepSpeed ZeRO-3 does not re-gather a module's weight when activation checkpointing
+    recomputes it inside backward, so under ZeRO-3 the chunks keep their logits for backward
+    (more memory: supervised tokens x vocab, instead of one chunk) and DeepSpeed's own hooks
+    gather the head for forward and backward."""
+    return isinstance(head, nn.Module) and hasattr(head.weight, "ds_id")
+
+
 def weighted_cross_entropy(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor | nn.Module,
@@ -63,7 +71,7 @@ def weighted_cross_entropy(
         args = (hidden[sl], lm_head_weight, targets[sl], weights[sl])
         head_grad = (any(p.requires_grad for p in lm_head_weight.parameters())
                      if isinstance(lm_head_weight, nn.Module) else lm_head_weight.requires_grad)
-        if torch.is_grad_enabled() and (hidden.requires_grad or head_grad):
+        if torch.is_grad_enabled() and (hidden.requires_grad or head_grad) and not _zero3_partitioned(lm_head_weight):
             total = total + checkpoint(_ce_sum, *args, use_reentrant=False)
         else:
             total = total + _ce_sum(*args)
