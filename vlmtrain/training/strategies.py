@@ -16,7 +16,6 @@ keeps the all-gathers on the fast intra-node links.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -165,14 +164,6 @@ def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: Optional[floa
 def deepspeed_grad_norm(strategy) -> torch.Tensor:
     norm = strategy.model.get_global_grad_norm()
     return torch.as_tensor(float(norm) if norm is not None else float("nan"))
-
-
-@contextmanager
-def deepspeed_accumulation(strategy, is_boundary: bool):
-    """DeepSpeed's own accumulation protocol: reduce (and, with ZeRO, partition) gradients only
-    at the boundary micro-batch; ``engine.step()`` once after it."""
-    strategy.model.set_gradient_accumulation_boundary(is_boundary)
-    yield
 
 
 def is_deepspeed(strategy) -> bool:
