@@ -181,6 +181,8 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 0
     """Also write a checkpoint every N optimizer steps (0: only at the end)."""
+    checkpoint: bool = True
+    """False: write no checkpoint at all (benchmarks; preemption then cannot save either)."""
     enable_progress_bar: bool = True
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device, for the logged MFU estimate. None: looked up from the GPU's
@@ -193,6 +195,9 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: Optional[str] = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
+    resume: Optional[str] = None
+    """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
+    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)

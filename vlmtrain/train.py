@@ -8,10 +8,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer, load_weights
 from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption, find_resume_checkpoint
 from vlmtrain.training.datamodule import VLMDataModule
 from vlmtrain.training.module import VLMTrainingModule
 from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_records
@@ -20,18 +22,30 @@ log = logging.getLogger("vlmtrain")
 
 
 def find_checkpoint(path: str) -> Path:
-    """A run directory (its checkpoints/last.ckpt) or a .ckpt file."""
+    """A run directory (its checkpoints/last.ckpt) or a checkpoint (a .ckpt file, or the folder
+    DeepSpeed writes)."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() and (p / "checkpoints").is_dir():
         p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"init_from: no checkpoint at {p}")
     return p
 
 
+def read_weights(ckpt: Path) -> dict:
+    """The full-precision model state of a checkpoint file or a DeepSpeed checkpoint folder."""
+    if ckpt.is_dir():
+        if not (ckpt / "latest").is_file():
+            raise ValueError(f"init_from: {ckpt} is a folder but not a DeepSpeed checkpoint (no 'latest' file)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # gathers ZeRO partitions
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
 def init_weights_from(model: torch.nn.Module, path: str) -> None:
     ckpt = find_checkpoint(path)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_weights(ckpt)
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     if any("lora_" in k for k in state):  # a LoRA run: start from its merged weights
         from vlmtrain.models.checkpoint import load_trained
@@ -44,12 +58,18 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     hw = cfg.hardware
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
-    checkpoint = pl.callbacks.ModelCheckpoint(
+    checkpoint = AtomicModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=True,
         save_top_k=0,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or None,
+        enable_version_counter=False,  # always (over)write last.ckpt, also in a resumed run
     )
+    plugins = []
+    if SLURMEnvironment.detect():
+        # our Preemption callback saves at a step boundary and requeues; Lightning's own
+        # auto-requeue would save from inside the signal handler, mid-step
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -59,7 +79,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         max_epochs=cfg.stage.max_epochs,
         max_steps=cfg.stage.max_steps,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=[checkpoint, RunTracking(cfg, run_dir)],
+        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(cfg, run_dir)],
+        enable_checkpointing=cfg.trainer.checkpoint,
+        plugins=plugins,
         default_root_dir=str(run_dir),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
@@ -75,9 +97,12 @@ def train(cfg: DictConfig) -> Path:
     scrub_hydra_records(run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    resume = find_resume_checkpoint(cfg.resume, run_dir)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.seed)
-    if cfg.init_from:
+    if resume is not None:
+        log.info("resuming from %s (model, optimizer, scheduler, RNG, data position)", resume)
+    elif cfg.init_from:
         init_weights_from(model, cfg.init_from)
     trainable = apply_stage(model, cfg.stage)
     log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
@@ -89,7 +114,7 @@ def train(cfg: DictConfig) -> Path:
     )
     module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage, peak_tflops=cfg.trainer.peak_tflops)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.stage.lora is not None and trainer.is_global_zero:
         from vlmtrain.models.lora import save_adapter

@@ -3,7 +3,8 @@
 One item of the loader is one optimizer step's data for this rank (its micro-batches), so the
 loss can be normalised over the whole accumulation window before the first backward. The order
 is a deterministic function of (seed, epoch); the sampler's state is (epoch, first step), so a
-resumed run continues with the next unseen step instead of replaying the epoch.
+resumed run continues with the next unseen step instead of replaying the epoch. ``len()`` is the
+whole epoch; iteration starts at ``start_step``.
 """
 
 from __future__ import annotations
@@ -34,13 +35,21 @@ class StepSampler:
             return np.arange(self.num_samples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
+    @property
+    def sampler(self) -> "StepSampler":
+        """Lightning calls ``loader.batch_sampler.sampler.set_epoch(epoch)`` at every epoch start;
+        without this the order (and the epoch in every sample key) would never change."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         """Called at each epoch start; a resumed epoch keeps its start step."""
         if epoch != self.epoch:
             self.epoch, self.start_step = epoch, 0
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        # the whole epoch, also when resumed mid-epoch: the trainer restores how many steps of it
+        # were taken, and its schedule (total steps) must not shrink on resume
+        return self.steps_per_epoch
 
     def __iter__(self):
         order, n, epoch = self.order(self.epoch), self.samples_per_step, self.epoch

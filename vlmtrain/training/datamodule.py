@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
@@ -12,6 +14,11 @@ from vlmtrain.config import DataConfig
 from vlmtrain.data.collate import StepCollator
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import StepSampler
+
+
+# Lightning cannot see that our loader resumes mid-epoch (its position lives in this module's
+# state_dict, restored with the checkpoint), and would warn about every exact resume
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 class VLMDataModule(pl.LightningDataModule):
@@ -49,6 +56,9 @@ class VLMDataModule(pl.LightningDataModule):
             collate_fn=self.collator(pad_id),
             num_workers=self.cfg.num_workers,
             persistent_workers=False,
+            # its own generator: creating the loader's iterator must not draw from the global RNG,
+            # or a resumed run's drop-path masks would differ from the uninterrupted run's
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def state_dict(self) -> dict:
@@ -56,8 +66,10 @@ class VLMDataModule(pl.LightningDataModule):
             return {}
         done = 0
         if self.trainer is not None:
-            # steps of this epoch taken so far (batch_idx counts from the resumed start)
-            done = self.sampler.start_step + self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            # optimizer steps of this epoch already taken: the loop's progress counts from the epoch
+            # start (restored on resume); "processed" is bumped right after training_step, so a
+            # checkpoint written in on_train_batch_end counts the step it follows
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"sampler": self.sampler.state_dict(done)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -34,20 +35,31 @@ def token_weights(weighting, num_supervised: torch.Tensor, sample_index: torch.T
     return weighting(num_supervised)[sample_index]
 
 
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor):
-    logits = F.linear(hidden, weight).float()
-    ce = F.cross_entropy(logits, targets, reduction="none")
-    return (ce * w).sum()
+def _logits(hidden: torch.Tensor, head) -> torch.Tensor:
+    # a module head runs through its own forward, so sharded strategies (FSDP2, ZeRO-3) gather it
+    return (head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)).float()
 
 
-def _ce_sum_and_tokens(hidden, weight, targets, w):
-    ce = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+def _ce_sum(hidden: torch.Tensor, head, targets: torch.Tensor, w: torch.Tensor):
+    return (F.cross_entropy(_logits(hidden, head), targets, reduction="none") * w).sum()
+
+
+def _ce_sum_and_tokens(hidden, head, targets, w):
+    ce = F.cross_entropy(_logits(hidden, head), targets, reduction="none")
     return (ce * w).sum(), ce.detach()
+
+
+def _zero3_partitioned(head) -> bool:
+    """DeepSpeed ZeRO-3 does not re-gather a module's weight when activation checkpointing
+    recomputes it inside backward, so under ZeRO-3 the chunks keep their logits for backward
+    (more memory: supervised tokens x vocab, instead of one chunk) and DeepSpeed's own hooks
+    gather the head for forward and backward."""
+    return isinstance(head, nn.Module) and hasattr(head.weight, "ds_id")
 
 
 def weighted_cross_entropy(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    lm_head_weight: torch.Tensor | nn.Module,
     targets: torch.Tensor,
     weights: torch.Tensor,
     chunk_size: int = 4096,
@@ -56,6 +68,8 @@ def weighted_cross_entropy(
     """sum(w * CE) over the given positions, never holding more than one chunk of logits.
 
     hidden: (N, D) hidden states of the supervised positions only; targets: (N,); weights: (N,).
+    lm_head_weight: the (V, D) output matrix, or the LM head module itself (needed under FSDP2 and
+    ZeRO-3, where its weight is only whole inside its forward).
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory is
     one chunk of (chunk_size x vocab) floats instead of (N x vocab).
     With ``return_token_ce`` also the detached per-position CE (N,), for per-dataset metrics.
@@ -66,7 +80,9 @@ def weighted_cross_entropy(
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (hidden[sl], lm_head_weight, targets[sl], weights[sl])
-        if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
+        head_grad = (any(p.requires_grad for p in lm_head_weight.parameters())
+                     if isinstance(lm_head_weight, nn.Module) else lm_head_weight.requires_grad)
+        if torch.is_grad_enabled() and (hidden.requires_grad or head_grad) and not _zero3_partitioned(lm_head_weight):
             out = checkpoint(fn, *args, use_reentrant=False)
         else:
             out = fn(*args)

@@ -150,6 +150,7 @@ class StepMeter:
 
         m = {
             "train/tokens_per_s": counts["tokens"] / dt,
+            "train/tokens_per_s_per_gpu": counts["tokens"] / dt / self.world_size,  # the scaling figure
             "train/samples_per_s": counts["samples"] / dt,
             "train/tiles_per_s": counts["tiles"] / dt,
             "train/tflops_per_s_per_device": flops / dt / self.world_size / 1e12,

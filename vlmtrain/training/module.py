@@ -21,6 +21,8 @@ from vlmtrain.models.internvl import multimodal_embeddings
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
 from vlmtrain.training.loss import IGNORE_INDEX, per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
+from vlmtrain.training.rng import gather_rng_states, set_rng_state
+from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, is_deepspeed
 
 
 class VLMTrainingModule(pl.LightningModule):
@@ -69,11 +71,11 @@ class VLMTrainingModule(pl.LightningModule):
         sel = targets != IGNORE_INDEX
         w = self.weighting(mb.num_supervised)[mb.sample_index[:, 1:][sel]]
         if per_sample:
-            num, ce = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head.weight, targets[sel], w,
+            num, ce = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head, targets[sel], w,
                                              return_token_ce=True)
             sums = per_sample_loss_sums(ce, w, mb.sample_index[:, 1:][sel], len(mb.num_supervised))
             return num, w.sum(), sums
-        num = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head.weight, targets[sel], w)
+        num = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head, targets[sel], w)
         return num, w.sum()
 
     def step_weight(self, step: Step) -> torch.Tensor:
@@ -88,6 +90,7 @@ class VLMTrainingModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         strategy = self.trainer.strategy
+        deepspeed = is_deepspeed(strategy)
         w_total = strategy.reduce(self.step_weight(step), reduce_op="sum")
         world = self.trainer.world_size
         num_total = torch.zeros((), device=self.device)
@@ -97,7 +100,11 @@ class VLMTrainingModule(pl.LightningModule):
         # per-dataset loss only on logging steps: it costs a host sync per micro-batch
         dataset_loss = DatasetLoss() if self._should_log() else None
         for i, mb in enumerate(step.micro_batches):
-            sync = i == n - 1 or not hasattr(strategy, "block_backward_sync")
+            last = i == n - 1
+            if deepspeed:
+                # DeepSpeed's protocol: reduce/partition gradients only at the boundary micro-batch
+                strategy.model.set_gradient_accumulation_boundary(last)
+            sync = last or deepspeed or not hasattr(strategy, "block_backward_sync")
             with nullcontext() if sync else strategy.block_backward_sync():
                 if dataset_loss is not None:
                     num, _, per_sample = self.loss_terms(mb.to(self.device), per_sample=True)
@@ -107,20 +114,21 @@ class VLMTrainingModule(pl.LightningModule):
                 # DDP/FSDP/ZeRO average gradients over ranks, hence x world
                 self.manual_backward(num * (world / w_total.clamp(min=1e-12)))
             num_total += num.detach()
-        grad_norm = self._clip(opt)
-        if w_total > 0:
-            opt.step()
+        if deepspeed:
+            opt.step()  # the engine clips (config gradient_clipping) and steps at the boundary
+            grad_norm = deepspeed_grad_norm(strategy)
+        else:
+            grad_norm = self._clip(opt)
+            if w_total > 0:
+                opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         loss = strategy.reduce(num_total, reduce_op="sum") / w_total.clamp(min=1e-12)
         self._log_step(step, loss, grad_norm, dataset_loss)
 
     def _clip(self, opt) -> torch.Tensor:
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        clip = self.optim_cfg.grad_clip
-        if not params:
-            return torch.zeros(())
-        return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        params = [p for g in opt.param_groups for p in g["params"]]
+        return clip_grad_norm(self.trainer.strategy, params, self.optim_cfg.grad_clip)
 
     # -- metrics (vlmtrain.training.metrics computes them; loggers are rank zero only) --------------
     def on_train_start(self) -> None:
@@ -131,13 +139,6 @@ class VLMTrainingModule(pl.LightningModule):
                                self.trainer.world_size, peak)
         if getattr(self, "_meter_state", None):
             self.meter.load_state_dict(self._meter_state)  # resumed: the summary covers the whole run
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.meter is not None:
-            checkpoint["vlmtrain_metrics"] = self.meter.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._meter_state = checkpoint.get("vlmtrain_metrics")
 
     def _should_log(self) -> bool:
         # the same rule Lightning's own monitors (LearningRateMonitor, ThroughputMonitor) use
@@ -182,6 +183,26 @@ class VLMTrainingModule(pl.LightningModule):
             print(f"[vlmtrain] epoch {self.current_epoch}: skipped samples so far by reason: {report}")
         if self.truncated:
             print(f"[vlmtrain] epoch {self.current_epoch}: samples truncated to max_seq_len so far: {self.truncated}")
+
+    # -- sharding and checkpoint state ---------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Sharded strategies (FSDP2) shard the model here, after the process group exists."""
+        shard = getattr(self.trainer.strategy, "shard_model", None)
+        if shard is not None:
+            shard(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every rank's RNG (drop path masks differ per rank), so a resumed run draws what the
+        # uninterrupted run would have drawn
+        checkpoint["rng_states"] = gather_rng_states()
+        if self.meter is not None:
+            checkpoint["vlmtrain_metrics"] = self.meter.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._meter_state = checkpoint.get("vlmtrain_metrics")  # resumed: the summary covers the whole run
+        states = checkpoint.get("rng_states")
+        if states:
+            set_rng_state(states[self.global_rank % len(states)])
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,0 +1,178 @@
+"""Checkpoints that survive crashes and preemption, and finding the one to resume from.
+
+A checkpoint (``last.ckpt``: a file, or a folder under DeepSpeed / sharded FSDP) is first written
+whole to ``<name>.tmp`` and only then renamed over the previous one, so a crash mid-save leaves the
+previous checkpoint usable. It holds the model, optimizer, scheduler, every rank's RNG state and
+the data position (the data module's sampler state: epoch and optimizer steps taken).
+
+Preemption: Slurm sends SIGUSR1 before the time limit (``#SBATCH --signal=USR1@120``) and
+SIGTERM on ``scontrol requeue``, ``scancel`` or a node drain. The handler only records the signal;
+at the end of the current optimizer step all ranks agree on it (one tiny all-reduce per step),
+write ``last.ckpt`` and stop. On SIGUSR1 under Slurm, rank 0 also requeues the job; a requeued job
+runs with ``resume=auto`` and continues from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Optional
+from weakref import proxy
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+log = logging.getLogger("vlmtrain")
+
+LAST = "last.ckpt"
+
+
+class Preempted(SystemExit):
+    """Raised on every rank after the preemption checkpoint is written; the exit code says
+    whether the job was requeued (0) or just stopped (143, as after SIGTERM)."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the fully written ``tmp`` the checkpoint at ``final``.
+
+    A file is renamed over the old one (atomic on POSIX). A folder cannot be, so the old folder
+    is first moved to ``<final>.old``, the new one moved in, then the old one deleted;
+    ``find_resume_checkpoint`` falls back to ``.old`` if a crash hits between the two renames.
+    """
+    if tmp.is_file():
+        _fsync_file(tmp)
+        if final.is_dir():
+            _remove(final)
+        os.replace(tmp, final)
+        return
+    old = final.with_name(final.name + ".old")
+    _remove(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
+
+
+def save_atomically(trainer: "pl.Trainer", filepath: str | os.PathLike, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` to ``<filepath>.tmp``, then rename into place (all ranks call)."""
+    final = Path(filepath)
+    tmp = final.with_name(final.name + ".tmp")
+    if trainer.is_global_zero:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # a stale half-written one from a crash
+    trainer.strategy.barrier("vlmtrain.save_atomically.start")
+    trainer.save_checkpoint(tmp, weights_only)
+    if trainer.is_global_zero:
+        publish(tmp, final)
+    trainer.strategy.barrier("vlmtrain.save_atomically.end")
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, writing through ``save_atomically``."""
+
+    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        save_atomically(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def save_last_now(self, trainer: "pl.Trainer") -> Path:
+        path = Path(self.dirpath) / LAST
+        self._save_checkpoint(trainer, str(path))
+        self.last_model_path = str(path)
+        return path
+
+
+def find_resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """``resume``: None (start fresh), ``auto`` (run_dir/checkpoints/last.ckpt if there is one, else
+    start fresh: what a requeued Slurm job uses) or a path to a checkpoint or run directory."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpt_dir = run_dir / "checkpoints"
+        for candidate in (ckpt_dir / LAST, ckpt_dir / (LAST + ".old")):
+            if candidate.exists():
+                return candidate
+        return None
+    p = Path(resume).expanduser()
+    if p.is_dir() and (p / "checkpoints" / LAST).exists():
+        p = p / "checkpoints" / LAST
+    if not p.exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {p}")
+    return p
+
+
+class Preemption(Callback):
+    """Save ``last.ckpt`` and stop at the next step boundary after SIGUSR1 / SIGTERM; requeue
+    the Slurm job on SIGUSR1 (the time-limit warning)."""
+
+    def __init__(self, checkpoint: AtomicModelCheckpoint, requeue_signal: int = signal.SIGUSR1,
+                 stop_signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.checkpoint = checkpoint
+        self.requeue_signal = requeue_signal
+        self.stop_signals = stop_signals
+        self.received: set[int] = set()
+
+    def _handler(self, signum, frame) -> None:
+        self.received.add(signum)  # only record: the work happens at the step boundary
+
+    def _install(self) -> None:
+        for sig in (self.requeue_signal, *self.stop_signals):
+            signal.signal(sig, self._handler)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()  # again: Lightning installs its own handlers between setup and here
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flags = torch.tensor(
+            [float(self.requeue_signal in self.received), float(bool(self.received & set(self.stop_signals)))],
+            device=pl_module.device,
+        )
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        if not bool(flags.sum() > 0):
+            return
+        requeue = bool(flags[0] > 0)
+        path = self.checkpoint.save_last_now(trainer)
+        requeued = False
+        if requeue and trainer.is_global_zero:
+            requeued = requeue_slurm_job()
+        message = f"preempted at step {trainer.global_step}: saved {path}" + (", job requeued" if requeued else "")
+        if trainer.is_global_zero:
+            print(f"[vlmtrain] {message}", flush=True)
+        raise Preempted(0 if requeue else 143)
+
+
+def requeue_slurm_job() -> bool:
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        log.warning("SIGUSR1 outside Slurm: checkpoint saved, nothing to requeue")
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+        return False
+    return True

@@ -1,0 +1,170 @@
+"""Distributed strategies: FSDP2 sharding of the VLM, and strategy-correct gradient clipping.
+
+`conf/hardware/fsdp.yaml` picks ``FSDP2Strategy``: Lightning's ModelParallelStrategy (FSDP2,
+``fully_shard``) with the sharding plan of an InternVL model. FSDP2 shards per parameter, so a
+stage that freezes most of the model (mlp_warmup trains only the projector) needs nothing special:
+frozen and trainable tensors may share a unit. Every parameter must belong to a unit whose
+``forward`` runs (a sharded parameter is a DTensor until its unit's forward gathers it), so the
+plan is: one unit per transformer block (ViT and LLM, matched by class name), then one unit per
+module that directly holds parameters outside any block (patch embedding, projector, token
+embedding, final norm, LM head), then the root.
+
+Across nodes the mesh is 2D (replicate over nodes, shard within a node): hybrid sharding, which
+keeps the all-gathers on the fast intra-node links.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional, Sequence
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from torch import nn
+
+log = logging.getLogger("vlmtrain")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 data parallelism (no tensor parallelism) with vlmtrain's sharding plan.
+
+    Args:
+        block_names: class names of the transformer blocks that become their own units (ViT
+            layers and LLM decoder layers of every supported family).
+        param_dtype: dtype the gathered parameters compute in (``bfloat16``); sharded master
+            weights and optimizer state stay float32.
+        reduce_dtype: dtype of the gradient reduce-scatter.
+        reshard_after_forward: free gathered block parameters after forward (ZeRO-3 like);
+            False keeps them until backward (ZeRO-2 like, more memory, fewer all-gathers).
+        activation_checkpointing: recompute each block's activations in backward.
+        hybrid: None shards within a node and replicates across nodes when num_nodes > 1
+            (hybrid shard); False shards over all ranks; True forces the 2D mesh.
+        save_distributed_checkpoint: False gathers full weights and optimizer state into one
+            ``.ckpt`` on rank 0 (simple, loadable anywhere, fine up to ~8B); True writes one shard
+            per rank into a folder (required for the largest models).
+    """
+
+    def __init__(
+        self,
+        block_names: Sequence[str],
+        param_dtype: Optional[str] = "bfloat16",
+        reduce_dtype: Optional[str] = "float32",
+        reshard_after_forward: bool = True,
+        activation_checkpointing: bool = True,
+        hybrid: Optional[bool] = None,
+        save_distributed_checkpoint: bool = False,
+        cpu_offload: bool = False,
+        **kwargs,
+    ):
+        for name, dt in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if dt not in DTYPES:
+                raise ValueError(f"hardware.strategy.{name}: {dt!r} is not one of {sorted(k for k in DTYPES if k)}")
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.block_names = set(block_names)
+        self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
+        self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
+        self.hybrid = hybrid
+        self.cpu_offload = cpu_offload
+
+    def setup_environment(self) -> None:
+        # all ranks are data parallel: the 1D "data_parallel" mesh spans the whole world
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def sharding_mesh(self):
+        """1D over all ranks, or (replicate over nodes, shard within a node) for hybrid sharding."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        hybrid = self.num_nodes > 1 if self.hybrid is None else self.hybrid
+        if not hybrid:
+            return self.device_mesh["data_parallel"]
+        return init_device_mesh(
+            self.root_device.type, (self.num_nodes, self.num_processes), mesh_dim_names=("replicate", "shard")
+        )
+
+    def shard_model(self, model: nn.Module) -> nn.Module:
+        """Apply activation checkpointing and FSDP2 to ``model`` in place (idempotent)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if isinstance(model, FSDPModule):
+            return model
+        blocks = [m for m in model.modules() if type(m).__name__ in self.block_names]
+        if not blocks:
+            raise ValueError(
+                f"hardware.strategy.block_names {sorted(self.block_names)} match no module of the model; "
+                f"its block classes include {sorted(_block_class_candidates(model))}"
+            )
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        kwargs = dict(
+            mesh=self.sharding_mesh(),
+            mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
+        )
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        owners = parameter_owners_outside(model, blocks)
+        for owner in owners:
+            fully_shard(owner, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        fully_shard(model, reshard_after_forward=False, **kwargs)
+        log.info("FSDP2: %d block units + %d other units, mesh %s", len(blocks), len(owners), kwargs["mesh"])
+        return model
+
+
+def parameter_owners_outside(model: nn.Module, units: Iterable[nn.Module]) -> list[nn.Module]:
+    """Modules that directly hold a parameter that lies in none of ``units`` (deepest first)."""
+    inside = {id(p) for u in units for p in u.parameters()}
+    owners = []
+    for module in model.modules():
+        if module is model:
+            continue
+        if any(id(p) not in inside for p in module.parameters(recurse=False)):
+            owners.append(module)
+    return owners[::-1]  # children before parents: fully_shard must see nested units first
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers' own per-layer checkpointing (non-reentrant) on the ViT and the LLM: the
+    recomputation goes through each block's __call__, so FSDP2 gathers the block again for it."""
+    for part in (model.model.vision_tower, model.model.language_model):
+        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _block_class_candidates(model: nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if isinstance(m, nn.Module) and "Layer" in type(m).__name__}
+
+
+# -- gradient clipping that is right under every strategy -------------------------------------------------
+def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
+    """Clip the gradients of ``params`` to ``max_norm`` (None or <= 0: only measure) and return
+    the total norm before clipping, over the whole model on every rank.
+
+    DDP / one device: gradients are whole and identical on every rank, torch's clip is exact.
+    FSDP2: gradients are DTensor shards; torch's clip reduces the norm over the mesh.
+    DeepSpeed: the engine owns the gradients (ZeRO partitions them) and clips inside
+    ``step()`` from ``gradient_clipping`` in its config, so here we only read its norm after
+    the step (see ``deepspeed_grad_norm``).
+    """
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise RuntimeError("DeepSpeed clips inside engine.step(); read deepspeed_grad_norm() after it")
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    limit = max_norm if max_norm and max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm.detach()
+
+
+def deepspeed_grad_norm(strategy) -> torch.Tensor:
+    norm = strategy.model.get_global_grad_norm()
+    return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+
+def is_deepspeed(strategy) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy)
