@@ -3,5 +3,9 @@
 # the slow and Slurm ones included. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the `slurm` tests stand up a local 2-node Slurm cluster: Debian's slurm-wlm + munge (needs root)
+if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
+fi
 bash scripts/setup.sh .venv
 exec .venv/bin/python -m pytest -m "not gpu" "$@"
