@@ -144,7 +144,8 @@ def test_sweep_agent_sbatch_runs_wandb_agent(tmp_path):
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "called"
     env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}", STUB_OUT=str(out),
-               SLURM_SUBMIT_DIR=str(REPO), SLURM_ARRAY_TASK_ID="3", SLURM_JOB_ID="77")
+               SLURM_SUBMIT_DIR=str(tmp_path), SLURM_ARRAY_TASK_ID="3", SLURM_JOB_ID="77")
+    # (a submit dir without .venv: the script would activate one and find the real wandb first)
     env.pop("VIRTUAL_ENV", None)
     script = REPO / "slurm" / "sweep_agent.sbatch"
     r = subprocess.run(["bash", str(script), "me/vlmtrain/abc123", "5"], env=env, capture_output=True, text=True,
