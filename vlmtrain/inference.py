@@ -50,16 +50,15 @@ class Prompt:
 
 
 def video_frames(path, num_frames: int):
-    """``num_frames`` RGB frames at the centres of equal segments of the video (inference sampling)."""
-    import av
+    """``num_frames`` RGB frames at the centres of equal segments of the video (the data side's
+    evaluation sampling, so a model sees video at inference as it was evaluated in training)."""
+    from vlmtrain.data.conversation import SampleError
+    from vlmtrain.data.video import read_frames
 
-    with av.open(str(path)) as container:
-        frames = [f.to_image() for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path}: no video frames")
-    n = len(frames)
-    seg = n / num_frames
-    return [frames[min(n - 1, int(seg * i + seg / 2))] for i in range(min(num_frames, n))]
+    try:
+        return read_frames(path, num_frames, num_frames, rng=None)
+    except SampleError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 class InferenceEngine:
