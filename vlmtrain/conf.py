@@ -72,6 +72,9 @@ def command(config_name: str, prog: str):
 
         def main() -> None:
             register()
+            # the job (and its log file) is named after the command, not this wrapper's module
+            if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+                sys.argv.append(f"hydra.job.name={prog.replace('.', '_')}")
             run()
 
         return main
