@@ -24,6 +24,7 @@ with the usual padding mask, so a model set to a packed implementation still run
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -43,14 +44,22 @@ class Backend:
 
 
 # -- flash-attn ------------------------------------------------------------------------------------
-def _flash_attn_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _cuda_and_importable(module: str, name: str | None = None) -> Callable[[torch.device], bool]:
+    """An availability check: a CUDA device and ``module`` (with ``name`` in it) importable."""
+
+    def available(device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            return False
+        return name is None or hasattr(mod, name)
+
+    return available
+
+
+_flash_attn_available = _cuda_and_importable("flash_attn")
 
 
 def _flash_attn(q, k, v, cu, max_len, scale):
@@ -60,14 +69,7 @@ def _flash_attn(q, k, v, cu, max_len, scale):
 
 
 # -- torch.nn.attention.varlen ---------------------------------------------------------------------
-def _torch_varlen_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_torch_varlen_available = _cuda_and_importable("torch.nn.attention.varlen", "varlen_attn")
 
 
 @functools.cache
@@ -97,14 +99,7 @@ def _torch_varlen(q, k, v, cu, max_len, scale):
 
 
 # -- flex_attention ----------------------------------------------------------------------------------
-def _flex_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_flex_available = _cuda_and_importable("torch.nn.attention.flex_attention", "flex_attention")
 
 
 @functools.cache
