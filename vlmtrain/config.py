@@ -70,6 +70,9 @@ class ModelConfig:
     """Permit loading pickle ``.bin`` weights (they can run code); safetensors never need it."""
     gradient_checkpointing: List[str] = field(default_factory=list)
     """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]."""
+    compile: List[str] = field(default_factory=list)
+    """Parts whose transformer blocks run through ``torch.compile`` (regional, dynamic shapes), e.g.
+    [vision_tower, language_model]. Worth it on GPUs; the first steps pay the compilation."""
     attention: str = "auto"
     """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
     else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""

@@ -3,10 +3,13 @@
     python experiments/bench/throughput.py experiment=bench_internvl2_5_1b --steps 8 --warmup 2
     python experiments/bench/throughput.py experiment=bench_internvl2_5_2b --out results.json
     python experiments/bench/throughput.py model.gradient_checkpointing=[vision_tower] ...  # any vlmtrain override
+    python experiments/bench/throughput.py experiment=bench_internvl2_5_1b model.compile=[vision_tower] --profile
     python experiments/bench/throughput.py --device cpu --samples-per-step 4 --steps 2   # tiny model, smoke test
 
 Both runs train on the same samples: a realistic mixture of 1..13 tiles and 50..1500 text tokens per
-sample (a third prompt, the rest supervised answer), bf16 autocast over fp32 weights, AdamW.
+sample (a third prompt, the rest supervised answer), bf16 autocast over fp32 weights, AdamW. Each
+step's samples are collated (packed or padded) and pinned before the clock starts, as the trainer's
+loader workers do ahead of the GPU; the timed loop copies them to the GPU and trains.
 
 - vlmtrain: the step's samples packed (data.collate: 16384 tokens / 48 tiles per buffer), packed
   varlen attention (model.attention), the loss on supervised positions only (chunked, no full
@@ -94,22 +97,30 @@ def sample_flops(s: EncodedSample, cfg) -> float:
     return 3.0 * (tiles * (vit + proj) + s_len * per_token + attn + head)
 
 
-def run_vlmtrain(cfg, tokenizer, steps, device, warmup, compile_layers=False):
+def pinned(batch, device):
+    """A collated micro-batch in pinned host memory, as the trainer's loader (pin_memory) hands it over."""
+    if device.type == "cuda":
+        for k, v in vars(batch).items():
+            if isinstance(v, torch.Tensor):
+                setattr(batch, k, v.pin_memory())
+    return batch
+
+
+def run_vlmtrain(cfg, tokenizer, steps, device, warmup, profile=False):
     model = build_model(cfg.model, tokenizer, cfg.seed).to(device).train()
-    if compile_layers:
-        # regional compilation: fuses each layer's norms, activations and residual adds
-        for layer in [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]:
-            layer.compile(dynamic=True)
     module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     collate = instantiate(cfg.data.collate, pad_id=tokenizer.pad_token_id, tile_size=cfg.data.tile_size)
     rows = []
 
-    def step(samples):
+    def prepare(samples):  # loader-worker side: pack and pin
         packed = collate(samples)
         assert not packed.skipped, packed.skipped
-        mbs = [mb.to(device) for mb in packed.micro_batches]
-        w_total = sum((module.weighting(mb.num_supervised) * mb.num_supervised).sum() for mb in mbs).to(device)
+        return [pinned(mb, device) for mb in packed.micro_batches]
+
+    def step(mbs):
+        mbs = [mb.to(device) for mb in mbs]
+        w_total = sum((module.weighting(mb.num_supervised) * mb.num_supervised).sum() for mb in mbs)
         for mb in mbs:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 num, _ = module.loss_terms(mb)
@@ -119,7 +130,7 @@ def run_vlmtrain(cfg, tokenizer, steps, device, warmup, compile_layers=False):
         rows.append(max(mb.input_ids.shape[1] for mb in mbs))
         return len(mbs)
 
-    stats = timed(step, steps, device, warmup)
+    stats = timed(step, prepare, steps, device, warmup, profile)
     stats["max_tokens_per_micro_batch"] = max(rows)
     stats["attention_backend"] = model.config.text_config._attn_implementation
     del model, module, opt
@@ -134,10 +145,13 @@ def run_baseline(cfg, tokenizer, steps, device, warmup, batch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     rows = []
 
-    def step(samples):
+    def prepare(samples):  # loader-worker side: pad and pin
         chunks = [samples[i:i + batch] for i in range(0, len(samples), batch)]
-        for chunk in chunks:
-            mb = pad_batch(chunk, tokenizer.pad_token_id, cfg.data.tile_size).to(device)
+        return [pinned(pad_batch(chunk, tokenizer.pad_token_id, cfg.data.tile_size), device) for chunk in chunks]
+
+    def step(chunks):
+        for mb in chunks:
+            mb = mb.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(input_ids=mb.input_ids, pixel_values=mb.pixel_values, attention_mask=mb.attention_mask,
                             labels=mb.labels)
@@ -147,7 +161,7 @@ def run_baseline(cfg, tokenizer, steps, device, warmup, batch):
         opt.zero_grad(set_to_none=True)
         return len(chunks)
 
-    stats = timed(step, steps, device, warmup)
+    stats = timed(step, prepare, steps, device, warmup)
     stats["max_tokens_per_micro_batch"] = max(rows)
     del model, opt
     return stats
@@ -156,21 +170,70 @@ def run_baseline(cfg, tokenizer, steps, device, warmup, batch):
 STEP_SAMPLES: list = []
 
 
-def timed(step, steps, device, warmup):
+def timed(step, prepare, steps, device, warmup, profile=False):
+    """Warm-up steps (compilation, allocator), then ``steps`` timed steps. The steps' batches are
+    prepared (collated, pinned) before the clock starts: in training, loader workers do that
+    ahead of the GPU."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = [prepare(samples) for samples in STEP_SAMPLES]
     for i in range(warmup):
-        step(STEP_SAMPLES[i % len(STEP_SAMPLES)])
+        step(batches[i % len(batches)])
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     micro = 0
     for i in range(steps):
-        micro += step(STEP_SAMPLES[(warmup + i) % len(STEP_SAMPLES)])
+        micro += step(batches[(warmup + i) % len(batches)])
     sync()
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"seconds": dt, "micro_batches": micro, "peak_mem_gib": peak}
+    stats = {"seconds": dt, "micro_batches": micro, "peak_mem_gib": peak}
+    if profile:
+        stats["profile"] = profile_step(step, batches[warmup % len(batches)], device)
+    return stats
+
+
+KERNEL_KINDS = [  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "varlen")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("loss", ("cross_entropy", "log_softmax", "softmax", "nll")),
+    ("norm", ("layer_norm", "layernorm", "rms", "norm")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "index", "scatter", "gather")),
+    ("compiled (triton)", ("triton",)),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "reduce", "fill")),
+]
+
+
+def profile_step(step, batch, device) -> dict:
+    """GPU time per kernel kind for one step (torch.profiler), and its share of the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step(batch)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kinds: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total
+        if us <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in name for s in subs)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+        kernels.append((us / 1e3, e.count, kind, e.key[:110]))
+    busy = sum(kinds.values())
+    print(f"profile: one step {wall * 1e3:.0f} ms wall, GPU kernels {busy:.0f} ms", flush=True)
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:18s} {ms:8.1f} ms  {100 * ms / busy:5.1f}%", flush=True)
+    kernels.sort(reverse=True)
+    for ms, n, kind, name in kernels[:20]:
+        print(f"  {ms:8.1f} ms x{n:<5d} {kind:12s} {name}", flush=True)
+    return {"wall_ms": wall * 1e3, "kernel_ms": busy, "by_kind_ms": kinds,
+            "top_kernels": [{"ms": ms, "count": n, "kind": k, "name": nm} for ms, n, k, nm in kernels[:40]]}
 
 
 def main():
@@ -182,7 +245,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--compile-layers", action="store_true", help="torch.compile every ViT and LLM layer (vlmtrain run)")
+    ap.add_argument("--profile", action="store_true", help="after timing, profile one vlmtrain step (GPU time by kernel kind)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, overrides = ap.parse_known_args()
 
@@ -206,9 +269,8 @@ def main():
 
     results = {"model": cfg.model.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "samples_per_step": args.samples_per_step, "steps": args.steps,
-               "tokens_timed": tokens, "overrides": overrides, "compile_layers": args.compile_layers}
-    runs = [("vlmtrain", lambda: run_vlmtrain(cfg, tokenizer, args.steps, device, args.warmup,
-                                                            args.compile_layers))]
+               "tokens_timed": tokens, "overrides": overrides, "compile": list(cfg.model.compile)}
+    runs = [("vlmtrain", lambda: run_vlmtrain(cfg, tokenizer, args.steps, device, args.warmup, args.profile))]
     if not args.skip_baseline:
         runs.append(("baseline", lambda: run_baseline(cfg, tokenizer, args.steps, device, args.warmup,
                                                       args.baseline_batch)))

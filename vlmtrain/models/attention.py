@@ -259,6 +259,11 @@ def use_packed_attention(model, backend: str = "auto") -> str:
 
 
 def packed_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict:
-    """Keyword arguments that carry the packing structure to the attention function."""
+    """Keyword arguments that carry the packing structure to the attention function.
+
+    ``max_length`` goes up to a power of two: the kernels need only an upper bound on a sample's
+    length, and a handful of distinct values lets compiled blocks (``model.compile``) specialise
+    on it without recompiling for every packed buffer."""
+    bound = 1 << max(0, int(max_length) - 1).bit_length()
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max_length, "max_length_k": max_length}
+            "max_length_q": bound, "max_length_k": bound}

@@ -12,6 +12,7 @@ from vlmtrain.models.internvl import (
     add_drop_path,
     build_from_config,
     part_of,
+    compile_blocks,
     set_activation_checkpointing,
 )
 
@@ -85,9 +86,10 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
 
 
 def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
-    """Packed attention backend and per-part activation checkpointing, as configured."""
+    """Packed attention backend, per-part activation checkpointing and compilation, as configured."""
     use_packed_attention(model, cfg.attention)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
+    compile_blocks(model, cfg.compile)
 
 
 def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_meta: bool = False) -> list[str]:

@@ -124,6 +124,21 @@ def set_activation_checkpointing(model: InternVLForConditionalGeneration, part_n
         towers[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compile_blocks(model: InternVLForConditionalGeneration, part_names) -> None:
+    """Regional ``torch.compile`` of every transformer block of the named parts, with dynamic
+    shapes: one compiled graph serves every tile count (ViT) and packed length (LLM), and the
+    identical blocks share it. Inductor fuses the eager element-wise work between the matmuls
+    (norms, activations, layer scale, residual adds, autocast casts), which is memory-bound."""
+    towers = {"vision_tower": model.model.vision_tower.encoder.layer,
+              "language_model": model.model.language_model.layers}
+    unknown = set(part_names) - set(towers)
+    if unknown:
+        raise ValueError(f"model.compile: {sorted(unknown)} cannot be compiled; choose from {sorted(towers)}")
+    for name in part_names:
+        for block in towers[name]:
+            block.compile(dynamic=True)
+
+
 def add_drop_path(vision_tower: nn.Module, rate: float) -> list:
     """Stochastic depth on both residual branches of every ViT layer, rising linearly to ``rate``.
 

@@ -61,11 +61,12 @@ class VLMTrainingModule(pl.LightningModule):
         if mb.packed:
             # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
             hidden = model.model.language_model(
-                inputs_embeds=embeds, position_ids=mb.position_ids, **packed_kwargs(mb.cu_seq_lens, mb.max_length)
+                inputs_embeds=embeds, position_ids=mb.position_ids, use_cache=False,
+                **packed_kwargs(mb.cu_seq_lens, mb.max_length),
             ).last_hidden_state
         else:
             hidden = model.model.language_model(
-                inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids
+                inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
             ).last_hidden_state
         targets = mb.labels[:, 1:]
         sel = targets != IGNORE_INDEX
