@@ -55,3 +55,23 @@ def test_chunked_equals_unchunked_with_gradients():
     assert torch.allclose(full, chunked, atol=1e-5)
     for a, b in zip(g_full, g_chunked):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unaligned_vocabulary_is_padded_without_changing_loss_or_gradients():
+    """An odd vocabulary (InternLM2: 92553) is padded to a multiple of 8 for the head's matmul
+    (aligned rows of logits); the padding gets -inf logits, so loss and gradients are unchanged."""
+    from vlmtrain.training.loss import ALIGN, _logits
+
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 53, bias=False)
+    assert _logits(hidden, head).shape == (23, 56) and 56 % ALIGN == 0
+    targets = torch.randint(0, 53, (23,))
+    w = torch.rand(23)
+    got = weighted_cross_entropy(hidden, head, targets, w, chunk_size=10)
+    g_got = torch.autograd.grad(got, (hidden, head.weight))
+    ref = (torch.nn.functional.cross_entropy(hidden @ head.weight.T, targets, reduction="none") * w).sum()
+    g_ref = torch.autograd.grad(ref, (hidden, head.weight))
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)

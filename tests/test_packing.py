@@ -146,3 +146,40 @@ def test_unknown_attention_backend_fails_naming_the_key(tiny):
     cfg, tok, _, _ = tiny
     with pytest.raises(ValueError, match="model.attention"):
         build_model(compose_config(["model.attention=flash9"]).model, tok)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_loss_and_gradients(tiny):
+    """model.compile (regional torch.compile, dynamic shapes): the same loss and gradients as eager
+    on two buffers of different lengths and tile counts."""
+    from torch._dynamo.utils import counters
+
+    cfg, tok, _, samples = tiny
+    steps = [PackedStepCollator(tok.pad_token_id, cfg.data.tile_size)(part) for part in (samples[:4], samples[4:7])]
+    assert steps[0].micro_batches[0].input_ids.shape != steps[1].micro_batches[0].input_ids.shape
+    results = {}
+    torch._dynamo.reset()
+    for parts in ((), ("vision_tower", "language_model")):
+        model = build_model(compose_config(["model.attention=sdpa", f"model.compile=[{','.join(parts)}]"]).model,
+                            tok, seed=0)
+        module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
+        results[parts] = [_loss_and_grads(module, step.micro_batches) for step in steps]
+    assert counters["stats"]["unique_graphs"] >= 2  # the ViT block and the LLM block were compiled
+    for (loss, grads), (compiled_loss, compiled_grads) in zip(*results.values()):
+        torch.testing.assert_close(compiled_loss, loss, rtol=RTOL, atol=ATOL)
+        for k in grads:
+            scale = grads[k].abs().max().clamp(min=1.0)
+            torch.testing.assert_close(compiled_grads[k] / scale, grads[k] / scale, rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_unknown_compile_part_fails_naming_the_key(tiny):
+    _, tok, _, _ = tiny
+    with pytest.raises(ValueError, match="model.compile"):
+        build_model(compose_config(["model.compile=[multi_modal_projector]"]).model, tok)
+
+
+def test_packed_max_length_is_a_power_of_two_bound():
+    from vlmtrain.models.attention import packed_kwargs
+
+    cu = torch.tensor([0, 300, 1000], dtype=torch.int32)
+    assert [packed_kwargs(cu, n)["max_length_q"] for n in (1, 2, 700, 1024, 1025)] == [1, 2, 1024, 1024, 2048]

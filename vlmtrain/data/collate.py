@@ -28,6 +28,14 @@ class Batch:
     """Packed rows only (one row): (num_samples + 1,) int32 sample boundaries; None for padded rows."""
     max_length: int = 0
     """Packed rows only: the longest sample's length (a Python int, so kernels need no device sync)."""
+    supervised_positions: torch.Tensor | None = None
+    """(N,) flat positions ``row * length + t`` whose next token is supervised (computed from
+    ``labels`` here, on the host), so the loss gathers them without a device sync."""
+
+    def __post_init__(self):
+        if self.supervised_positions is None:
+            rows, cols = (self.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+            self.supervised_positions = rows * self.labels.shape[1] + cols
 
     @property
     def packed(self) -> bool:

@@ -72,11 +72,15 @@ def _flash_attn(q, k, v, cu, max_len, scale):
 _torch_varlen_available = _cuda_and_importable("torch.nn.attention.varlen", "varlen_attn")
 
 
-@functools.cache
-def _varlen_params() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
+_VARLEN_PARAMS: list[frozenset] = []
 
-    return frozenset(inspect.signature(varlen_attn).parameters)
+
+def _varlen_params() -> frozenset:
+    if not _VARLEN_PARAMS:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN_PARAMS.append(frozenset(inspect.signature(varlen_attn).parameters))
+    return _VARLEN_PARAMS[0]
 
 
 def _torch_varlen(q, k, v, cu, max_len, scale):
@@ -175,17 +179,31 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-@functools.cache
+_AVAILABLE: dict[str, tuple[str, ...]] = {}
+"""Device type -> names of the backends available there. Filled outside compiled code (by
+``register_packed_attention`` at model build, or the first eager call), so a compiled decoder
+layer reads a dict instead of tracing imports and signature inspection (graph breaks)."""
+
+
+def available_backends(device_type: str) -> tuple[str, ...]:
+    if device_type not in _AVAILABLE:
+        device = torch.device(device_type)
+        _AVAILABLE[device_type] = tuple(b.name for b in BACKENDS.values() if b.available(device))
+        if "varlen" in _AVAILABLE[device_type]:
+            _varlen_params()
+    return _AVAILABLE[device_type]
+
+
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """The backend ``name`` names (``auto``: the first one available on ``device``)."""
+    available = available_backends(device.type)
     if name == "auto":
-        return next(b for b in BACKENDS.values() if b.available(device))
+        return BACKENDS[available[0]]
     if name not in BACKENDS:
         raise ValueError(f"model.attention={name!r}: choose auto or one of {sorted(BACKENDS)}")
-    backend = BACKENDS[name]
-    if not backend.available(device):
+    if name not in available:
         raise RuntimeError(f"model.attention={name!r} is not available on {device} (not installed or no CUDA)")
-    return backend
+    return BACKENDS[name]
 
 
 def varlen_causal_attention(q, k, v, cu_seq_lens, max_length, scale=None, backend: str = "auto"):
@@ -235,6 +253,8 @@ def register_packed_attention() -> list[str]:
     """Register ``packed_<backend>`` for every backend (and ``packed_auto``) with transformers."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    if torch.cuda.is_available():
+        available_backends("cuda")
     names = []
     for backend in ("auto", *BACKENDS):
         name = PREFIX + backend

@@ -212,10 +212,13 @@ def multimodal_embeddings(
     if dummy_vision:
         return embeds + 0.0 * feats.sum()
     mask = input_ids == model.config.image_token_id
-    n_slots, n_feats = int(mask.sum()), feats.shape[0] * feats.shape[1]
-    if n_slots != n_feats:
-        raise ValueError(
-            f"{n_slots} <IMG_CONTEXT> tokens but {feats.shape[0]} tiles x {feats.shape[1]} = {n_feats} "
-            "image features: the data side and the model disagree on tokens per tile"
-        )
+    n_feats = feats.shape[0] * feats.shape[1]
+    message = (f"<IMG_CONTEXT> tokens != {feats.shape[0]} tiles x {feats.shape[1]} = {n_feats} image features: "
+               "the data side and the model disagree on tokens per tile")
+    if mask.is_cuda:
+        # checked on the device: a host sync here would stall the CPU until the ViT has run, so it
+        # could not queue the language model's kernels meanwhile
+        torch._assert_async(mask.sum() == n_feats, message)
+    elif int(mask.sum()) != n_feats:
+        raise ValueError(f"{int(mask.sum())} {message}")
     return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))

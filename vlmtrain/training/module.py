@@ -19,7 +19,7 @@ from vlmtrain.data.collate import Batch, Step
 from vlmtrain.models.attention import packed_kwargs
 from vlmtrain.models.internvl import multimodal_embeddings
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
-from vlmtrain.training.loss import IGNORE_INDEX, per_sample_loss_sums, weighted_cross_entropy
+from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
 from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, is_deepspeed
@@ -68,15 +68,16 @@ class VLMTrainingModule(pl.LightningModule):
             hidden = model.model.language_model(
                 inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
             ).last_hidden_state
-        targets = mb.labels[:, 1:]
-        sel = targets != IGNORE_INDEX
-        w = self.weighting(mb.num_supervised)[mb.sample_index[:, 1:][sel]]
+        pos = mb.supervised_positions  # position t predicts token t + 1 (same row)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[pos]
+        targets = mb.labels.reshape(-1)[pos + 1]
+        samples = mb.sample_index.reshape(-1)[pos + 1]
+        w = self.weighting(mb.num_supervised)[samples]
         if per_sample:
-            num, ce = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head, targets[sel], w,
-                                             return_token_ce=True)
-            sums = per_sample_loss_sums(ce, w, mb.sample_index[:, 1:][sel], len(mb.num_supervised))
+            num, ce = weighted_cross_entropy(hidden, model.lm_head, targets, w, return_token_ce=True)
+            sums = per_sample_loss_sums(ce, w, samples, len(mb.num_supervised))
             return num, w.sum(), sums
-        num = weighted_cross_entropy(hidden[:, :-1][sel], model.lm_head, targets[sel], w)
+        num = weighted_cross_entropy(hidden, model.lm_head, targets, w)
         return num, w.sum()
 
     def step_weight(self, step: Step) -> torch.Tensor:
