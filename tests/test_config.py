@@ -97,3 +97,31 @@ def test_cli_prints_composed_config(tmp_path):
     r = _cli("--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "name: mlp_warmup" in r.stdout and "multi_modal_projector" in r.stdout
+
+
+def test_dataset_added_from_the_command_line(tmp_path):
+    """`(+)data.datasets.NAME.path=...` adds a dataset; its other settings get DatasetConfig's defaults."""
+    from vlmtrain.config import DatasetConfig
+    from vlmtrain.data.mixture import dataset_configs
+
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\\nhi"}, '
+                     '{"from": "gpt", "value": "hello"}]}\n')
+    cfg = compose_config([f"+data.datasets.extra.path={extra}", "+data.datasets.extra.repeat=2",
+                          f"data.datasets.other.path={extra}", "data.datasets.shapes.min_tiles=2"])  # + optional
+    configs = dataset_configs(cfg.data.datasets)
+    assert set(configs) == {"shapes", "extra", "other"}
+    assert configs["extra"] == DatasetConfig(path=str(extra), repeat=2.0)
+    assert configs["other"] == DatasetConfig(path=str(extra)) and configs["shapes"].min_tiles == 2
+    assert configs["shapes"].n_max == cfg.data.datasets.shapes.n_max
+
+
+@pytest.mark.parametrize("override, key", [("+data.datasets.extra.nmax=3", "data.datasets.extra.nmax"),
+                                           ("+data.datasets.extra.n_max=many", "data.datasets.extra.n_max"),
+                                           ("+data.datasets.extra.repeat=2", "data.datasets.extra.path")])
+def test_bad_dataset_entry_names_the_key(override, key):
+    from vlmtrain.data.mixture import dataset_configs
+
+    cfg = compose_config([override])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        dataset_configs(cfg.data.datasets)

@@ -103,9 +103,35 @@ class DatasetConfig:
     """Upper bound of that draw, and the frame count at evaluation (None: data.max_frames)."""
 
 
+def dataset_config(name: str, entry) -> DatasetConfig:
+    """One entry of ``data.datasets`` as a DatasetConfig (defaults filled in); an unknown key, a
+    wrong type or a missing path is a ValueError naming ``data.datasets.<name>.<key>``."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(entry, DatasetConfig):
+        return entry
+    if entry is None or not isinstance(entry, (dict, DictConfig)):
+        raise ValueError(f"data.datasets.{name} must be a mapping of dataset settings, got {entry!r}")
+    if isinstance(entry, DictConfig):
+        entry = OmegaConf.to_container(entry, resolve=True)  # interpolations resolve against the root
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or ""
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ValueError(f"data.datasets.{name}.{key}: {msg}") from None
+    if OmegaConf.is_missing(merged, "path") or merged.path is None:
+        raise ValueError(f"data.datasets.{name}.path is not set")
+    return OmegaConf.to_object(merged)
+
+
 @dataclass
 class DataConfig:
-    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
+    datasets: Dict[str, Any] = field(default_factory=dict)
+    """name -> the fields of a DatasetConfig. Untyped here so that a dataset can be added from the
+    command line (``+data.datasets.NAME.path=...``: OmegaConf cannot add an entry to a dict of
+    dataclasses); ``dataset_config`` checks each entry against DatasetConfig when it is used."""
     template: str = "${model.template}"
     system: Optional[str] = None
     """System prompt; None: the template's default."""
@@ -211,5 +237,17 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+def schema_node(cls):
+    """A schema dataclass as the node to store in Hydra's ConfigStore. Its ``data.datasets`` (if
+    any) stays open: ``data.datasets.NAME.KEY=...`` may set any DatasetConfig field or add a dataset
+    without ``+``, and dataset_config() checks every entry against DatasetConfig when it is used."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(cls)
+    if "data" in schema:
+        OmegaConf.set_struct(schema.data.datasets, False)
+    return schema
+
+
 def register_schemas() -> None:
-    ConfigStore.instance().store(name="vlmtrain_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="vlmtrain_schema", node=schema_node(TrainConfig))

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.config import schema_node
 
 QUIET_HYDRA = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
                "hydra/hydra_logging=disabled"]
@@ -21,7 +22,7 @@ QUIET_HYDRA = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging
 def use_schema(schema) -> None:
     """Register ``schema`` (a subclass of TrainConfig) as the root schema for this process."""
     register()
-    ConfigStore.instance().store(name="vlmtrain_schema", node=schema)
+    ConfigStore.instance().store(name="vlmtrain_schema", node=schema_node(schema))
 
 
 def run_data_tool(schema, fn) -> None:

@@ -27,7 +27,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
-from vlmtrain.config import DataConfig
+from vlmtrain.config import DataConfig, dataset_config, schema_node
 from vlmtrain.conf import command
 from vlmtrain.inference import GenerationConfig
 
@@ -183,6 +183,7 @@ def evaluate(cfg: DictConfig) -> dict:
     rows_all = []
     with open(out_dir / "predictions.jsonl", "w") as f:
         for name, dcfg in data.datasets.items():
+            dcfg = dataset_config(name, dcfg)
             engine = InferenceEngine(trained, max_tiles=dcfg.n_max, num_frames=data.min_frames,
                                      template=dcfg.template or data.template, system=data.system,
                                      device=resolve_device(cfg.device))
@@ -216,7 +217,7 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-ConfigStore.instance().store(name="vlmtrain_eval_schema", node=EvalConfig)
+ConfigStore.instance().store(name="vlmtrain_eval_schema", node=schema_node(EvalConfig))
 
 
 main = command("eval", "vlmtrain.eval")(evaluate)

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from PIL import Image
 
-from vlmtrain.config import DataConfig, DatasetConfig
+from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.encode import ConversationEncoder, EncodedSample
 from vlmtrain.data.formats import META, guess_format, reader
@@ -65,10 +65,7 @@ def dataset_configs(datasets) -> dict[str, DatasetConfig]:
     """The configured datasets as DatasetConfig objects, meta files expanded into their entries."""
     out: dict[str, DatasetConfig] = {}
     for name, d in datasets.items():
-        if isinstance(d, DictConfig):
-            d = OmegaConf.to_object(d)
-        if d.path is None or d.path == "???":
-            raise ValueError(f"data.datasets.{name}.path is not set")
+        d = dataset_config(name, d)
         fmt = d.format
         if fmt is None and "{" not in str(d.path):
             path = Path(d.path).expanduser()
