@@ -165,6 +165,20 @@ def test_meta_file_maps_onto_dataset_configs(tmp_path, tok):
     assert s.num_tiles == [4]  # 3:1 image, n_max 3 -> 3x1 grid + thumbnail
 
 
+def test_meta_length_is_checked_against_the_annotation(tmp_path, caplog):
+    write_jsonl(tmp_path / "t.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                          {"from": "gpt", "value": "a"}]}] * 3)
+    for length, stale in ((3, False), (5, True)):
+        (tmp_path / "meta.json").write_text(json.dumps({"t": {"annotation": "t.jsonl", "length": length}}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vlmtrain.data.meta"):
+            dataset_configs({"m": DatasetConfig(path=str(tmp_path / "meta.json"))})
+        assert ("'length' is 5 but" in caplog.text and "has 3 lines" in caplog.text) == stale
+    (tmp_path / "meta.json").write_text(json.dumps({"t": {"annotation": "t.jsonl", "length": "many"}}))
+    with pytest.raises(ValueError, match="entry 't': 'length' must be a non-negative integer"):
+        dataset_configs({"m": DatasetConfig(path=str(tmp_path / "meta.json"))})
+
+
 # -- LLaVA json and CogVLM folder -------------------------------------------------------------------
 def test_llava_json(tmp_path, tok):
     image(tmp_path / "img" / "x.jpg")

@@ -12,10 +12,13 @@ working directory (where InternVL's own scripts run).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 from vlmtrain.config import DatasetConfig
+
+log = logging.getLogger(__name__)
 
 KEYS = {"root", "annotation", "data_augment", "repeat_time", "max_dynamic_patch", "min_dynamic_patch",
         "length", "max_num_frame", "min_num_frame"}
@@ -73,5 +76,21 @@ def expand_meta(name: str, cfg: DatasetConfig) -> dict[str, DatasetConfig]:
             d.max_frames = int(spec["max_num_frame"])
         if "data_augment" in spec:
             d.jpeg_augment = bool(spec["data_augment"])
+        if "length" in spec:
+            _check_length(where, spec["length"], Path(d.path))
         out[f"{name}/{entry}"] = d
     return out
+
+
+def _check_length(where: str, length, annotation: Path) -> None:
+    """InternVL's ``length`` is informative (it sizes nothing): a count that disagrees with the
+    jsonl annotation means a stale meta file, so say so; training uses the lines the file has."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"{where}: 'length' must be a non-negative integer, got {length!r}")
+    if annotation.suffix != ".jsonl" or not annotation.is_file():
+        return
+    with open(annotation, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    if lines != length:
+        log.warning("%s: 'length' is %d but %s has %d lines; training uses the %d lines", where, length,
+                    annotation, lines, lines)
