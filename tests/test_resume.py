@@ -1,6 +1,7 @@
 """Exact resume: a run killed mid-epoch and resumed sees each remaining step's data exactly once and,
 on the CPU, reproduces the uninterrupted run's loss curve; checkpoints are written atomically."""
 
+import csv
 import hashlib
 
 import pytest
@@ -48,6 +49,11 @@ def _run(monkeypatch, overrides, run_dir, recorder):
     return train(compose_config(overrides, run_dir=run_dir))
 
 
+def _logged_losses(run_dir):
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("train/loss")]
+    return [(int(float(r["step"])), round(float(r["train/loss"]), 6)) for r in rows]
+
+
 # vit_incremental: drop path draws random masks every step, so the RNG state must be restored too
 COMMON = ["stage=vit_incremental", "stage.max_epochs=2", "data.num_workers=0", "stage.warmup_steps=3",
           "data.datasets.shapes.repeat=0.17", "data.datasets.shapes.n_max=1",  # 16 samples, 4 steps/epoch
@@ -79,6 +85,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     assert [(s, h) for s, h, _ in resumed] == [(s, h) for s, h, _ in full]
     # and the same loss curve, bit for bit on the CPU
     assert [l for _, _, l in resumed] == [l for _, _, l in full]
+    # metrics.csv continues across the restart: the same logged steps and losses as the full run's
+    assert _logged_losses(tmp_path / "cut") == _logged_losses(tmp_path / "full")
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     for k, v in a["state_dict"].items():

@@ -10,6 +10,7 @@ passed on the command line.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -106,6 +110,46 @@ def scrub_hydra_records(run_dir: Path) -> None:
         if scrubbed != original:
             OmegaConf.save(OmegaConf.create(scrubbed), f)
             log.info("redacted secrets in %s", f)
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._kept: list[dict] | None = None
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                reader = csv.DictReader(f)
+                self._kept = list(reader)
+                self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if self._kept is not None and self.metrics:
+            # the steps logged now replace any logged before the restart (a crash resumes from the
+            # last checkpoint, so the steps after it run and log again)
+            first = min(m["step"] for m in self.metrics)
+            keep = [r for r in self._kept if r.get("step") not in (None, "") and int(float(r["step"])) < first]
+            self._record_new_keys()
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(keep)
+            self._kept = None
+        super().save()
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger for a run directory that may be restarted (Slurm requeue,
+    ``resume=auto``): the metrics of the steps before the restart stay in metrics.csv (Lightning's
+    own logger deletes the file when its folder is not empty)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_run_id(save_dir: str | os.PathLike, id: str | None = None) -> str:
