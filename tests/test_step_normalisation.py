@@ -2,6 +2,8 @@
 so the update is minus the gradient) is the same whether the step's samples come as one batch,
 as 2 accumulated micro-batches, packed, or split over 2 gloo ranks on the CPU (DDP, fork)."""
 
+import csv
+
 import pytest
 import torch
 
@@ -25,9 +27,22 @@ def _update(run_dir):
 
 
 @pytest.fixture(scope="module")
-def one_batch(tmp_path_factory):
+def one_batch_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("one_batch")
-    return _update(train(compose_config([*SGD_STEP, "data.micro_batch_size=4"], run_dir=run)))
+    return train(compose_config([*SGD_STEP, "data.micro_batch_size=4"], run_dir=run))
+
+
+@pytest.fixture(scope="module")
+def one_batch(one_batch_run):
+    return _update(one_batch_run)
+
+
+def _step_metrics(run_dir) -> dict:
+    """The step's logged counts and losses (rates left out: they depend on timing)."""
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("train/loss")]
+    assert len(rows) == 1
+    keys = ("train/loss", "train/token_ce", "train/loss/shapes", "train/tokens_seen", "train/samples_seen")
+    return {k: float(rows[0][k]) for k in keys}
 
 
 def _assert_same_update(a, b):
@@ -67,8 +82,14 @@ def test_single_process_variants_equal_one_batch(one_batch, tmp_path, variant):
     [["data.micro_batch_size=1"], ["data/collate=packed", "data.collate.max_tokens=700"]],
     ids=["padded", "packed"],
 )
-def test_two_gloo_ranks_equal_one_process(one_batch, tmp_path, collate):
+def test_two_gloo_ranks_equal_one_process(one_batch, one_batch_run, tmp_path, collate):
     # each rank takes 2 of the step's 4 samples (unequal loss weights per rank), as 2 micro-batches
     # of 1 (padded) or as many packed rows as its samples need (the ranks may differ in count)
     ddp = ["hardware.devices=2", "hardware.strategy=ddp_fork", *collate]
-    _assert_same_update(one_batch, _update(train(compose_config([*SGD_STEP, *ddp], run_dir=tmp_path))))
+    run_dir = train(compose_config([*SGD_STEP, *ddp, "trainer.log_every_n_steps=1"], run_dir=tmp_path))
+    _assert_same_update(one_batch, _update(run_dir))
+    # the logged metrics gather both ranks: the same counts and losses as the one process's
+    ranks, one = _step_metrics(run_dir), _step_metrics(one_batch_run)
+    assert ranks.keys() == one.keys()
+    for k in one:
+        assert ranks[k] == pytest.approx(one[k], rel=1e-5), k
