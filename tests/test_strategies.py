@@ -73,3 +73,34 @@ def test_fsdp_two_cpu_ranks_match_one_process(tmp_path, stage):
     for k, v in s.items():
         assert f[k].shape == v.shape, k
         torch.testing.assert_close(f[k], v, rtol=2e-3, atol=2e-5, msg=k)
+
+
+def test_steps_pad_to_the_same_micro_batch_count():
+    from vlmtrain.data.collate import Step, zero_weight_batch
+
+    step = Step(micro_batches=[zero_weight_batch(7, 28, packed=True)])
+    step.micro_batches[0].zero_weight = False  # stands in for a real packed micro-batch
+    step.pad_to(3)
+    assert len(step.micro_batches) == 3
+    filler = step.micro_batches[-1]
+    assert filler.zero_weight and filler.packed and filler.dummy_vision
+    assert filler.pixel_values.shape == (1, 3, 28, 28)
+    assert int(filler.num_supervised.sum()) == 0 and filler.datasets == []
+    assert (filler.labels != -100).sum() == 1  # one supervised position: the LM head runs in backward
+
+
+@pytest.mark.slow
+def test_fsdp_packed_with_uneven_micro_batch_counts_matches_one_process(tmp_path):
+    """A 550-token packing budget packs rank 0's samples of step 1 into 3 buffers and rank 1's into 2
+    (steps 2, 3: 2 and 3): before the filler micro-batches this hung in the first step's collectives."""
+    packed = ["stage.max_steps=3", "data/collate=packed", "data.collate.max_tokens=550"]
+    single = train(compose_config(["stage=instruction_tuning", *SMALL, *packed], run_dir=tmp_path / "single"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
+    cmd = [sys.executable, "-m", "vlmtrain", "stage=instruction_tuning", *SMALL, *packed, "hardware=fsdp",
+           "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
+           "hardware.strategy.param_dtype=float32", "trainer.checkpoint=false", f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _losses(single), _losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 3
+    assert b == pytest.approx(a, rel=1e-5)

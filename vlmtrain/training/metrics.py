@@ -115,6 +115,8 @@ class StepMeter:
         if self._t_start is None:
             self._t_start = self._t_window = time.perf_counter()
         for mb in step.micro_batches:
+            if mb.zero_weight:  # a filler micro-batch is no training data
+                continue
             c = batch_counts(mb)
             self._window = c if self._window is None else self._window + c.to(self._window.device)
         self.steps += 1
