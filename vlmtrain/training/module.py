@@ -22,7 +22,7 @@ from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainab
 from vlmtrain.training.loss import IGNORE_INDEX, per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
-from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, is_deepspeed
+from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, deepspeed_next_micro_batch, is_deepspeed
 
 
 class VLMTrainingModule(pl.LightningModule):
@@ -105,6 +105,8 @@ class VLMTrainingModule(pl.LightningModule):
         for i, mb in enumerate(step.micro_batches):
             last = i == n - 1
             if deepspeed:
+                if i > 0:
+                    deepspeed_next_micro_batch(strategy)  # accumulate, not overwrite (ZeRO-3)
                 # DeepSpeed's protocol: reduce/partition gradients only at the boundary micro-batch
                 strategy.model.set_gradient_accumulation_boundary(last)
             sync = last or deepspeed or not hasattr(strategy, "block_backward_sync")
