@@ -14,10 +14,11 @@ Checks (printed as PASS / FAIL):
   tests/test_strategies.py (fp32, CPU ranks, FSDP2 and DeepSpeed ZeRO-1/2/3 vs one process).
 - scaling: tokens/s per GPU of the 2-GPU run >= --min-scaling x the 1-GPU run, same strategy/stage.
 
-    python experiments/bench/scaleout.py --out /tmp/scaleout --deadline 480     # the default list, 2 GPUs
+    python experiments/bench/scaleout.py --out /tmp/scaleout --deadline 520     # the default list, 2 GPUs
     python experiments/bench/scaleout.py --runs fsdp:mlp_warmup:2 fsdp:instruction_tuning:1 --steps 6
-    python experiments/bench/scaleout.py --runs ddp:mlp_warmup:2 --extra model=tiny hardware.accelerator=cpu \\
-        hardware.precision=32-true data.datasets.shapes.n_max=1 data.num_workers=0 --global-batch 8 --steps 3 --warmup 1
+    python experiments/bench/scaleout.py --experiment null --runs ddp:instruction_tuning:2 cpu:instruction_tuning:1 \\
+        --global-batch 8 --steps 3 --warmup 1 --extra hardware.accelerator=cpu hardware.precision=32-true \\
+        data/collate=packed data.datasets.shapes.n_max=1 data.num_workers=0 stage.drop_path=0   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -71,23 +72,24 @@ def _step_tokens(rows: list[dict], row: dict) -> float:
     return row["train/tokens_seen"] - (rows[i - 1]["train/tokens_seen"] if i else 0.0)
 
 
-def run_one(spec: str, args) -> dict:
+def run_one(spec: str, args, timeout: float) -> dict:
     hardware, stage, devices, *flags = spec.split(":")
     devices = int(devices)
     save = "ckpt" in flags  # hardware:stage:devices:ckpt also writes (and checks) the final checkpoint
     run_dir = args.out / f"{hardware}-{stage}-{devices}gpu"
-    cmd = [sys.executable, "-m", "vlmtrain", "experiment=scaleout_internvl2_5_1b", f"hardware={hardware}",
+    cmd = [sys.executable, "-m", "vlmtrain", f"experiment={args.experiment}", f"hardware={hardware}",
            f"stage={stage}", f"hardware.devices={devices}", f"stage.global_batch_size={args.global_batch}",
            f"stage.max_steps={args.steps}", f"trainer.checkpoint={save}", f"hydra.run.dir={run_dir}", *args.extra]
     t0 = time.time()
     log = args.out / f"{run_dir.name}.log"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         log.write_text(out + err)
-        result = {"run": spec, "error": f"timed out after {args.timeout}s", "wall_s": args.timeout}
+        result = {"run": spec, "hardware": hardware, "stage": stage, "devices": devices,
+                  "error": f"timed out after {timeout:.0f}s", "wall_s": round(timeout, 1)}
         if (run_dir / "metrics.csv").exists():  # steps done before the limit
             result["loss"] = [round(r["train/loss"], 5) for r in read_metrics(run_dir / "metrics.csv")]
         return result
@@ -145,12 +147,16 @@ def scaling_checks(results: list[dict], minimum: float) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="hardware:stage:devices[:ckpt]")
+    ap.add_argument("--experiment", default="scaleout_internvl2_5_1b", help="null: none (CPU smoke runs)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     ap.add_argument("--global-batch", type=int, default=64, help="samples per step, the same for every run")
     ap.add_argument("--out", type=Path, default=Path("outputs/scaleout"))
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
-    ap.add_argument("--deadline", type=float, default=float("inf"), help="start no run after this many seconds")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per run at most")
+    ap.add_argument("--deadline", type=float, default=float("inf"),
+                    help="seconds from the start by which every run has ended: a run gets what is left (at most "
+                         "--timeout), and none starts with less than --min-run left")
+    ap.add_argument("--min-run", type=float, default=45, help="seconds a run needs at least")
     ap.add_argument("--tol-first", type=float, default=0.005, help="relative loss difference allowed at step 1")
     ap.add_argument("--tol", type=float, default=0.03, help="relative loss difference allowed at every step")
     ap.add_argument("--min-scaling", type=float, default=0.9)
@@ -160,10 +166,11 @@ def main() -> None:
     results = []
     start = time.time()
     for spec in args.runs:
-        if time.time() - start > args.deadline:
-            results.append({"run": spec, "error": "not started: deadline reached"})
+        left = args.deadline - (time.time() - start)
+        if left < args.min_run:
+            results.append({"run": spec, "error": f"not started: {max(left, 0):.0f}s left before the deadline"})
             continue
-        r = run_one(spec, args)
+        r = run_one(spec, args, min(args.timeout, left))
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k not in ("command", "grad_norm")}), flush=True)
         (args.out / "results.json").write_text(json.dumps({"runs": results}, indent=1))
