@@ -131,3 +131,34 @@ def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
     norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
              for d in (single, tmp_path / "ds")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # the whole step's gradient, every micro-batch in it
+
+
+@pytest.mark.parametrize("hardware", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("stage", ["mlp_warmup", "instruction_tuning"])
+def test_scaleout_experiment_composes_and_builds(hardware, stage):
+    """What experiments/bench/scaleout.py runs on 2 GPUs: composes, the strategy builds, the stage
+    freezes the right parts of the 1B architecture, and one epoch of the packed demo data holds the run."""
+    from vlmtrain.data.mixture import MixtureDataset
+    from vlmtrain.models.build import apply_stage, load_tokenizer
+    from vlmtrain.models.internvl import build_from_config, tokens_per_tile
+
+    if "deepspeed" in hardware:
+        pytest.importorskip("deepspeed")
+    cfg = compose_config(["experiment=scaleout_internvl2_5_1b", f"hardware={hardware}", f"stage={stage}",
+                          "hardware.devices=2"])
+    assert cfg.data.collate._target_.endswith("PackedStepCollator") and cfg.data.collate.max_tokens == 16384
+    strategy = instantiate(cfg.hardware.strategy)
+    if "deepspeed" in hardware:
+        assert strategy.config["bf16"]["enabled"] and "optimizer" not in strategy.config  # torch AdamW, no JIT op
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_from_config(cfg.model, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), device="meta")
+    trainable = apply_stage(model, cfg.stage, on_meta=True)
+    parts = {name.split(".")[1] if name.startswith("model.") else name.split(".")[0] for name in trainable}
+    assert parts == ({"multi_modal_projector"} if stage == "mlp_warmup"
+                     else {"vision_tower", "multi_modal_projector", "language_model", "lm_head"})
+    assert 0.9e9 < sum(p.numel() for p in model.parameters()) < 1.0e9
+    v = cfg.model.vision
+    data = MixtureDataset(cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
+                          cfg.seed)
+    assert len(data) // cfg.stage.global_batch_size >= cfg.stage.max_steps  # no epoch restart inside the run
+    assert cfg.stage.global_batch_size % 2 == 0 and cfg.stage.warmup_steps >= cfg.stage.max_steps

@@ -16,7 +16,7 @@ Checks (printed as PASS / FAIL):
 
     python experiments/bench/scaleout.py --out /tmp/scaleout --deadline 520     # the default list, 2 GPUs
     python experiments/bench/scaleout.py --runs fsdp:mlp_warmup:2 fsdp:instruction_tuning:1 --steps 6
-    python experiments/bench/scaleout.py --experiment null --runs ddp:instruction_tuning:2 cpu:instruction_tuning:1 \\
+    python experiments/bench/scaleout.py --experiment none --runs ddp:instruction_tuning:2 cpu:instruction_tuning:1 \\
         --global-batch 8 --steps 3 --warmup 1 --extra hardware.accelerator=cpu hardware.precision=32-true \\
         data/collate=packed data.datasets.shapes.n_max=1 data.num_workers=0 stage.drop_path=0   # CPU smoke run
 """
@@ -77,7 +77,8 @@ def run_one(spec: str, args, timeout: float) -> dict:
     devices = int(devices)
     save = "ckpt" in flags  # hardware:stage:devices:ckpt also writes (and checks) the final checkpoint
     run_dir = args.out / f"{hardware}-{stage}-{devices}gpu"
-    cmd = [sys.executable, "-m", "vlmtrain", f"experiment={args.experiment}", f"hardware={hardware}",
+    experiment = [] if args.experiment == "none" else [f"experiment={args.experiment}"]
+    cmd = [sys.executable, "-m", "vlmtrain", *experiment, f"hardware={hardware}",
            f"stage={stage}", f"hardware.devices={devices}", f"stage.global_batch_size={args.global_batch}",
            f"stage.max_steps={args.steps}", f"trainer.checkpoint={save}", f"hydra.run.dir={run_dir}", *args.extra]
     t0 = time.time()
@@ -147,7 +148,7 @@ def scaling_checks(results: list[dict], minimum: float) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="hardware:stage:devices[:ckpt]")
-    ap.add_argument("--experiment", default="scaleout_internvl2_5_1b", help="null: none (CPU smoke runs)")
+    ap.add_argument("--experiment", default="scaleout_internvl2_5_1b", help="none: no experiment file (CPU smoke runs)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     ap.add_argument("--global-batch", type=int, default=64, help="samples per step, the same for every run")
