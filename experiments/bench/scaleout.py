@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,13 @@ def _step_tokens(rows: list[dict], row: dict) -> float:
     return row["train/tokens_seen"] - (rows[i - 1]["train/tokens_seen"] if i else 0.0)
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_one(spec: str, args, timeout: float) -> dict:
     hardware, stage, devices, *flags = spec.split(":")
     devices = int(devices)
@@ -83,23 +91,27 @@ def run_one(spec: str, args, timeout: float) -> dict:
            f"stage.max_steps={args.steps}", f"trainer.checkpoint={save}", f"hydra.run.dir={run_dir}", *args.extra]
     t0 = time.time()
     log = args.out / f"{run_dir.name}.log"
+    # its own process group: on a timeout the other ranks (children of rank 0) are killed too, so
+    # they cannot hold a GPU through the next runs
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        log.write_text(out + err)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        stdout, stderr = proc.communicate()
+        log.write_text(stdout + stderr)
         result = {"run": spec, "hardware": hardware, "stage": stage, "devices": devices,
                   "error": f"timed out after {timeout:.0f}s", "wall_s": round(timeout, 1)}
         if (run_dir / "metrics.csv").exists():  # steps done before the limit
             result["loss"] = [round(r["train/loss"], 5) for r in read_metrics(run_dir / "metrics.csv")]
         return result
     wall = time.time() - t0
-    log.write_text(proc.stdout + proc.stderr)
+    _kill_group(proc.pid)  # a rank left waiting after rank 0 failed
+    log.write_text(stdout + stderr)
     result = {"run": spec, "hardware": hardware, "stage": stage, "devices": devices, "wall_s": round(wall, 1),
               "returncode": proc.returncode, "command": " ".join(cmd[1:])}
     if proc.returncode != 0:
-        result["error"] = (proc.stderr or proc.stdout)[-1500:]
+        result["error"] = (stderr or stdout)[-1500:]
         return result
     rows = read_metrics(run_dir / "metrics.csv")
     result["loss"] = [round(r["train/loss"], 5) for r in rows]
