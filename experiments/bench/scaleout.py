@@ -64,6 +64,9 @@ def timing(rows: list[dict], warmup: int) -> dict:
             "step_s_spread": round((max(seconds) - min(seconds)) / statistics.median(seconds), 3),
             "tokens_per_step": [int(t) for t in tokens],
             "mfu": round(statistics.mean(r["train/mfu"] for r in timed), 4) if "train/mfu" in timed[0] else None,
+            # busiest rank / mean rank over the timed steps (1.0: balanced), from the data alone
+            **{f"imbalance_{k}": round(statistics.mean(r[f"train/rank_imbalance/{k}"] for r in timed), 3)
+               for k in ("tokens", "tiles") if f"train/rank_imbalance/{k}" in timed[0]},
             "max_allocated_gib": max((r.get("gpu/max_allocated_gib", 0.0) for r in rows), default=None)}
 
 
@@ -153,7 +156,8 @@ def scaling_checks(results: list[dict], minimum: float) -> list[dict]:
         if n > 1 and one:
             ratio = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
             checks.append({"strategy": hw, "stage": stage, "gpus": n, "per_gpu_1": one["tokens_per_s_per_gpu"],
-                           f"per_gpu_{n}": r["tokens_per_s_per_gpu"], "ratio": round(ratio, 3), "pass": ratio >= minimum})
+                           f"per_gpu_{n}": r["tokens_per_s_per_gpu"], "ratio": round(ratio, 3), "pass": ratio >= minimum,
+                           "imbalance_tiles": r.get("imbalance_tiles"), "imbalance_tokens": r.get("imbalance_tokens")})
     return checks
 
 
@@ -195,15 +199,16 @@ def main() -> None:
          "tolerances": {"first_step": args.tol_first, "every_step": args.tol, "min_scaling": args.min_scaling}},
         indent=1))
 
-    print("\n| run | wall s | loss per step | tokens/s per GPU (after warm-up) | step s (spread) | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | wall s | loss per step | tokens/s per GPU (after warm-up) | step s (spread) | rank imbalance "
+          "tiles / tokens | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         loss = " ".join(f"{x:.4f}" for x in r.get("loss", []))
         if "error" in r:
             loss = f"{loss} FAILED ({r['error'][-120:]!r})"
         step = f"{statistics.median(r['step_s']):.2f} ({r['step_s_spread']:.0%})" if r.get("step_s") else ""
         print(f"| {r['run']} | {r.get('wall_s')} | {loss} | {r.get('tokens_per_s_per_gpu')} | {step} | "
-              f"{r.get('max_allocated_gib')} |")
+              f"{r.get('imbalance_tiles')} / {r.get('imbalance_tokens')} | {r.get('max_allocated_gib')} |")
     print(f"\nloss agreement (step 1 <= {args.tol_first:.1%}, every step <= {args.tol:.1%}):")
     for c in losses:
         tag = " (same strategy, 1 vs 2 GPUs: noise floor)" if c["noise_floor_pair"] else ""
@@ -212,7 +217,8 @@ def main() -> None:
     print(f"scaling (tokens/s per GPU, 2 GPUs >= {args.min_scaling:.0%} of 1 GPU):")
     for c in scaling:
         print(f"  {'PASS' if c['pass'] else 'FAIL'} {c['strategy']} {c['stage']}: {c['ratio']:.1%} "
-              f"({c['per_gpu_1']} -> {c['per_gpu_' + str(c['gpus'])]} tokens/s per GPU)")
+              f"({c['per_gpu_1']} -> {c['per_gpu_' + str(c['gpus'])]} tokens/s per GPU; busiest rank / mean: "
+              f"tiles {c['imbalance_tiles']}, tokens {c['imbalance_tokens']})")
 
 
 if __name__ == "__main__":
