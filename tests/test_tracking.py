@@ -312,3 +312,24 @@ def test_meter_state_survives_a_resume():
     assert summary["steps"] == 5 and summary["tokens"] == 5 * 6 and summary["skipped"] == {"too_long": 3}
     assert summary["first_loss"] == 0.0 and summary["final_loss"] == pytest.approx((0 + 1 + 2 + 0 + 1) / 5)
     assert summary["train_seconds"] >= first.summary()["train_seconds"]
+
+
+def test_rank_imbalance_and_fillers_are_no_data():
+    """The busiest rank over the mean rank, per step window; zero-weight filler micro-batches count nothing."""
+    from vlmtrain.data.collate import Step, pad_batch, zero_weight_batch
+    from vlmtrain.data.encode import EncodedSample
+    from vlmtrain.training.flops import InternVLDims
+    from vlmtrain.training.metrics import COUNTS, StepMeter, batch_counts
+
+    a = EncodedSample(torch.arange(5), torch.tensor([-100, -100, 3, 4, 5]), torch.zeros(2, 3, 8, 8), [2], "a")
+    mb = pad_batch([a], pad_id=0, tile_size=8)
+    counts = batch_counts(mb).tolist()
+    dims = InternVLDims(64, 2, 256, 224, 14, 0.5, 128, 2, 4, 2, 32, 384, 2048)
+    meter = StepMeter(dims, {"multi_modal_projector": "full"}, world_size=2)
+    meter.count(Step([mb, zero_weight_batch(0, 8), zero_weight_batch(0, 8)]))
+    other = {"counts": [3 * v for v in counts], "datasets": {}, "skipped": {}, "memory": None}
+    m = meter.collect(lambda local: [local, other], Counter())
+    assert m["train/samples_seen"] == 4  # 1 here + 3 there: the fillers are not samples
+    assert m["train/rank_imbalance/tokens"] == pytest.approx(3 / 2)  # busiest 3 units, mean 2
+    assert m["train/rank_imbalance/tiles"] == pytest.approx(3 / 2)
+    assert COUNTS.index("tiles") == 3

@@ -2,8 +2,9 @@
 
     python experiments/bench/demo_sample.py                    # n_max 1: the learning proof's setting
     python experiments/bench/demo_sample.py data.datasets.shapes.n_max=4
+    python experiments/bench/demo_sample.py experiment=scaleout_internvl2_5_1b data.datasets.shapes.n_max=12
 
-Prints ms per sample over the demo dataset (generated into $VLMTRAIN_CACHE if missing).
+Prints ms per sample (and tiles, tokens per sample, tiles/s of one process) over the demo dataset (generated into $VLMTRAIN_CACHE if missing).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def main(overrides: list[str]) -> None:
         for i in range(len(ds)):
             ds[(i, 0)]
         best = min(best, (time.perf_counter() - t) / len(ds))
-    print(f"{len(ds)} samples, best of 3 passes: {best * 1000:.2f} ms/sample")
+    tiles = [0 if x.pixel_values is None else x.pixel_values.shape[0] for x in (ds[(i, 0)] for i in range(len(ds)))]
+    tokens = [len(ds[(i, 0)]) for i in range(len(ds))]
+    print(f"{len(ds)} samples, best of 3 passes: {best * 1000:.2f} ms/sample; "
+          f"per sample {sum(tiles) / len(ds):.2f} tiles, {sum(tokens) / len(ds):.0f} tokens; "
+          f"{sum(tiles) / len(ds) / best:.0f} tiles/s per process")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Batch:
     """Packed rows only (one row): (num_samples + 1,) int32 sample boundaries; None for padded rows."""
     max_length: int = 0
     """Packed rows only: the longest sample's length (a Python int, so kernels need no device sync)."""
+    zero_weight: bool = False
+    """A filler micro-batch (``zero_weight_batch``): it runs forward and backward, its loss counts zero."""
     supervised_positions: torch.Tensor | None = None
     """(N,) flat positions ``row * length + t`` whose next token is supervised (computed from
     ``labels`` here, on the host), so the loss gathers them without a device sync."""
@@ -56,6 +58,36 @@ class Step:
     skipped: list = field(default_factory=list)
     truncated: int = 0
     """Samples of this step whose trailing text turns were dropped to fit (data.too_long=truncate_text)."""
+
+    def pad_to(self, n: int) -> None:
+        """Append zero-weight micro-batches up to ``n``: every rank of a step must run the same number
+        of forwards and backwards, because sharded strategies (FSDP2, ZeRO-3) gather parameters and
+        reduce gradients inside each, and packing or skipped samples give ranks different counts."""
+        first = self.micro_batches[0]
+        for _ in range(n - len(self.micro_batches)):
+            self.micro_batches.append(zero_weight_batch(int(first.input_ids[0, 0]), first.pixel_values.shape[-1],
+                                                        packed=first.packed))
+
+
+def zero_weight_batch(pad_id: int, tile_size: int, packed: bool = False) -> Batch:
+    """A micro-batch whose loss the training step multiplies by zero: two tokens (one supervised
+    position, so the LM head runs too) and one zero tile (the vision tower runs too). Its backward
+    reaches every trainable parameter with zero gradient, so a rank with nothing (more) to train on
+    still takes part in every gather and reduction of the step."""
+    return Batch(
+        input_ids=torch.full((1, 2), pad_id, dtype=torch.long),
+        labels=torch.tensor([[IGNORE_INDEX, pad_id]]),
+        attention_mask=torch.ones(1, 2, dtype=torch.long),
+        position_ids=torch.arange(2).unsqueeze(0),
+        pixel_values=torch.zeros(1, 3, tile_size, tile_size),
+        dummy_vision=True,
+        num_supervised=torch.tensor([0]),
+        sample_index=torch.zeros(1, 2, dtype=torch.long),
+        datasets=[],
+        cu_seq_lens=torch.tensor([0, 2], dtype=torch.int32) if packed else None,
+        max_length=2 if packed else 0,
+        zero_weight=True,
+    )
 
 
 def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_multiple: int = 8) -> Batch:
@@ -96,7 +128,7 @@ class StepCollator:
         if not good:
             # every sample of this step was skipped: still run one zero-weight micro-batch, so this
             # rank takes the same collective path as the others
-            good = [EncodedSample(torch.tensor([self.pad_id]), torch.tensor([IGNORE_INDEX]), None)]
+            return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size)], skipped=skipped)
         m = self.micro_batch_size
         micro = [pad_batch(good[i:i + m], self.pad_id, self.tile_size) for i in range(0, len(good), m)]
         return Step(micro_batches=micro, skipped=skipped, truncated=sum(bool(x.truncated) for x in good))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmtrain.data.collate import Batch, Step
+from vlmtrain.data.collate import Batch, Step, zero_weight_batch
 from vlmtrain.data.encode import EncodedSample
 from vlmtrain.data.mixture import Skipped
 from vlmtrain.training.loss import IGNORE_INDEX
@@ -94,6 +94,6 @@ class PackedStepCollator:
                 good.append(x)
         if not good:
             # the whole step was skipped: one zero-weight row keeps this rank on the collective path
-            good = [EncodedSample(torch.tensor([self.pad_id]), torch.tensor([IGNORE_INDEX]), None)]
+            return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size, packed=True)], skipped=skipped)
         plan = plan_buffers(good, self.max_tokens, self.max_tiles)
         return Step(micro_batches=[pack_samples([good[i] for i in b], self.tile_size) for b in plan], skipped=skipped)

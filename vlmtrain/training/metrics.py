@@ -115,6 +115,8 @@ class StepMeter:
         if self._t_start is None:
             self._t_start = self._t_window = time.perf_counter()
         for mb in step.micro_batches:
+            if mb.zero_weight:  # a filler micro-batch is no training data
+                continue
             c = batch_counts(mb)
             self._window = c if self._window is None else self._window + c.to(self._window.device)
         self.steps += 1
@@ -160,6 +162,14 @@ class StepMeter:
         }
         if self.peak:
             m["train/mfu"] = flops / dt / (self.peak * self.world_size)
+        if len(parts) > 1:
+            # the busiest rank's share over the mean: a step lasts as long as its busiest rank, so
+            # 1.3 means the others idled ~23% of it (packing and sample sizes differ per rank)
+            for k in ("tokens", "tiles"):
+                per_rank = [p["counts"][COUNTS.index(k)] for p in parts]
+                mean = sum(per_rank) / len(per_rank)
+                if mean > 0:
+                    m[f"train/rank_imbalance/{k}"] = max(per_rank) / mean
         if dataset_loss is not None:
             ce_sum = sum(v[2] for v in datasets.values())
             positions = sum(v[3] for v in datasets.values())

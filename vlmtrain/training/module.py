@@ -22,7 +22,7 @@ from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainab
 from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
-from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, is_deepspeed
+from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, deepspeed_next_micro_batch, is_deepspeed
 
 
 class VLMTrainingModule(pl.LightningModule):
@@ -96,23 +96,30 @@ class VLMTrainingModule(pl.LightningModule):
         w_total = strategy.reduce(self.step_weight(step), reduce_op="sum")
         world = self.trainer.world_size
         num_total = torch.zeros((), device=self.device)
-        n = len(step.micro_batches)
         if self.meter is not None:
             self.meter.count(step)
+        if world > 1:  # the same number of micro-batches on every rank (packing and skips make them differ)
+            most = strategy.reduce(torch.tensor(float(len(step.micro_batches)), device=self.device), reduce_op="max")
+            step.pad_to(int(most))
+        n = len(step.micro_batches)
         # per-dataset loss only on logging steps: it costs a host sync per micro-batch
         dataset_loss = DatasetLoss() if self._should_log() else None
         for i, mb in enumerate(step.micro_batches):
             last = i == n - 1
             if deepspeed:
+                if i > 0:
+                    deepspeed_next_micro_batch(strategy)  # accumulate, not overwrite (ZeRO-3)
                 # DeepSpeed's protocol: reduce/partition gradients only at the boundary micro-batch
                 strategy.model.set_gradient_accumulation_boundary(last)
             sync = last or deepspeed or not hasattr(strategy, "block_backward_sync")
             with nullcontext() if sync else strategy.block_backward_sync():
-                if dataset_loss is not None:
+                if dataset_loss is not None and not mb.zero_weight:
                     num, _, per_sample = self.loss_terms(mb.to(self.device), per_sample=True)
                     dataset_loss.add(mb.datasets, per_sample)
                 else:
                     num, _ = self.loss_terms(mb.to(self.device))
+                if mb.zero_weight:  # a filler: forward and backward run (collectives), nothing counts
+                    num = num * 0.0
                 # DDP/FSDP/ZeRO average gradients over ranks, hence x world
                 self.manual_backward(num * (world / w_total.clamp(min=1e-12)))
             num_total += num.detach()

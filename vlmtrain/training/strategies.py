@@ -161,6 +161,18 @@ def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: Optional[floa
     return norm.detach()
 
 
+def deepspeed_next_micro_batch(strategy) -> None:
+    """Before each micro-batch after a step's first, under DeepSpeed: the bookkeeping that
+    ``DeepSpeedEngine.forward`` does before every forward. Lightning's manual optimisation runs the
+    whole step (every micro-batch's forward and backward) inside ONE engine forward, so without this
+    ZeRO-3 (DeepSpeed 0.19, whose micro-step counter advances there) treats every micro-batch as the
+    first and copies its gradients over the previous ones instead of accumulating them: only the last
+    micro-batch's gradients reached the optimizer (tests/test_strategies.py, fp32 on CPU ranks)."""
+    optimizer = getattr(strategy.model, "optimizer", None)
+    if hasattr(optimizer, "clear_backward_seen_flag"):
+        optimizer.clear_backward_seen_flag()
+
+
 def deepspeed_grad_norm(strategy) -> torch.Tensor:
     norm = strategy.model.get_global_grad_norm()
     return torch.as_tensor(float(norm) if norm is not None else float("nan"))
