@@ -55,7 +55,8 @@ class VLMDataModule(pl.LightningDataModule):
             batch_sampler=self.sampler,
             collate_fn=self.collator(pad_id),
             num_workers=self.cfg.num_workers,
-            persistent_workers=False,
+            persistent_workers=bool(self.cfg.persistent_workers and self.cfg.num_workers > 0),
+            prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None,
             # its own generator: creating the loader's iterator must not draw from the global RNG,
             # or a resumed run's drop-path masks would differ from the uninterrupted run's
             generator=torch.Generator().manual_seed(self.seed),
