@@ -72,3 +72,15 @@ def test_two_gloo_ranks_equal_one_process(one_batch, tmp_path, collate):
     # of 1 (padded) or as many packed rows as its samples need (the ranks may differ in count)
     ddp = ["hardware.devices=2", "hardware.strategy=ddp_fork", *collate]
     _assert_same_update(one_batch, _update(train(compose_config([*SGD_STEP, *ddp], run_dir=tmp_path))))
+
+
+def test_a_step_stays_on_the_host_until_its_micro_batches_run():
+    """The datamodule hands a Step to training_step untouched (it moves each micro-batch itself and
+    sums the step weight from the host counts, with no device sync); other batches move as usual."""
+    from vlmtrain.data.collate import Step
+    from vlmtrain.training.datamodule import VLMDataModule
+
+    dm = object.__new__(VLMDataModule)  # the hook uses no state
+    step = Step(micro_batches=[])
+    assert dm.transfer_batch_to_device(step, torch.device("meta"), 0) is step
+    assert dm.transfer_batch_to_device(torch.ones(2), torch.device("meta"), 0).device.type == "meta"

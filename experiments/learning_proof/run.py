@@ -24,8 +24,9 @@ for the same question text (the image unseen; the question type's most common an
 question text that training never asked).
 
 Writes under ``--out``: ``learning_proof.json`` (accuracy per question type, chance, loss curves,
-throughput, timings), ``loss_curve.png``, ``eval/metrics.json`` + ``eval/predictions.jsonl``, and
-one run directory per stage (``metrics.csv``, ``summary.json``, ``checkpoints/last.ckpt``).
+throughput, timings), ``loss_curve.png``, ``metrics_<stage>.csv`` (each stage's logged metrics),
+``eval/metrics.json`` + ``eval/predictions.jsonl``. The generated data and the stage run
+directories (checkpoints) go under ``--work`` (default: ``--out``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import gc
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -189,7 +192,8 @@ def plot(out: Path) -> Path | None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/learning_proof")
+    ap.add_argument("--out", default="runs/learning_proof", help="results")
+    ap.add_argument("--work", help="data and stage run directories (default: --out)")
     ap.add_argument("--train", type=int, default=30000, help="train lines")
     ap.add_argument("--heldout", type=int, default=500, help="held-out lines")
     ap.add_argument("--steps", type=int, nargs=3, default=[60, 60, 2000], metavar=("S1", "S15", "S2"),
@@ -206,11 +210,12 @@ def main():
         return
     t0 = time.time()
     out = Path(args.out).resolve()
+    work = Path(args.work).resolve() if args.work else out
     out.mkdir(parents=True, exist_ok=True)
-    train_path, val_path = make_data(out / "data", args.train, args.heldout, max(1, args.gen_procs))
+    train_path, val_path = make_data(work / "data", args.train, args.heldout, max(1, args.gen_procs))
     times = {"data": time.time() - t0}
     print(f"data: {args.train} train / {args.heldout} held-out lines in {times['data']:.0f}s", flush=True)
-    os.environ["LEARNING_PROOF_DATA"] = str(out / "data")
+    os.environ["LEARNING_PROOF_DATA"] = str(work / "data")
 
     import torch
     from omegaconf import open_dict
@@ -222,7 +227,7 @@ def main():
     prev, curves = None, {}
     for (stage, extra), steps in zip(STAGES.items(), args.steps):
         t = time.time()
-        run_dir = out / stage
+        run_dir = work / stage
         left = args.budget - (t - t0) - args.eval_reserve
         init = [f"init_from={prev}"] if prev else []
         cfg = compose_cfg([f"stage={stage}", "stage.max_epochs=-1", f"stage.max_steps={steps}", *extra, *init,
@@ -230,8 +235,11 @@ def main():
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
         train(cfg)
+        gc.collect()  # the stage's loader (and its persistent workers) goes now, not at exit
         times[stage] = time.time() - t
         curves[stage] = read_curve(run_dir)
+        if (run_dir / "metrics.csv").is_file():
+            shutil.copy(run_dir / "metrics.csv", out / f"metrics_{stage}.csv")
         done = curves[stage]["summary"].get("global_step", steps)
         print(f"{stage}: {done}/{steps} steps in {times[stage]:.0f}s, loss {curves[stage]['loss'][:1]} .. "
               f"{curves[stage]['loss'][-1:]}", flush=True)
