@@ -14,8 +14,11 @@ which fine-tunes pretrained weights: here everything starts from random init).
 
 Stages chain by ``init_from`` through ``vlmtrain.train.train`` (what ``python -m vlmtrain`` runs):
 mlp_warmup -> vit_incremental -> instruction_tuning. ``--budget`` is the wall-time limit of the
-whole script: stage 2 gets ``trainer.max_time`` = what is left minus a reserve for evaluation,
-so a run slower than expected stops training early and still evaluates.
+whole script. Stage 2's length (``--steps ... 0``, the default) fills the budget: the time left
+after a reserve for evaluation, times the step rate measured in stage 1.5, times
+``--rate-margin`` (stage 2 also updates the LLM's weights, so its steps are slower), so the cosine
+schedule runs to its end on any device. Every stage also gets ``trainer.max_time`` = the time left
+minus the reserve, so a run slower than measured stops early and still evaluates.
 
 Evaluation is ``python -m vlmtrain.eval`` in a subprocess (the entry point itself): greedy
 answers to every question of the held-out lines, exact match per question type
@@ -196,11 +199,14 @@ def main():
     ap.add_argument("--work", help="data and stage run directories (default: --out)")
     ap.add_argument("--train", type=int, default=30000, help="train lines")
     ap.add_argument("--heldout", type=int, default=500, help="held-out lines")
-    ap.add_argument("--steps", type=int, nargs=3, default=[60, 60, 2000], metavar=("S1", "S15", "S2"),
-                    help="optimizer steps of stages 1, 1.5 and 2")
-    ap.add_argument("--budget", type=float, default=560.0,
-                    help="seconds for the whole script: stage 2 stops early to leave --eval-reserve for evaluation")
+    ap.add_argument("--steps", type=int, nargs=3, default=[60, 60, 0], metavar=("S1", "S15", "S2"),
+                    help="optimizer steps of stages 1, 1.5 and 2 (S2 = 0: fill the budget)")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds for the whole script (training stops early to leave --eval-reserve)")
     ap.add_argument("--eval-reserve", type=float, default=60.0)
+    ap.add_argument("--rate-margin", type=float, default=0.8,
+                    help="stage 2 steps/s as a share of stage 1.5's, when S2 = 0")
+    ap.add_argument("--startup", type=float, default=15.0, help="seconds a stage spends before its first step")
     ap.add_argument("--gen-procs", type=int, default=min(8, os.cpu_count() or 1), help="processes generating data")
     ap.add_argument("--eval-batch", type=int, default=128)
     ap.add_argument("--plot", metavar="OUT", help="only redraw OUT/loss_curve.png from OUT/learning_proof.json")
@@ -224,11 +230,18 @@ def main():
     from vlmtrain.train import train
 
     register()
-    prev, curves = None, {}
+    prev, curves, steps_run, rates, rate = None, {}, {}, {}, None
     for (stage, extra), steps in zip(STAGES.items(), args.steps):
         t = time.time()
         run_dir = work / stage
         left = args.budget - (t - t0) - args.eval_reserve
+        if steps <= 0:
+            if rate is None:
+                raise SystemExit(f"--steps: {stage} needs a step count (the rate is measured in an earlier stage)")
+            steps = max(1, int(rate * args.rate_margin * (left - args.startup)))
+            print(f"{stage}: {steps} steps fill the {left:.0f}s left at {rate:.2f} x {args.rate_margin} steps/s",
+                  flush=True)
+        steps_run[stage] = steps
         init = [f"init_from={prev}"] if prev else []
         cfg = compose_cfg([f"stage={stage}", "stage.max_epochs=-1", f"stage.max_steps={steps}", *extra, *init,
                            f"trainer.max_time={max_time(left)}", *overrides])
@@ -240,7 +253,10 @@ def main():
         curves[stage] = read_curve(run_dir)
         if (run_dir / "metrics.csv").is_file():
             shutil.copy(run_dir / "metrics.csv", out / f"metrics_{stage}.csv")
-        done = curves[stage]["summary"].get("global_step", steps)
+        summary = curves[stage]["summary"]
+        done = summary.get("global_step", steps)
+        if summary.get("steps") and summary.get("train_seconds"):
+            rate = rates[stage] = summary["steps"] / summary["train_seconds"]
         print(f"{stage}: {done}/{steps} steps in {times[stage]:.0f}s, loss {curves[stage]['loss'][:1]} .. "
               f"{curves[stage]['loss'][-1:]}", flush=True)
         prev = run_dir
@@ -256,7 +272,8 @@ def main():
         "eval_metrics": metrics,
         "seconds": times,
         "curves": curves,
-        "steps": dict(zip(STAGES, args.steps)),
+        "steps": steps_run,
+        "steps_per_s": rates,
         "stages": STAGES,
         "overrides": overrides,
         "train_lines": args.train,
