@@ -130,8 +130,19 @@ def max_time(seconds: float) -> str:
 def read_curve(run_dir: Path) -> dict:
     rows = list(csv.DictReader(open(run_dir / "metrics.csv"))) if (run_dir / "metrics.csv").is_file() else []
     curve = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    samples_per_s = [float(r["train/samples_per_s"]) for r in rows if r.get("train/samples_per_s")]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    return {"loss": curve, "summary": summary}
+    return {"loss": curve, "samples_per_s": samples_per_s, "summary": summary}
+
+
+def step_rate(curve: dict, batch: int) -> float | None:
+    """Steps/s of a finished stage: the median of its logged windows (first-step warm-up is one
+    window of many), else the run summary's average."""
+    windows = sorted(curve["samples_per_s"])
+    if windows:
+        return windows[len(windows) // 2] / batch
+    summary = curve["summary"]
+    return summary["steps"] / summary["train_seconds"] if summary.get("steps") and summary.get("train_seconds") else None
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -253,10 +264,10 @@ def main():
         curves[stage] = read_curve(run_dir)
         if (run_dir / "metrics.csv").is_file():
             shutil.copy(run_dir / "metrics.csv", out / f"metrics_{stage}.csv")
-        summary = curves[stage]["summary"]
-        done = summary.get("global_step", steps)
-        if summary.get("steps") and summary.get("train_seconds"):
-            rate = rates[stage] = summary["steps"] / summary["train_seconds"]
+        done = curves[stage]["summary"].get("global_step", steps)
+        measured = step_rate(curves[stage], cfg.stage.global_batch_size)
+        if measured:
+            rate = rates[stage] = measured
         print(f"{stage}: {done}/{steps} steps in {times[stage]:.0f}s, loss {curves[stage]['loss'][:1]} .. "
               f"{curves[stage]['loss'][-1:]}", flush=True)
         prev = run_dir
