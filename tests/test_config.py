@@ -125,3 +125,31 @@ def test_bad_dataset_entry_names_the_key(override, key):
     cfg = compose_config([override])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         dataset_configs(cfg.data.datasets)
+
+
+@pytest.mark.parametrize("stage", ["mlp_warmup", "vit_incremental", "instruction_tuning"])
+def test_learning_proof_experiment_composes(stage, tmp_path, monkeypatch):
+    """experiments/learning_proof/run.py composes these; the loader keys reach the collator and loader."""
+    from vlmtrain.data.packing import PackedStepCollator
+
+    monkeypatch.setenv("LEARNING_PROOF_DATA", str(tmp_path))
+    cfg = compose_config(["experiment=learning_proof", f"stage={stage}", "stage.max_epochs=-1", "stage.max_steps=60",
+                          "trainer.max_time=00:00:05:00"], run_dir=tmp_path / "run")
+    assert cfg.data.persistent_workers is True and cfg.data.prefetch_factor == 4
+    assert cfg.stage.global_batch_size == 128 and cfg.stage.drop_path == 0.0 and cfg.stage.name == stage
+    assert cfg.data.datasets.shapes.path == f"{tmp_path}/annotations.jsonl"
+    collate = instantiate(cfg.data.collate, pad_id=0, tile_size=cfg.data.tile_size)
+    assert isinstance(collate, PackedStepCollator) and (collate.max_tokens, collate.max_tiles) == (32768, 320)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_keeps_workers_and_prefetch_when_asked(workers, tmp_path):
+    from vlmtrain.models.build import load_tokenizer
+    from vlmtrain.training.datamodule import VLMDataModule
+
+    cfg = compose_config([f"data.num_workers={workers}", "data.persistent_workers=true", "data.prefetch_factor=3"])
+    dm = VLMDataModule(cfg.data, load_tokenizer(cfg.model), 64, cfg.stage.global_batch_size, cfg.seed)
+    dm.setup()
+    loader = dm.train_dataloader()
+    # with no workers the two keys mean nothing (and DataLoader rejects them): they are left out
+    assert loader.persistent_workers is bool(workers) and loader.prefetch_factor == (3 if workers else None)

@@ -67,3 +67,40 @@ def test_eval_exported_dir_gives_the_same_predictions(tmp_path):
     p1 = [json.loads(x)["prediction"] for x in (tmp_path / "e1" / "predictions.jsonl").read_text().splitlines()]
     p2 = [json.loads(x)["prediction"] for x in (tmp_path / "e2" / "predictions.jsonl").read_text().splitlines()]
     assert p1 == p2 and len(p1) == 4
+
+
+def test_group_of_and_summarise_groups():
+    from vlmtrain.eval import NO_GROUP, group_of, summarise_groups
+
+    raw = {"question_types": ["one_image/count", "one_image/exists"], "category": "OCR"}
+    assert group_of(raw, "question_types", 1, "x:1") == "one_image/exists"
+    assert group_of(raw, "category", 1, "x:1") == "OCR"  # a string applies to every turn
+    assert group_of(raw, "missing", 0, "x:1") == NO_GROUP and group_of(raw, None, 0, "x:1") is None
+    with pytest.raises(ValueError, match="x:1.*question_types"):
+        group_of(raw, "question_types", 2, "x:1")
+    rows = [{"group": g, "exact_match": e, "relaxed_match": e, "anls": e}
+            for g, e in [("one_image/count", 1.0), ("one_image/count", 0.0), ("one_image/exists", 1.0), ("text/plus", 1.0)]]
+    groups = summarise_groups(rows)
+    assert list(groups) == ["one_image", "one_image/count", "one_image/exists", "text", "text/plus"]
+    assert groups["one_image"]["count"] == 3 and groups["one_image"]["exact_match"] == pytest.approx(2 / 3)
+    assert groups["one_image/count"]["exact_match"] == 0.5 and groups["text"]["count"] == 1
+
+
+def test_eval_group_by_question_types(tmp_path):
+    from vlmtrain.data.synthetic import make_shapes_dataset
+
+    val = make_shapes_dataset(tmp_path / "data", 12, seed=3, split="val")
+    make_run_dir(tmp_path / "run")
+    cfg = _eval_cfg([f"ckpt={tmp_path / 'run'}", f"data.datasets.shapes_val.path={val}", "eval.group_by=question_types",
+                     "eval.batch_size=8", "generation.max_new_tokens=2", "device=cpu"])
+    metrics = evaluate(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in val.read_text().splitlines()]
+    assert [r["group"] for r in rows] == [t for line in lines for t in line["question_types"]]
+    groups = metrics["groups"]
+    assert metrics["group_by"] == "question_types"
+    # top-level kinds partition the questions; each kind's count is the sum of its sub-kinds
+    top = [g for g in groups if "/" not in g]
+    assert sum(groups[g]["count"] for g in top) == metrics["overall"]["count"] == len(rows)
+    for g in top:
+        assert groups[g]["count"] == sum(m["count"] for k, m in groups.items() if k.startswith(g + "/"))

@@ -93,3 +93,15 @@ def test_two_gloo_ranks_equal_one_process(one_batch, one_batch_run, tmp_path, co
     assert ranks.keys() == one.keys()
     for k in one:
         assert ranks[k] == pytest.approx(one[k], rel=1e-5), k
+
+
+def test_a_step_stays_on_the_host_until_its_micro_batches_run():
+    """The datamodule hands a Step to training_step untouched (it moves each micro-batch itself and
+    sums the step weight from the host counts, with no device sync); other batches move as usual."""
+    from vlmtrain.data.collate import Step
+    from vlmtrain.training.datamodule import VLMDataModule
+
+    dm = object.__new__(VLMDataModule)  # the hook uses no state
+    step = Step(micro_batches=[])
+    assert dm.transfer_batch_to_device(step, torch.device("meta"), 0) is step
+    assert dm.transfer_batch_to_device(torch.ones(2), torch.device("meta"), 0).device.type == "meta"

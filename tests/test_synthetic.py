@@ -79,6 +79,14 @@ def test_line_format_and_mix(dataset):
                 with Image.open(root / rel) as im:
                     assert im.size == (w, h)
     assert kinds == {"single": 140, "multi": 30, "text": 30}
+    for line in lines:  # one question type per assistant turn, named after the line's kind
+        types, image = line["question_types"], line.get("image")
+        prefix = "text/" if image is None else ("one_image/" if isinstance(image, str) else "two_images/")
+        assert len(types) == len(line["conversations"]) // 2 and all(t.startswith(prefix) for t in types)
+        if isinstance(image, str):
+            assert len(set(types)) == len(types)  # a multi-turn line never repeats a question kind
+    assert {t for line in lines for t in line["question_types"]} >= {
+        "one_image/count", "one_image/exists", "two_images/total", "text/plus", "text/fact"}
     assert any(len(line["conversations"]) > 2 for line in lines if isinstance(line.get("image"), str))
     assert len({line["id"] for line in lines}) == len(lines)
 

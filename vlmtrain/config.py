@@ -152,6 +152,11 @@ class DataConfig:
     micro_batch_size samples) or ``packed`` (buffers of max_tokens / max_tiles, one row each).
     None: padded."""
     num_workers: int = 2
+    persistent_workers: bool = False
+    """Keep the loader's worker processes between epochs (only with num_workers > 0): saves their
+    start-up and first step at every epoch of a many-epoch run."""
+    prefetch_factor: Optional[int] = None
+    """Steps each worker builds ahead (None: PyTorch's default, 2; only with num_workers > 0)."""
     min_frames: int = 8
     max_frames: int = 32
     path: Optional[str] = None
@@ -216,6 +221,9 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device, for the logged MFU estimate. None: looked up from the GPU's
     name (bf16 dense peak; vlmtrain.training.flops.PEAK_BF16_FLOPS); no MFU on a CPU unless set."""
+    max_time: Optional[str] = None
+    """Stop training after this wall time (Lightning's ``DD:HH:MM:SS``), then save and return as at
+    the end of the run: a safety limit for time-boxed runs. None: no limit."""
 
 
 @dataclass

@@ -12,6 +12,13 @@ punctuation normalised) and ANLS (average normalised Levenshtein similarity, thr
 dataset and overall. ``predictions.jsonl`` lands beside ``metrics.json`` in ``out`` (default:
 ``<run or checkpoint dir>/eval``). The data config's ``repeat`` factors are ignored: each line
 counts once; a line that cannot be read is skipped and counted.
+
+``eval.group_by=<key>`` also reports the metrics per value of that annotation key (e.g. a
+benchmark's ``category``): a string applies to every turn of its line, a list gives one value per
+assistant turn (the synthetic shapes data writes ``question_types`` this way); a line without the
+key counts under ``(none)``.
+
+    python -m vlmtrain.eval ckpt=runs/lp data=demo_val eval.group_by=question_types
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class EvalOptions:
     limit: Optional[int] = None
     """Evaluate only the first N questions of each dataset."""
     anls_threshold: float = 0.5
+    group_by: Optional[str] = None
+    """An annotation key to break the metrics down by (a string per line, or a list with one
+    value per assistant turn)."""
 
 
 @dataclass
@@ -118,9 +128,29 @@ class Question:
     turn: int
     prompt: Any
     reference: str
+    group: Optional[str] = None
 
 
-def questions(name: str, dcfg, default_system: str | None, limit: int | None, skipped: dict) -> list[Question]:
+NO_GROUP = "(none)"
+
+
+def group_of(raw, key: str | None, turn: int, where: str) -> str | None:
+    """The ``key`` value of a parsed record for assistant turn ``turn`` (see ``EvalOptions.group_by``)."""
+    if key is None:
+        return None
+    value = raw.get(key) if isinstance(raw, dict) else None
+    if value is None:
+        return NO_GROUP
+    if isinstance(value, (list, tuple)):
+        if turn >= len(value):
+            raise ValueError(f"{where}: eval.group_by key {key!r} has {len(value)} values, "
+                             f"but the line has more assistant turns")
+        value = value[turn]
+    return str(value)
+
+
+def questions(name: str, dcfg, default_system: str | None, limit: int | None, skipped: dict,
+              group_by: str | None = None) -> list[Question]:
     from vlmtrain.data.conversation import SampleError
     from vlmtrain.data.formats import guess_format, reader
     from vlmtrain.inference import Prompt
@@ -133,7 +163,8 @@ def questions(name: str, dcfg, default_system: str | None, limit: int | None, sk
     out: list[Question] = []
     for record in fmt.read(path):
         try:
-            conv = fmt.to_conversation(record.parse(), root)
+            raw = record.parse()
+            conv = fmt.to_conversation(raw, root)
             conv.check()
         except SampleError as e:
             skipped[f"{name}/{e.reason}"] = skipped.get(f"{name}/{e.reason}", 0) + 1
@@ -144,7 +175,8 @@ def questions(name: str, dcfg, default_system: str | None, limit: int | None, sk
             history = conv.turns[:t]
             seen = "".join(u + a for u, a in history) + user
             n_img, n_vid = seen.count("<image>"), seen.count("<video>")
-            out.append(Question(name, record.where(), t, Prompt(user, images[:n_img], videos[:n_vid], history, system), answer))
+            out.append(Question(name, record.where(), t, Prompt(user, images[:n_img], videos[:n_vid], history, system),
+                                answer, group_of(raw, group_by, t, record.where())))
             if limit is not None and len(out) >= limit:
                 return out
     return out
@@ -187,7 +219,7 @@ def evaluate(cfg: DictConfig) -> dict:
             engine = InferenceEngine(trained, max_tiles=dcfg.n_max, num_frames=data.min_frames,
                                      template=dcfg.template or data.template, system=data.system,
                                      device=resolve_device(cfg.device))
-            qs = questions(name, dcfg, None, cfg.eval.limit, skipped)
+            qs = questions(name, dcfg, None, cfg.eval.limit, skipped, cfg.eval.group_by)
             rows = []
             for start in range(0, len(qs), cfg.eval.batch_size):
                 batch = qs[start:start + cfg.eval.batch_size]
@@ -196,22 +228,44 @@ def evaluate(cfg: DictConfig) -> dict:
                     row = {"dataset": name, "where": q.where, "turn": q.turn, "query": q.prompt.query,
                            "prediction": pred, "reference": q.reference,
                            **score(pred, q.reference, cfg.eval.anls_threshold)}
+                    if q.group is not None:
+                        row["group"] = q.group
                     rows.append(row)
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 log.info("%s: %d/%d answered", name, len(rows), len(qs))
             results[name] = summarise(rows)
             rows_all += rows
     metrics = {"ckpt": str(cfg.ckpt), "datasets": results, "overall": summarise(rows_all), "skipped": skipped}
+    if cfg.eval.group_by:
+        metrics["group_by"] = cfg.eval.group_by
+        metrics["groups"] = summarise_groups(rows_all)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     print(format_table(metrics))
     print(f"predictions: {out_dir / 'predictions.jsonl'}\nmetrics: {out_dir / 'metrics.json'}")
     return metrics
 
 
+def summarise_groups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Metrics per ``group`` value, and per prefix before a ``/`` (``one_image/count`` also counts
+    under ``one_image``), sorted by name."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        g = r.get("group")
+        if g is None:
+            continue
+        parts = g.split("/")
+        for i in range(1, len(parts) + 1):
+            groups.setdefault("/".join(parts[:i]), []).append(r)
+    return {g: summarise(groups[g]) for g in sorted(groups)}
+
+
 def format_table(metrics: dict) -> str:
-    lines = [f"{'dataset':<24}{'count':>7}{'exact':>9}{'relaxed':>9}{'anls':>9}"]
-    for name, m in list(metrics["datasets"].items()) + [("overall", metrics["overall"])]:
-        lines.append(f"{name:<24}{m['count']:>7}{m['exact_match']:>9.3f}{m['relaxed_match']:>9.3f}{m['anls']:>9.3f}")
+    named = list(metrics["datasets"].items()) + [("overall", metrics["overall"])]
+    named += [(f"{metrics['group_by']}={g}", m) for g, m in metrics.get("groups", {}).items()]
+    width = max([24] + [len(n) + 2 for n, _ in named])
+    lines = [f"{'dataset':<{width}}{'count':>7}{'exact':>9}{'relaxed':>9}{'anls':>9}"]
+    for name, m in named:
+        lines.append(f"{name:<{width}}{m['count']:>7}{m['exact_match']:>9.3f}{m['relaxed_match']:>9.3f}{m['anls']:>9.3f}")
     if metrics["skipped"]:
         lines.append("skipped lines: " + ", ".join(f"{k}: {v}" for k, v in sorted(metrics["skipped"].items())))
     return "\n".join(lines)

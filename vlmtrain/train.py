@@ -78,6 +78,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         precision=hw.precision,
         max_epochs=cfg.stage.max_epochs,
         max_steps=cfg.stage.max_steps,
+        max_time=cfg.trainer.max_time,
         logger=instantiate(cfg.logger) if cfg.logger else False,
         callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(cfg, run_dir)],
         enable_checkpointing=cfg.trainer.checkpoint,

@@ -1,18 +1,35 @@
 """Learning proof: train a small InternVL-architecture model from scratch on the generated
-coloured-shapes task through all three stages, then measure exact match on a held-out split.
+coloured-shapes task through all three stages, then score a held-out split with
+``python -m vlmtrain.eval``.
 
-    python experiments/learning_proof/run.py --out runs/learning_proof            # one GPU, < 10 min
-    python experiments/learning_proof/run.py --train 400 --heldout 40 --epochs 1 1 1 hardware=cpu  # CPU smoke
+    python experiments/learning_proof/run.py --out runs/learning_proof             # one GPU, < 10 min
+    python experiments/learning_proof/run.py --out /tmp/lp --train 2000 --heldout 100 \\
+        --steps 10 10 300 --budget 3000 hardware=cpu data.num_workers=1 ...            # a CPU trial
+    python experiments/learning_proof/run.py --plot runs/learning_proof             # redraw the png
 
-Data: ``vlmtrain.data.synthetic.make_shapes_dataset`` (train split, and a held-out split whose
-images are never seen in training). Model and data settings: conf/experiment/learning_proof.yaml;
-the per-stage learning rates and epochs below (larger than the recipe's, which fine-tunes
-pretrained weights: here everything starts from random init).
+Data: ``vlmtrain.data.synthetic.make_shapes_dataset`` (the train split, generated in parallel
+chunks, and a held-out split whose images are never seen in training). Model and data settings:
+conf/experiment/learning_proof.yaml; the per-stage learning rates below (larger than the recipe's,
+which fine-tunes pretrained weights: here everything starts from random init).
 
-Evaluation: greedy decoding of the first answer of every held-out line (max 8 tokens, stops at
-``<|im_end|>``), exact match of the generated token ids with the reference answer + ``<|im_end|>``.
-Reported per question type: image questions (single- and two-image) and text-only arithmetic/facts.
-(``python -m vlmtrain.eval`` was not on this branch when this ran: the loop below does the same job.)
+Stages chain by ``init_from`` through ``vlmtrain.train.train`` (what ``python -m vlmtrain`` runs):
+mlp_warmup -> vit_incremental -> instruction_tuning. ``--budget`` is the wall-time limit of the
+whole script. Stage 2's length (``--steps ... 0``, the default) fills the budget: the time left
+after a reserve for evaluation, times the step rate measured in stage 1.5, times
+``--rate-margin`` (stage 2 also updates the LLM's weights, so its steps are slower), so the cosine
+schedule runs to its end on any device. Every stage also gets ``trainer.max_time`` = the time left
+minus the reserve, so a run slower than measured stops early and still evaluates.
+
+Evaluation is ``python -m vlmtrain.eval`` in a subprocess (the entry point itself): greedy
+answers to every question of the held-out lines, exact match per question type
+(``eval.group_by=question_types``). Chance is the blind baseline: the most common training answer
+for the same question text (the image unseen; the question type's most common answer for a
+question text that training never asked).
+
+Writes under ``--out``: ``learning_proof.json`` (accuracy per question type, chance, loss curves,
+throughput, timings), ``loss_curve.png``, ``metrics_<stage>.csv`` (each stage's logged metrics),
+``eval/metrics.json`` + ``eval/predictions.jsonl``. The generated data and the stage run
+directories (checkpoints) go under ``--work`` (default: ``--out``).
 """
 
 from __future__ import annotations
@@ -20,128 +37,268 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import gc
 import os
+import shutil
+import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-from vlmtrain.conf import CONFIG_DIR, register  # noqa: E402
-from vlmtrain.data.mixture import MixtureDataset  # noqa: E402
-from vlmtrain.data.synthetic import make_shapes_dataset  # noqa: E402
-from vlmtrain.models.build import build_model, load_tokenizer  # noqa: E402
-from vlmtrain.models.internvl import multimodal_embeddings, tokens_per_tile  # noqa: E402
-from vlmtrain.train import init_weights_from, train  # noqa: E402
-from vlmtrain.training.loss import IGNORE_INDEX  # noqa: E402
-
 STAGES = {
     # from random init, stages 1 and 1.5 (frozen random LLM) teach little: short, to chain the recipe
-    "mlp_warmup": ["stage.lr=1e-3", "stage.max_steps=60"],
-    "vit_incremental": ["stage.lr=5e-4", "stage.max_steps=60"],
-    "instruction_tuning": ["stage.lr=5e-4"],
+    "mlp_warmup": ["stage.lr=1e-3"],
+    "vit_incremental": ["stage.lr=5e-4"],
+    "instruction_tuning": ["stage.lr=1e-3"],
 }
+SEED = 1
+SIDE_RANGE = (160, 448)
+SYSTEM = "Answer with one word or number."
+IMAGE_KINDS = ("one_image", "two_images")
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def _make_chunk(args) -> Path:
+    from vlmtrain.data.synthetic import make_shapes_dataset
+
+    out, n, split = args
+    return make_shapes_dataset(out, n, seed=SEED, split=split, side_range=SIDE_RANGE)
+
+
+def make_data(data_dir: Path, n_train: int, n_heldout: int, procs: int) -> tuple[Path, Path]:
+    """annotations.jsonl (train: ``procs`` chunks, each its own split name so images never collide)
+    and annotations_val.jsonl (held out: images the train chunks never draw)."""
+    train, val = data_dir / "annotations.jsonl", data_dir / "annotations_val.jsonl"
+    done = data_dir / ".complete"
+    want = f"{n_train} {n_heldout} {procs}\n"
+    if done.is_file() and done.read_text() == want:
+        return train, val
+    chunks = [(n_train * (i + 1)) // procs - (n_train * i) // procs for i in range(procs)]
+    jobs = [(data_dir, n, f"train{i}") for i, n in enumerate(chunks)] + [(data_dir, n_heldout, "val")]
+    with ProcessPoolExecutor(procs) as pool:
+        paths = list(pool.map(_make_chunk, jobs))
+    with open(train, "w") as f:
+        for p in paths[:-1]:
+            f.write(p.read_text())
+            p.unlink()
+    done.write_text(want)
+    return train, val
+
+
+def question_text(human: str) -> str:
+    """The question itself: the last line of the user turn (after the image placeholders)."""
+    return human.strip().split("\n")[-1].strip()
+
+
+def blind_baseline(train: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Most common training answer per question text, and per question type (for unseen texts)."""
+    by_text, by_type = defaultdict(Counter), defaultdict(Counter)
+    for line in train.read_text().splitlines():
+        rec = json.loads(line)
+        conv = rec["conversations"]
+        for (human, gpt), kind in zip(zip(conv[::2], conv[1::2]), rec["question_types"]):
+            by_text[question_text(human["value"])][gpt["value"]] += 1
+            by_type[kind][gpt["value"]] += 1
+    top = lambda c: c.most_common(1)[0][0]  # noqa: E731
+    return {k: top(c) for k, c in by_text.items()}, {k: top(c) for k, c in by_type.items()}
+
+
+# -- training -----------------------------------------------------------------------------------------
 
 
 def compose_cfg(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from vlmtrain.conf import CONFIG_DIR
+
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=["experiment=learning_proof", *overrides])
 
 
-@torch.no_grad()
-def evaluate(cfg, run_dir: Path, data_dir: Path, device, max_new: int = 8):
-    tok = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, tok, cfg.seed)
-    init_weights_from(model, str(run_dir))
-    model = model.to(device).eval()
-    with open_dict(cfg):
-        cfg.data.datasets.shapes.path = str(data_dir / "annotations_val.jsonl")
-        cfg.data.datasets.shapes.jpeg_augment = False
-    v = cfg.model.vision
-    data = MixtureDataset(cfg.data, tok, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio))
-    end_id = tok.convert_tokens_to_ids("<|im_end|>")
-    hits, totals, examples = defaultdict(int), defaultdict(int), []
-    for i in range(len(data)):
-        s = data[i]
-        sup = (s.labels != IGNORE_INDEX).nonzero().flatten()
-        start = int(sup[0])
-        stop = start
-        while stop < len(s.labels) and s.labels[stop] != IGNORE_INDEX:
-            stop += 1
-        gold = s.input_ids[start:stop].tolist()
-        ids = s.input_ids[:start].unsqueeze(0).to(device)
-        pix = s.pixel_values.to(device) if s.pixel_values is not None else None
-        out = []
-        for _ in range(max_new):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                emb = multimodal_embeddings(model, ids, pix)
-                h = model.model.language_model(inputs_embeds=emb).last_hidden_state[:, -1]
-                nxt = int(model.lm_head(h).argmax(-1))
-            out.append(nxt)
-            if nxt == end_id:
-                break
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], 1)
-        kind = "text_only" if s.pixel_values is None else ("two_images" if len(s.num_tiles) > 1 else "one_image")
-        totals[kind] += 1
-        hits[kind] += out == gold
-        if len(examples) < 12:
-            examples.append({"question": tok.decode(s.input_ids[:start]).split("</img>")[-1].split("user\n")[-1].strip(),
-                             "answer": tok.decode(gold), "predicted": tok.decode(out)})
-    image = sum(totals[k] for k in ("one_image", "two_images"))
-    acc = {k: hits[k] / totals[k] for k in totals}
-    acc["image_questions"] = (hits["one_image"] + hits["two_images"]) / max(1, image)
-    acc["all"] = sum(hits.values()) / sum(totals.values())
-    return {"accuracy": acc, "counts": dict(totals), "examples": examples}
+def max_time(seconds: float) -> str:
+    s = max(1, int(seconds))
+    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def read_curve(run_dir: Path) -> dict:
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv"))) if (run_dir / "metrics.csv").is_file() else []
+    curve = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    samples_per_s = [float(r["train/samples_per_s"]) for r in rows if r.get("train/samples_per_s")]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    return {"loss": curve, "samples_per_s": samples_per_s, "summary": summary}
+
+
+def step_rate(curve: dict, batch: int) -> float | None:
+    """Steps/s of a finished stage: the median of its logged windows (first-step warm-up is one
+    window of many), else the run summary's average."""
+    windows = sorted(curve["samples_per_s"])
+    if windows:
+        return windows[len(windows) // 2] / batch
+    summary = curve["summary"]
+    return summary["steps"] / summary["train_seconds"] if summary.get("steps") and summary.get("train_seconds") else None
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+
+def run_eval(ckpt: Path, val: Path, out: Path, batch_size: int, device: str) -> dict:
+    """``python -m vlmtrain.eval`` on the held-out split; its metrics.json."""
+    cmd = [sys.executable, "-m", "vlmtrain.eval", f"ckpt={ckpt}", f"out={out}",
+           f"data.datasets.shapes_val.path={val}", "data.datasets.shapes_val.n_max=1",
+           f"data.system='{SYSTEM}'", "eval.group_by=question_types", f"eval.batch_size={batch_size}",
+           "generation.max_new_tokens=4", f"device={device}"]
+    print("eval:", " ".join(cmd[1:]), flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def score_predictions(predictions: Path, text_answer: dict, type_answer: dict) -> dict:
+    """Exact match of the model and of the blind baseline per question type, per kind (one image,
+    two images, text), for image questions together and for all questions."""
+    rows = [json.loads(x) for x in predictions.read_text().splitlines()]
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        kind = r["group"].split("/")[0]
+        blind = text_answer.get(question_text(r["query"]), type_answer.get(r["group"]))
+        pair = (r["exact_match"], float(blind == r["reference"]))
+        for g in {r["group"], kind, "image_questions" if kind in IMAGE_KINDS else None, "all"} - {None}:
+            groups[g].append(pair)
+    return {g: {"count": len(v), "exact_match": sum(a for a, _ in v) / len(v), "chance": sum(c for _, c in v) / len(v)}
+            for g, v in sorted(groups.items())}
+
+
+def plot(out: Path) -> Path | None:
+    result = json.loads((out / "learning_proof.json").read_text())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no png (redraw later with --plot)", flush=True)
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    offset = 0
+    for stage, c in result["curves"].items():
+        if c["loss"]:
+            steps, loss = zip(*c["loss"])
+            ax.plot([offset + s for s in steps], loss, label=stage)
+            offset += steps[-1] + 1
+    acc = result["accuracy"]
+    ax.set(xlabel="optimizer step (stages back to back)", ylabel="train loss (square-averaged)", yscale="log",
+           title=f"learning proof: held-out exact match {acc['image_questions']['exact_match']:.1%} on image "
+                 f"questions (chance {acc['image_questions']['chance']:.1%})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "loss_curve.png"
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/learning_proof")
-    ap.add_argument("--train", type=int, default=20000)
-    ap.add_argument("--heldout", type=int, default=500)
-    ap.add_argument("--epochs", type=int, nargs=3, default=[1, 1, 7], help="epochs of stages 1, 1.5, 2 (1 and 1.5 stop at 60 steps)")
+    ap.add_argument("--out", default="runs/learning_proof", help="results")
+    ap.add_argument("--work", help="data and stage run directories (default: --out)")
+    ap.add_argument("--train", type=int, default=30000, help="train lines")
+    ap.add_argument("--heldout", type=int, default=500, help="held-out lines")
+    ap.add_argument("--steps", type=int, nargs=3, default=[60, 60, 0], metavar=("S1", "S15", "S2"),
+                    help="optimizer steps of stages 1, 1.5 and 2 (S2 = 0: fill the budget)")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds for the whole script (training stops early to leave --eval-reserve)")
+    ap.add_argument("--eval-reserve", type=float, default=60.0)
+    ap.add_argument("--rate-margin", type=float, default=0.8,
+                    help="stage 2 steps/s as a share of stage 1.5's, when S2 = 0")
+    ap.add_argument("--startup", type=float, default=15.0, help="seconds a stage spends before its first step")
+    ap.add_argument("--gen-procs", type=int, default=min(8, os.cpu_count() or 1), help="processes generating data")
+    ap.add_argument("--eval-batch", type=int, default=128)
+    ap.add_argument("--plot", metavar="OUT", help="only redraw OUT/loss_curve.png from OUT/learning_proof.json")
     args, overrides = ap.parse_known_args()
-    out = Path(args.out).resolve()
-    data_dir = out / "data"
+    if args.plot:
+        print(plot(Path(args.plot)))
+        return
     t0 = time.time()
-    if not (data_dir / "annotations_val.jsonl").is_file():
-        make_shapes_dataset(data_dir, args.train, seed=1, split="train", side_range=(160, 448))
-        make_shapes_dataset(data_dir, args.heldout, seed=1, split="val", side_range=(160, 448))
-    os.environ["LEARNING_PROOF_DATA"] = str(data_dir)
-    print(f"data: {args.train} train / {args.heldout} held-out lines in {time.time() - t0:.0f}s", flush=True)
+    out = Path(args.out).resolve()
+    work = Path(args.work).resolve() if args.work else out
+    out.mkdir(parents=True, exist_ok=True)
+    train_path, val_path = make_data(work / "data", args.train, args.heldout, max(1, args.gen_procs))
+    times = {"data": time.time() - t0}
+    print(f"data: {args.train} train / {args.heldout} held-out lines in {times['data']:.0f}s", flush=True)
+    os.environ["LEARNING_PROOF_DATA"] = str(work / "data")
+
+    import torch
+    from omegaconf import open_dict
+
+    from vlmtrain.conf import register
+    from vlmtrain.train import train
+
     register()
-    prev, curves, times = None, {}, {}
-    for (stage, extra), epochs in zip(STAGES.items(), args.epochs):
+    prev, curves, steps_run, rates, rate = None, {}, {}, {}, None
+    for (stage, extra), steps in zip(STAGES.items(), args.steps):
         t = time.time()
-        run_dir = out / stage
+        run_dir = work / stage
+        left = args.budget - (t - t0) - args.eval_reserve
+        if steps <= 0:
+            if rate is None:
+                raise SystemExit(f"--steps: {stage} needs a step count (the rate is measured in an earlier stage)")
+            steps = max(1, int(rate * args.rate_margin * (left - args.startup)))
+            print(f"{stage}: {steps} steps fill the {left:.0f}s left at {rate:.2f} x {args.rate_margin} steps/s",
+                  flush=True)
+        steps_run[stage] = steps
         init = [f"init_from={prev}"] if prev else []
-        cfg = compose_cfg([f"stage={stage}", f"stage.max_epochs={epochs}", *extra, *init, *overrides])
+        cfg = compose_cfg([f"stage={stage}", "stage.max_epochs=-1", f"stage.max_steps={steps}", *extra, *init,
+                           f"trainer.max_time={max_time(left)}", *overrides])
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
         train(cfg)
+        gc.collect()  # the stage's loader (and its persistent workers) goes now, not at exit
         times[stage] = time.time() - t
-        metrics = run_dir / "metrics.csv"
-        rows = list(csv.DictReader(open(metrics))) if metrics.is_file() else []
-        curves[stage] = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
-        print(f"{stage}: {times[stage]:.0f}s, loss curve {curves[stage][:1]} .. {curves[stage][-1:]}", flush=True)
+        curves[stage] = read_curve(run_dir)
+        if (run_dir / "metrics.csv").is_file():
+            shutil.copy(run_dir / "metrics.csv", out / f"metrics_{stage}.csv")
+        done = curves[stage]["summary"].get("global_step", steps)
+        measured = step_rate(curves[stage], cfg.stage.global_batch_size)
+        if measured:
+            rate = rates[stage] = measured
+        print(f"{stage}: {done}/{steps} steps in {times[stage]:.0f}s, loss {curves[stage]['loss'][:1]} .. "
+              f"{curves[stage]['loss'][-1:]}", flush=True)
         prev = run_dir
+
     t = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(cfg, prev, data_dir, device)
-    result.update(train_seconds=times, eval_seconds=time.time() - t, total_seconds=time.time() - t0,
-                  curves=curves, epochs=args.epochs, stages=STAGES, overrides=overrides,
-                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = run_eval(prev, val_path, out / "eval", args.eval_batch, device)
+    times["eval"] = time.time() - t
+    accuracy = score_predictions(out / "eval" / "predictions.jsonl", *blind_baseline(train_path))
+    times["total"] = time.time() - t0
+    result = {
+        "accuracy": accuracy,
+        "eval_metrics": metrics,
+        "seconds": times,
+        "curves": curves,
+        "steps": steps_run,
+        "steps_per_s": rates,
+        "stages": STAGES,
+        "overrides": overrides,
+        "train_lines": args.train,
+        "heldout_lines": args.heldout,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     (out / "learning_proof.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("accuracy", "counts", "train_seconds", "total_seconds")}), flush=True)
-    for e in result["examples"]:
-        print(e, flush=True)
+    plot(out)
+    print(f"{'question type':<32}{'count':>6}{'exact':>8}{'chance':>8}")
+    for g, a in accuracy.items():
+        print(f"{g:<32}{a['count']:>6}{a['exact_match']:>8.3f}{a['chance']:>8.3f}")
+    print(f"seconds: {json.dumps({k: round(v, 1) for k, v in times.items()})}", flush=True)
 
 
 if __name__ == "__main__":

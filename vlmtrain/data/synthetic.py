@@ -5,7 +5,10 @@ own column and its own row band, so "leftmost" or "topmost" is never ambiguous),
 model can learn it to ~100% and a training run that does not is broken. Image sizes vary from
 160 to 640 px per side with aspect ratios from 1:4 to 4:1, so dynamic tiling produces grids of
 1 to 6 tiles; lines mix single-image (some multi-turn), two-image and text-only conversations
-like a real InternVL fine-tuning mix. Nothing is downloaded: the default run and the tests
+like a real InternVL fine-tuning mix. Every line names the kind of each of its questions
+(``question_types``, one per assistant turn, e.g. ``one_image/count`` or ``text/plus``) so an
+evaluation can report accuracy per kind (``python -m vlmtrain.eval eval.group_by=question_types``).
+Nothing is downloaded: the default run and the tests
 generate it in about a second.
 
     python -c "from vlmtrain.data.synthetic import ensure_demo_dataset; print(ensure_demo_dataset())"
@@ -54,7 +57,7 @@ SPLIT_SHARES = {"multi_image": 0.15, "text_only": 0.15}
 DEMO_NUM_SAMPLES = 96
 DEMO_NUM_HELDOUT = 32
 DEMO_SEED = 0
-DEMO_VERSION = "shapes-v1"
+DEMO_VERSION = "shapes-v2"
 """Written into the demo's completion marker: bump it when generation changes so caches rebuild."""
 
 _MARKER = ".complete"
@@ -139,14 +142,14 @@ def make_shapes_dataset(
         if kind == "single_image":
             rel, shapes, (width, height) = new_image()
             line.update(image=rel, width=width, height=height)
-            line["conversations"] = _single_image_turns(rng, shapes)
+            line["conversations"], line["question_types"] = _single_image_turns(rng, shapes)
         elif kind == "multi_image":
             rel1, shapes1, size1 = new_image()
             rel2, shapes2, size2 = new_image(exclude_count=len(shapes1))
             line.update(image=[rel1, rel2], width_list=[size1[0], size2[0]], height_list=[size1[1], size2[1]])
-            line["conversations"] = _multi_image_turns(rng, shapes1, shapes2)
+            line["conversations"], line["question_types"] = _multi_image_turns(rng, shapes1, shapes2)
         else:
-            line["conversations"] = _text_only_turns(rng)
+            line["conversations"], line["question_types"] = _text_only_turns(rng)
         lines.append(line)
 
     path = annotation_path(out_dir, split)
@@ -297,20 +300,20 @@ def _single_image_question(rng: random.Random, shapes: list[DrawnShape], kind: s
 _SINGLE_KINDS = ("count", "count_colour", "count_shape", "colour_at", "shape_at", "exists")
 
 
-def _single_image_turns(rng: random.Random, shapes: list[DrawnShape]) -> list[dict]:
+def _single_image_turns(rng: random.Random, shapes: list[DrawnShape]) -> tuple[list[dict], list[str]]:
     num_turns = rng.choices([1, 2, 3], weights=[6, 3, 1])[0]
-    turns = []
-    for i, kind in enumerate(rng.sample(_SINGLE_KINDS, num_turns)):
+    turns, kinds = [], rng.sample(_SINGLE_KINDS, num_turns)
+    for i, kind in enumerate(kinds):
         question, answer = _single_image_question(rng, shapes, kind)
         if i == 0:
             question = "<image>\n" + question
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return turns
+    return turns, [f"one_image/{k}" for k in kinds]
 
 
 def _multi_image_turns(
     rng: random.Random, shapes1: list[DrawnShape], shapes2: list[DrawnShape]
-) -> list[dict]:
+) -> tuple[list[dict], list[str]]:
     prefix = "Image-1: <image>\nImage-2: <image>\n"
     colours1 = {s.colour for s in shapes1}
     colours2 = {s.colour for s in shapes2}
@@ -326,7 +329,8 @@ def _multi_image_turns(
         colour = rng.choice(only_one)
         question = f"Which image has a {colour} shape? Answer first or second."
         answer = "first" if colour in colours1 else "second"
-    return [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    turns = [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    return turns, [f"two_images/{kind}"]
 
 
 _COLOUR_FACTS = (
@@ -342,23 +346,25 @@ _COLOUR_FACTS = (
 )
 
 
-def _text_only_question(rng: random.Random) -> tuple[str, str]:
+def _text_only_question(rng: random.Random) -> tuple[str, str, str]:
+    """(question, answer, kind)."""
     kind = rng.choice(["plus", "minus", "times", "fact"])
     if kind == "plus":
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        return f"What is {a} plus {b}?", str(a + b)
+        return f"What is {a} plus {b}?", str(a + b), kind
     if kind == "minus":
         a, b = sorted((rng.randint(0, 20), rng.randint(0, 20)), reverse=True)
-        return f"What is {a} minus {b}?", str(a - b)
+        return f"What is {a} minus {b}?", str(a - b), kind
     if kind == "times":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"What is {a} times {b}?", str(a * b)
-    return rng.choice(_COLOUR_FACTS)
+        return f"What is {a} times {b}?", str(a * b), kind
+    return (*rng.choice(_COLOUR_FACTS), kind)
 
 
-def _text_only_turns(rng: random.Random) -> list[dict]:
-    turns = []
+def _text_only_turns(rng: random.Random) -> tuple[list[dict], list[str]]:
+    turns, kinds = [], []
     for _ in range(rng.choices([1, 2], weights=[3, 1])[0]):
-        question, answer = _text_only_question(rng)
+        question, answer, kind = _text_only_question(rng)
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return turns
+        kinds.append(f"text/{kind}")
+    return turns, kinds

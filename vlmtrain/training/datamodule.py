@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from vlmtrain.config import DataConfig
-from vlmtrain.data.collate import StepCollator
+from vlmtrain.data.collate import Step, StepCollator
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import StepSampler
 
@@ -55,11 +55,19 @@ class VLMDataModule(pl.LightningDataModule):
             batch_sampler=self.sampler,
             collate_fn=self.collator(pad_id),
             num_workers=self.cfg.num_workers,
-            persistent_workers=False,
+            persistent_workers=bool(self.cfg.persistent_workers and self.cfg.num_workers > 0),
+            prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None,
             # its own generator: creating the loader's iterator must not draw from the global RNG,
             # or a resumed run's drop-path masks would differ from the uninterrupted run's
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """A Step stays on the host: the training step moves each micro-batch when it runs it, and
+        sums the step's loss weight from the host copy of its counts (no device sync for that)."""
+        if isinstance(batch, Step):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def state_dict(self) -> dict:
         if self.sampler is None:

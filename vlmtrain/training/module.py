@@ -81,11 +81,12 @@ class VLMTrainingModule(pl.LightningModule):
         return num, w.sum()
 
     def step_weight(self, step: Step) -> torch.Tensor:
-        """This rank's total loss weight for the step (known from the data before any forward)."""
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        """This rank's total loss weight for the step (known from the data before any forward),
+        computed where the step's counts are (the host, before the step moves to the device)."""
+        total = torch.zeros((), dtype=torch.float32)
         for mb in step.micro_batches:
             counts = mb.num_supervised
-            total += (self.weighting(counts) * counts.clamp(min=0)).sum().to(self.device)
+            total += (self.weighting(counts) * counts.clamp(min=0)).sum().to(total.device, torch.float32)
         return total
 
     def training_step(self, step: Step, batch_idx: int):
@@ -93,8 +94,12 @@ class VLMTrainingModule(pl.LightningModule):
         sched = self.lr_schedulers()
         strategy = self.trainer.strategy
         deepspeed = is_deepspeed(strategy)
-        w_total = strategy.reduce(self.step_weight(step), reduce_op="sum")
+        w_local = self.step_weight(step)
+        w_total = strategy.reduce(w_local.to(self.device), reduce_op="sum")
         world = self.trainer.world_size
+        # whether to step: on one process from the host copy, so the host never waits for the device
+        # here (a sync per step would stop it queueing the next step while this one runs)
+        any_weight = bool(w_local > 0) if world == 1 else bool(w_total > 0)
         num_total = torch.zeros((), device=self.device)
         if self.meter is not None:
             self.meter.count(step)
@@ -128,7 +133,7 @@ class VLMTrainingModule(pl.LightningModule):
             grad_norm = deepspeed_grad_norm(strategy)
         else:
             grad_norm = self._clip(opt)
-            if w_total > 0:
+            if any_weight:
                 opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
