@@ -49,6 +49,13 @@ class Batch:
                 setattr(self, k, v.to(device, non_blocking=True))
         return self
 
+    def pin_memory(self):
+        """Page-locked host copies (the DataLoader's pin thread calls this), so ``to`` is asynchronous."""
+        for k, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.pin_memory())
+        return self
+
 
 @dataclass
 class Step:
@@ -58,6 +65,11 @@ class Step:
     skipped: list = field(default_factory=list)
     truncated: int = 0
     """Samples of this step whose trailing text turns were dropped to fit (data.too_long=truncate_text)."""
+
+    def pin_memory(self):
+        for mb in self.micro_batches:
+            mb.pin_memory()
+        return self
 
     def pad_to(self, n: int) -> None:
         """Append zero-weight micro-batches up to ``n``: every rank of a step must run the same number

@@ -57,6 +57,7 @@ class VLMDataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             persistent_workers=bool(self.cfg.persistent_workers and self.cfg.num_workers > 0),
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),  # asynchronous host-to-device copies (Batch.pin_memory)
             # its own generator: creating the loader's iterator must not draw from the global RNG,
             # or a resumed run's drop-path masks would differ from the uninterrupted run's
             generator=torch.Generator().manual_seed(self.seed),
