@@ -18,8 +18,6 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from braceexpand import braceexpand
-
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats.source import Record
 
@@ -28,6 +26,8 @@ def shard_paths(path: str | Path) -> list[Path]:
     """Shard files named by a file, a folder of .tar files or a brace pattern; missing ones raise."""
     p = str(path)
     if "{" in p:
+        from braceexpand import braceexpand  # with webdataset; only shard patterns need it
+
         paths = [Path(x).expanduser() for x in braceexpand(p)]
     elif Path(p).expanduser().is_dir():
         paths = sorted(Path(p).expanduser().glob("*.tar"))
