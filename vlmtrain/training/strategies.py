@@ -16,6 +16,7 @@ keeps the all-gathers on the fast intra-node links.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -68,6 +69,23 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.hybrid = hybrid
         self.cpu_offload = cpu_offload
+
+    @contextmanager
+    def block_backward_sync(self):
+        """Backward without the gradient reduce-scatter: FSDP2 accumulates this micro-batch's
+        gradients unsharded on the rank, and the step's last micro-batch (run outside this
+        context) reduce-scatters them all at once, one reduction per step instead of one per
+        micro-batch."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
 
     def setup_environment(self) -> None:
         # all ranks are data parallel: the 1D "data_parallel" mesh spans the whole world
