@@ -99,11 +99,7 @@ def sample_flops(s: EncodedSample, cfg) -> float:
 
 def pinned(batch, device):
     """A collated micro-batch in pinned host memory, as the trainer's loader (pin_memory) hands it over."""
-    if device.type == "cuda":
-        for k, v in vars(batch).items():
-            if isinstance(v, torch.Tensor):
-                setattr(batch, k, v.pin_memory())
-    return batch
+    return batch.pin_memory() if device.type == "cuda" else batch
 
 
 def run_vlmtrain(cfg, tokenizer, steps, device, warmup, profile=False):
