@@ -75,3 +75,17 @@ def test_drop_path_follows_the_stage(tiny):
     torch.manual_seed(0)
     c = tower(pixel_values=x).last_hidden_state
     assert not torch.allclose(a, c)  # drop path 0.1 on the last layer changes some samples
+
+
+def test_init_dtype_rounds_the_random_weights_to_bf16():
+    """model.init_dtype=bfloat16: every weight is exactly a bf16 value (still fp32 tensors), the same
+    draws as without it; a dtype that is not a float dtype is an error naming the key."""
+    tok = load_tokenizer(compose_config(["data.datasets={}"]).model)
+    plain = build_model(compose_config(["data.datasets={}"]).model, tok)
+    rounded = build_model(compose_config(["data.datasets={}", "model.init_dtype=bfloat16"]).model, tok)
+    for (name, a), b in zip(plain.named_parameters(), rounded.parameters()):
+        assert b.dtype == torch.float32, name
+        assert torch.equal(b, a.bfloat16().float()), name
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), rounded.parameters()))
+    with pytest.raises(ValueError, match="model.init_dtype='int8'"):
+        build_model(compose_config(["data.datasets={}", "model.init_dtype=int8"]).model, tok)

@@ -73,6 +73,10 @@ class ModelConfig:
     compile: List[str] = field(default_factory=list)
     """Parts whose transformer blocks run through ``torch.compile`` (regional, dynamic shapes), e.g.
     [vision_tower, language_model]. Worth it on GPUs; the first steps pay the compilation."""
+    init_dtype: Optional[str] = None
+    """Round the initial weights to this dtype (``bfloat16``), as a bf16 checkpoint holds them.
+    DeepSpeed's bf16 mode keeps bf16 weights and starts its fp32 master copy from them, FSDP2
+    mixed precision starts from the fp32 weights: rounded, both start from the same values."""
     attention: str = "auto"
     """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
     else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""

@@ -81,8 +81,21 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
         from vlmtrain.models.loading import load_pretrained
 
         load_pretrained(model, cfg)
+    if cfg.init_dtype:
+        round_weights(model, cfg.init_dtype)
     configure_training(model, cfg)
     return model
+
+
+def round_weights(model: torch.nn.Module, dtype: str) -> None:
+    """Every floating-point weight rounded to ``dtype`` (kept in its own dtype)."""
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise ValueError(f"model.init_dtype={dtype!r} is not a torch floating-point dtype (e.g. bfloat16)")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_(p.to(target))
 
 
 def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
