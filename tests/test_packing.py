@@ -148,6 +148,22 @@ def test_unknown_attention_backend_fails_naming_the_key(tiny):
         build_model(compose_config(["model.attention=flash9"]).model, tok)
 
 
+def test_auto_backend_skips_flash_kernels_for_float32(monkeypatch):
+    """On a GPU with the flash kernels, a float32 run (hardware.precision=32-true) once failed in
+    varlen_attn ("FlashAttention only support fp16 and bf16"): auto now picks the first backend that
+    takes the dtype, and naming a flash backend for float32 is an error naming the key."""
+    from vlmtrain.models import attention
+
+    monkeypatch.setitem(attention._AVAILABLE, "cpu", ("flash_attn", "varlen", "flex", "sdpa"))
+    cpu = torch.device("cpu")
+    assert attention.resolve_backend("auto", cpu, torch.bfloat16).name == "flash_attn"
+    assert attention.resolve_backend("auto", cpu, torch.float16).name == "flash_attn"
+    assert attention.resolve_backend("auto", cpu, torch.float32).name == "flex"
+    assert attention.resolve_backend("varlen", cpu, torch.bfloat16).name == "varlen"
+    with pytest.raises(ValueError, match="model.attention='varlen' runs in float16/bfloat16 only"):
+        attention.resolve_backend("varlen", cpu, torch.float32)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_keep_loss_and_gradients(tiny):
     """model.compile (regional torch.compile, dynamic shapes): the same loss and gradients as eager

@@ -17,6 +17,9 @@ Backends, in the order ``auto`` tries them:
 | flex        | ``flex_attention`` (compiled) with a document mask      | CUDA             |
 | sdpa        | ``scaled_dot_product_attention`` with a dense block-diagonal causal mask | any (CPU tests) |
 
+The flash kernels take float16/bfloat16 only; ``auto`` passes over them when the attention runs in
+float32 (``hardware.precision=32-true`` on a GPU).
+
 Rows without ``cu_seq_lens`` (padded batches, generation) go to transformers' own SDPA function
 with the usual padding mask, so a model set to a packed implementation still runs everything else.
 """
@@ -41,6 +44,11 @@ class Backend:
     available: Callable[[torch.device], bool]
     run: Callable
     """(q, k, v, cu_seq_lens, max_length, scale) with q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    half_only: bool = False
+    """The kernel takes float16/bfloat16 only (flash): ``auto`` skips it for float32 runs."""
+
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 # -- flash-attn ------------------------------------------------------------------------------------
@@ -171,8 +179,8 @@ def _sdpa(q, k, v, cu, max_len, scale):
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("flash_attn", _flash_attn_available, _flash_attn),
-        Backend("varlen", _torch_varlen_available, _torch_varlen),
+        Backend("flash_attn", _flash_attn_available, _flash_attn, half_only=True),
+        Backend("varlen", _torch_varlen_available, _torch_varlen, half_only=True),
         Backend("flex", _flex_available, _flex),
         Backend("sdpa", lambda device: True, _sdpa),
     )
@@ -194,21 +202,25 @@ def available_backends(device_type: str) -> tuple[str, ...]:
     return _AVAILABLE[device_type]
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """The backend ``name`` names (``auto``: the first one available on ``device``)."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The backend ``name`` names (``auto``: the first one available on ``device`` that takes
+    ``dtype``: a float32 run on CUDA skips the flash kernels)."""
     available = available_backends(device.type)
     if name == "auto":
-        return BACKENDS[available[0]]
+        return next(BACKENDS[n] for n in available if dtype in HALF or dtype is None or not BACKENDS[n].half_only)
     if name not in BACKENDS:
         raise ValueError(f"model.attention={name!r}: choose auto or one of {sorted(BACKENDS)}")
     if name not in available:
         raise RuntimeError(f"model.attention={name!r} is not available on {device} (not installed or no CUDA)")
+    if BACKENDS[name].half_only and dtype is not None and dtype not in HALF:
+        raise ValueError(f"model.attention={name!r} runs in float16/bfloat16 only, and this run's attention is "
+                         f"{dtype} (hardware.precision): use auto, flex or sdpa")
     return BACKENDS[name]
 
 
 def varlen_causal_attention(q, k, v, cu_seq_lens, max_length, scale=None, backend: str = "auto"):
     """Causal attention within each packed sample. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
-    return resolve_backend(backend, q.device).run(q, k, v, cu_seq_lens, max_length, scale)
+    return resolve_backend(backend, q.device, q.dtype).run(q, k, v, cu_seq_lens, max_length, scale)
 
 
 def _attention_function(backend: str):
