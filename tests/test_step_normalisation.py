@@ -79,8 +79,9 @@ def test_single_process_variants_equal_one_batch(one_batch, tmp_path, variant):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "collate",
-    [["data.micro_batch_size=1"], ["data/collate=packed", "data.collate.max_tokens=700"]],
-    ids=["padded", "packed"],
+    [["data.micro_batch_size=1"], ["data/collate=packed", "data.collate.max_tokens=700"],
+     ["data/collate=packed", "data.collate.max_tokens=700", "data.balance_ranks=true"]],
+    ids=["padded", "packed", "packed_balanced"],  # balanced: the ranks split the step by cost, same union
 )
 def test_two_gloo_ranks_equal_one_process(one_batch, one_batch_run, tmp_path, collate):
     # each rank takes 2 of the step's 4 samples (unequal loss weights per rank), as 2 micro-batches

@@ -161,6 +161,11 @@ class DataConfig:
     start-up and first step at every epoch of a many-epoch run."""
     prefetch_factor: Optional[int] = None
     """Steps each worker builds ahead (None: PyTorch's default, 2; only with num_workers > 0)."""
+    balance_ranks: bool = False
+    """With several ranks: split each optimizer step's samples over the ranks by estimated compute
+    (LLM tokens, plus each tile's ViT work in LLM-token units) instead of round robin, so no rank
+    waits for a busier one. The costs are measured once at start-up: image headers are read and
+    text is tokenized, no pixel is decoded, and each rank measures 1/world of the data."""
     min_frames: int = 8
     max_frames: int = 32
     path: Optional[str] = None

@@ -15,6 +15,7 @@ from vlmtrain.models.build import apply_stage, build_model, load_tokenizer, load
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption, find_resume_checkpoint
 from vlmtrain.training.datamodule import VLMDataModule
+from vlmtrain.training.flops import InternVLDims, tile_cost_in_tokens
 from vlmtrain.training.module import VLMTrainingModule
 from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_records
 
@@ -112,6 +113,7 @@ def train(cfg: DictConfig) -> Path:
     data = VLMDataModule(
         cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
         cfg.stage.global_batch_size, cfg.seed,
+        tile_cost=tile_cost_in_tokens(InternVLDims.from_hf_config(model.config)),
     )
     module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage, peak_tflops=cfg.trainer.peak_tflops)
     trainer = build_trainer(cfg, run_dir)

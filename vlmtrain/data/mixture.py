@@ -166,6 +166,14 @@ class MixtureDataset:
         source, line = self.locate(index)
         return self.load_line(source, line, random.Random(f"{self.seed}:{epoch}:{index}"), pixels)
 
+    def cost(self, index: int, tile_cost: float = 0.0) -> float:
+        """Estimated compute of sample ``index`` in LLM tokens: its tokens plus ``tile_cost`` per
+        tile (0 for a sample that is skipped). Reads image headers and tokenizes, decodes no pixels."""
+        sample = self.load(index, 0, pixels=False)
+        if not isinstance(sample, EncodedSample):
+            return 0.0
+        return float(len(sample.input_ids) + tile_cost * sum(sample.num_tiles))
+
     def load_line(self, source: SourceDataset, line: int, rng: random.Random, pixels: bool = True):
         """Line ``line`` of one source, encoded; a bad line is a Skipped (or raises, on_error=raise)."""
         record = source.records[line]

@@ -12,9 +12,24 @@ from __future__ import annotations
 import numpy as np
 
 
+def balanced_share(chunk: np.ndarray, costs: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's samples of one step's ``chunk``: the same count for every rank, costs spread by
+    greedy longest-first assignment (each sample, costliest first, goes to the least loaded rank
+    that still has room; ties to the lower rank). Deterministic, so every rank computes the same
+    split without communicating."""
+    per_rank = len(chunk) // world_size
+    loads, counts = np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
+    owner = np.empty(len(chunk), dtype=np.int64)
+    for pos in np.argsort(-costs[chunk], kind="stable"):
+        open_ranks = np.flatnonzero(counts < per_rank)
+        r = open_ranks[np.argmin(loads[open_ranks])]
+        owner[pos], loads[r], counts[r] = r, loads[r] + costs[chunk[pos]], counts[r] + 1
+    return chunk[owner == rank]
+
+
 class StepSampler:
     def __init__(self, num_samples: int, samples_per_step: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, costs: np.ndarray | None = None):
         if samples_per_step % world_size:
             raise ValueError(f"samples per step {samples_per_step} is not divisible by {world_size} ranks")
         if num_samples < samples_per_step:
@@ -25,6 +40,10 @@ class StepSampler:
         self.num_samples, self.samples_per_step = num_samples, samples_per_step
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.start_step = 0, 0
+        if costs is not None and len(costs) != num_samples:
+            raise ValueError(f"costs for {len(costs)} samples, but the data has {num_samples}")
+        self.costs = costs
+        """Per-sample compute estimate: when given, ranks share each step by cost (balanced_share)."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -55,7 +74,11 @@ class StepSampler:
         order, n, epoch = self.order(self.epoch), self.samples_per_step, self.epoch
         for step in range(self.start_step, self.steps_per_epoch):
             chunk = order[step * n:(step + 1) * n]
-            yield [(int(i), epoch) for i in chunk[self.rank::self.world_size]]
+            if self.costs is not None and self.world_size > 1:
+                share = balanced_share(chunk, self.costs, self.rank, self.world_size)
+            else:
+                share = chunk[self.rank::self.world_size]
+            yield [(int(i), epoch) for i in share]
 
     def state_dict(self, steps_done: int = 0) -> dict:
         """steps_done: optimizer steps of the current epoch already taken (the loader prefetches,

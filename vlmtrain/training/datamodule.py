@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
@@ -16,16 +19,20 @@ from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import StepSampler
 
 
+log = logging.getLogger(__name__)
+
 # Lightning cannot see that our loader resumes mid-epoch (its position lives in this module's
 # state_dict, restored with the checkpoint), and would warn about every exact resume
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 class VLMDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, global_batch_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, global_batch_size: int, seed: int,
+                 tile_cost: float = 0.0):
+        """tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
         super().__init__()
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
-        self.global_batch_size = global_batch_size
+        self.global_batch_size, self.tile_cost = global_batch_size, tile_cost
         self.dataset = MixtureDataset(cfg, tokenizer, tokens_per_tile, seed)
         self.sampler: StepSampler | None = None
 
@@ -34,7 +41,22 @@ class VLMDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
         if self.sampler is None:
-            self.sampler = StepSampler(len(self.dataset), self.global_batch_size, rank, world, self.seed)
+            costs = self.measure_costs(rank, world) if self.cfg.balance_ranks and world > 1 else None
+            self.sampler = StepSampler(len(self.dataset), self.global_batch_size, rank, world, self.seed, costs=costs)
+
+    def measure_costs(self, rank: int, world: int) -> np.ndarray:
+        """Every sample's cost (``MixtureDataset.cost``): each rank measures every world-th sample,
+        then the ranks exchange their parts (a collective: every rank calls it)."""
+        t0 = time.perf_counter()
+        mine = np.array([self.dataset.cost(i, self.tile_cost) for i in range(rank, len(self.dataset), world)])
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        costs = np.zeros(len(self.dataset))
+        for r, part in enumerate(parts):
+            costs[r::world] = part
+        log.info("data.balance_ranks: costs of %d samples measured in %.1fs (mean %.0f tokens)",
+                 len(costs), time.perf_counter() - t0, costs.mean())
+        return costs
 
     @property
     def micro_batches_per_step(self) -> int:

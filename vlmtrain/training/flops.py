@@ -134,6 +134,12 @@ def llm_matmul_flops_per_token(d: InternVLDims) -> float:
     return float(2 * d.llm_layers * per_layer)
 
 
+def tile_cost_in_tokens(d: InternVLDims) -> float:
+    """A tile's ViT + projector work in units of one LLM token's weight matmuls (its own LLM
+    tokens not included): the per-tile weight of the ranks' cost balance (data.balance_ranks)."""
+    return (vit_flops_per_tile(d) + projector_flops_per_tile(d)) / llm_matmul_flops_per_token(d)
+
+
 def llm_flops(d: InternVLDims, tokens: float, sum_sq_len: float, supervised: float) -> float:
     """Forward FLOPs of the LLM over samples with ``tokens`` real tokens in all, whose lengths'
     squares sum to ``sum_sq_len`` (causal attention within each sample), and the LM head on
