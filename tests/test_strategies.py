@@ -99,7 +99,8 @@ def test_fsdp_packed_with_uneven_micro_batch_counts_matches_one_process(tmp_path
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
     cmd = [sys.executable, "-m", "vlmtrain", "stage=instruction_tuning", *SMALL, *packed, "hardware=fsdp",
            "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
-           "hardware.strategy.param_dtype=float32", "trainer.checkpoint=false", f"hydra.run.dir={tmp_path / 'fsdp'}"]
+           "hardware.strategy.param_dtype=float32", "hardware.strategy.accumulate_unsharded=true",
+           "trainer.checkpoint=false", f"hydra.run.dir={tmp_path / 'fsdp'}"]
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = _losses(single), _losses(tmp_path / "fsdp")

@@ -40,6 +40,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: free gathered block parameters after forward (ZeRO-3 like);
             False keeps them until backward (ZeRO-2 like, more memory, fewer all-gathers).
         activation_checkpointing: recompute each block's activations in backward.
+        accumulate_unsharded: micro-batches before a step's last neither reduce-scatter their
+            gradients nor reshard parameters after backward: one gradient reduction per step and
+            fewer all-gathers, for the memory of the whole model's unsharded gradients and
+            parameters on every GPU (models that fit). False: every micro-batch reduce-scatters.
         hybrid: None shards within a node and replicates across nodes when num_nodes > 1
             (hybrid shard); False shards over all ranks; True forces the 2D mesh.
         save_distributed_checkpoint: False gathers full weights and optimizer state into one
@@ -54,6 +58,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         reduce_dtype: Optional[str] = "float32",
         reshard_after_forward: bool = True,
         activation_checkpointing: bool = True,
+        accumulate_unsharded: bool = False,
         hybrid: Optional[bool] = None,
         save_distributed_checkpoint: bool = False,
         cpu_offload: bool = False,
@@ -67,25 +72,32 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
         self.reshard_after_forward = reshard_after_forward
         self.activation_checkpointing = activation_checkpointing
+        self.accumulate_unsharded = accumulate_unsharded
         self.hybrid = hybrid
         self.cpu_offload = cpu_offload
 
     @contextmanager
     def block_backward_sync(self):
-        """Backward without the gradient reduce-scatter: FSDP2 accumulates this micro-batch's
-        gradients unsharded on the rank, and the step's last micro-batch (run outside this
-        context) reduce-scatters them all at once, one reduction per step instead of one per
-        micro-batch."""
+        """With ``accumulate_unsharded``: backward without the gradient reduce-scatter and without
+        resharding after it. FSDP2 accumulates this micro-batch's gradients unsharded on the rank,
+        keeps the gathered parameters for the next micro-batch, and the step's last micro-batch
+        (run outside this context) reduce-scatters them all at once. Otherwise a no-op: a whole
+        model's unsharded gradients would not fit the models sharding is for."""
+        if not self.accumulate_unsharded:
+            yield
+            return
         from torch.distributed.fsdp import FSDPModule
 
         units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
         for unit in units:
             unit.set_requires_gradient_sync(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
         try:
             yield
         finally:
             for unit in units:
                 unit.set_requires_gradient_sync(True, recurse=False)
+                unit.set_reshard_after_backward(True, recurse=False)
 
     def setup_environment(self) -> None:
         # all ranks are data parallel: the 1D "data_parallel" mesh spans the whole world
