@@ -178,6 +178,17 @@ def score_predictions(predictions: Path, text_answer: dict, type_answer: dict) -
             for g, v in sorted(groups.items())}
 
 
+def confusion(predictions: Path, kinds: tuple[str, ...] = ("one_image/shape_at",)) -> dict[str, dict[str, int]]:
+    """reference answer -> predicted answer -> count, over the questions of ``kinds``: shows whether
+    a failing kind collapses onto one answer (e.g. every shape read as "square")."""
+    table: dict[str, Counter] = defaultdict(Counter)
+    for line in predictions.read_text().splitlines():
+        r = json.loads(line)
+        if r["group"] in kinds:
+            table[r["reference"]][r["prediction"].strip()] += 1
+    return {ref: dict(c.most_common()) for ref, c in sorted(table.items())}
+
+
 def plot(out: Path) -> Path | None:
     result = json.loads((out / "learning_proof.json").read_text())
     try:
@@ -284,9 +295,11 @@ def main():
     metrics = run_eval(prev, val_path, out / "eval", args.eval_batch, device)
     times["eval"] = time.time() - t
     accuracy = score_predictions(out / "eval" / "predictions.jsonl", *blind_baseline(train_path))
+    shapes = confusion(out / "eval" / "predictions.jsonl")
     times["total"] = time.time() - t0
     result = {
         "accuracy": accuracy,
+        "shape_at_confusion": shapes,
         "eval_metrics": metrics,
         "seconds": times,
         "curves": curves,
@@ -306,6 +319,7 @@ def main():
     print(f"{'question type':<32}{'count':>6}{'exact':>8}{'chance':>8}")
     for g, a in accuracy.items():
         print(f"{g:<32}{a['count']:>6}{a['exact_match']:>8.3f}{a['chance']:>8.3f}")
+    print(f"shape at an edge, reference -> predictions: {json.dumps(shapes)}")
     print(f"seconds: {json.dumps({k: round(v, 1) for k, v in times.items()})}", flush=True)
 
 
