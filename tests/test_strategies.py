@@ -52,11 +52,13 @@ SMALL = ["stage.max_steps=2", "stage.drop_path=0",  # drop path draws per rank: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["mlp_warmup", "instruction_tuning"])
+@pytest.mark.parametrize("stage", ["mlp_warmup", "vit_incremental", "instruction_tuning", "lora"])
 def test_fsdp_two_cpu_ranks_match_one_process(tmp_path, stage):
-    single = train(compose_config([f"stage={stage}", *SMALL], run_dir=tmp_path / "single"))
+    # LoRA dropout draws per rank, like drop path: off, to compare weights
+    small = [*SMALL, "stage.lora.dropout=0"] if stage == "lora" else SMALL
+    single = train(compose_config([f"stage={stage}", *small], run_dir=tmp_path / "single"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
-    cmd = [sys.executable, "-m", "vlmtrain", f"stage={stage}", *SMALL, "hardware=fsdp",
+    cmd = [sys.executable, "-m", "vlmtrain", f"stage={stage}", *small, "hardware=fsdp",
            "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
            "hardware.strategy.param_dtype=float32", f"hydra.run.dir={tmp_path / 'fsdp'}"]
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -74,6 +76,13 @@ def test_fsdp_two_cpu_ranks_match_one_process(tmp_path, stage):
     for k, v in s.items():
         assert f[k].shape == v.shape, k
         torch.testing.assert_close(f[k], v, rtol=2e-3, atol=2e-5, msg=k)
+    if stage == "lora":  # the adapter file is gathered from the shards: the single run's tensors
+        from safetensors.torch import load_file
+
+        a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (single, tmp_path / "fsdp"))
+        assert set(a) == set(b) and any("lora_" in k for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=2e-3, atol=2e-5, msg=k)
 
 
 def test_steps_pad_to_the_same_micro_batch_count():
@@ -109,7 +118,8 @@ def test_fsdp_packed_with_uneven_micro_batch_counts_matches_one_process(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero, stage", [(3, "instruction_tuning"), (3, "mlp_warmup"), (2, "instruction_tuning")])
+@pytest.mark.parametrize("zero, stage", [(3, "instruction_tuning"), (3, "mlp_warmup"), (2, "instruction_tuning"),
+                                         (3, "lora")])
 def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
     """Lightning's DeepSpeedStrategy (through tests/cpu_deepspeed.py, which lets it run on CPU ranks) with
     ZeRO-2/3 (ZeRO-1 shares ZeRO-2's optimizer class; it passed too, left out for time), fp32, packed buffers with uneven micro-batch counts per rank: the single process's
@@ -117,6 +127,8 @@ def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
     ZeRO-3 once kept only each step's last micro-batch's gradients."""
     pytest.importorskip("deepspeed")
     packed = ["stage.max_steps=3", "data/collate=packed", "data.collate.max_tokens=550", "trainer.checkpoint=false"]
+    if stage == "lora":
+        packed.append("stage.lora.dropout=0")  # drawn per rank
     single = train(compose_config([f"stage={stage}", *SMALL, *packed], run_dir=tmp_path / "single"))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
            "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
@@ -132,6 +144,13 @@ def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
     norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
              for d in (single, tmp_path / "ds")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # the whole step's gradient, every micro-batch in it
+    if stage == "lora":  # the adapter file is gathered from ZeRO-3's partitions: the single run's tensors
+        from safetensors.torch import load_file
+
+        a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (single, tmp_path / "ds"))
+        assert set(a) == set(b) and any("lora_" in k for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("hardware", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])

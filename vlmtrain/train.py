@@ -119,8 +119,10 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
-    if cfg.stage.lora is not None and trainer.is_global_zero:
+    if cfg.stage.lora is not None:
         from vlmtrain.models.lora import save_adapter
 
-        save_adapter(model, run_dir / "adapter", cfg.stage.lora, list(cfg.stage.trainable))
+        # every rank: FSDP2 / ZeRO-3 gather the adapter tensors collectively; rank 0 writes
+        save_adapter(model, run_dir / "adapter", cfg.stage.lora, list(cfg.stage.trainable),
+                     write=trainer.is_global_zero)
     return run_dir

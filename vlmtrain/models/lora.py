@@ -89,23 +89,50 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, trainable_parts: list[str]) -> Path:
-    """Write the adapters (and the fully trained parts as ``modules_to_save``) in peft's format."""
+def gathered_state(model: torch.nn.Module, keep) -> dict[str, torch.Tensor]:
+    """The entries of ``model.state_dict()`` whose names ``keep`` accepts, whole and on the CPU,
+    also where FSDP2 (DTensor shards) or DeepSpeed ZeRO-3 (partitioned parameters) split them.
+    Under those strategies gathering is a collective, so every rank calls this. Activation
+    checkpointing wrappers are left out of the names."""
+    from contextlib import nullcontext
+
+    from torch.distributed.tensor import DTensor
+
+    named = [(n.replace("_checkpoint_wrapped_module.", ""), t)
+             for n, t in model.state_dict(keep_vars=True).items()]
+    named = [(n, t) for n, t in named if keep(n)]
+    partitioned = [t for _, t in named if hasattr(t, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    else:
+        gather = nullcontext()
+    with gather:
+        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone() for n, t in named}
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, trainable_parts: list[str],
+                 write: bool = True) -> Path:
+    """Write the adapters (and the fully trained parts as ``modules_to_save``) in peft's format.
+
+    Under sharded strategies every rank calls this (the tensors are gathered); only ``write`` ranks write."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     modules_to_save = [m for part in trainable_parts for m in PART_MODULES[part]]
-    tensors = {}
     marker = f".{ADAPTER_NAME}."
-    for name, p in model.state_dict().items():
-        if "lora_" in name:
-            tensors["base_model.model." + name.replace(marker, ".")] = p.detach().cpu().contiguous()
-    for name, p in model.state_dict().items():
-        if "lora_" in name:
-            continue
-        for m in modules_to_save:  # peft stores a module to save under its plain name
-            head, sep, _ = name.partition(m + ".")
-            if sep and (not head or head.endswith(".")):
-                tensors["base_model.model." + name.replace(".base_layer.", ".")] = p.detach().cpu().contiguous()
+
+    def saved(name: str) -> bool:  # peft stores a module to save under its plain name
+        return "lora_" in name or any(
+            sep and (not head or head.endswith("."))
+            for head, sep, _ in (name.partition(m + ".") for m in modules_to_save))
+
+    tensors = {}
+    for name, p in gathered_state(model, saved).items():
+        key = name.replace(marker, ".") if "lora_" in name else name.replace(".base_layer.", ".")
+        tensors["base_model.model." + key] = p.contiguous()
+    if not write:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = peft_config(cfg, modules_to_save).to_dict()
     config["base_model_name_or_path"] = None
