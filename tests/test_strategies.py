@@ -46,6 +46,15 @@ def _losses(run_dir: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
+def _assert_same_adapter(expected: Path, run: Path, rtol: float, atol: float) -> None:
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (expected, run))
+    assert set(a) == set(b) and any("lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=k)
+
+
 SMALL = ["stage.max_steps=2", "stage.drop_path=0",  # drop path draws per rank: off, to compare weights
          "data.num_workers=0", "data.datasets.shapes.n_max=1", "stage.warmup_steps=1",
          "trainer.enable_progress_bar=false"]
@@ -77,12 +86,7 @@ def test_fsdp_two_cpu_ranks_match_one_process(tmp_path, stage):
         assert f[k].shape == v.shape, k
         torch.testing.assert_close(f[k], v, rtol=2e-3, atol=2e-5, msg=k)
     if stage == "lora":  # the adapter file is gathered from the shards: the single run's tensors
-        from safetensors.torch import load_file
-
-        a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (single, tmp_path / "fsdp"))
-        assert set(a) == set(b) and any("lora_" in k for k in a)
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=2e-3, atol=2e-5, msg=k)
+        _assert_same_adapter(single, tmp_path / "fsdp", rtol=2e-3, atol=2e-5)
 
 
 def test_steps_pad_to_the_same_micro_batch_count():
@@ -145,12 +149,7 @@ def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
              for d in (single, tmp_path / "ds")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # the whole step's gradient, every micro-batch in it
     if stage == "lora":  # the adapter file is gathered from ZeRO-3's partitions: the single run's tensors
-        from safetensors.torch import load_file
-
-        a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (single, tmp_path / "ds"))
-        assert set(a) == set(b) and any("lora_" in k for k in a)
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+        _assert_same_adapter(single, tmp_path / "ds", rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("hardware", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
