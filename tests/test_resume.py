@@ -118,3 +118,35 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
     assert checkpointing.find_resume_checkpoint("auto", tmp_path) is None
     with pytest.raises(FileNotFoundError, match="resume: no checkpoint"):
         checkpointing.find_resume_checkpoint(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+class SignalAt(Callback):
+    """Sends this process SIGTERM (what ``scontrol requeue`` sends) while step ``at`` runs."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_preempted_run_resumes_with_every_step_logged(tmp_path, monkeypatch):
+    """SIGTERM mid-step: the step finishes, last.ckpt is written, the run stops (exit 143); the resumed
+    run's metrics.csv then holds every step once, with the uninterrupted run's losses (the stopped
+    step's row used to be lost: its metrics reach the loggers only after the hook that stops)."""
+    short = [*COMMON, "stage.max_epochs=1", "trainer.log_every_n_steps=1"]
+    _run(monkeypatch, short, tmp_path / "full", Recorder([]))
+    with pytest.raises(SystemExit) as stopped:
+        _run(monkeypatch, short, tmp_path / "cut", SignalAt(1))
+    assert stopped.value.code == 143
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    _run(monkeypatch, [*short, "resume=auto"], tmp_path / "cut", Recorder([]))
+    full = _logged_losses(tmp_path / "full")
+    assert [s for s, _ in full] == [0, 1, 2, 3]
+    assert _logged_losses(tmp_path / "cut") == full

@@ -146,15 +146,19 @@ class Preemption(Callback):
         self._install()  # again: Lightning installs its own handlers between setup and here
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        flags = torch.tensor(
-            [float(self.requeue_signal in self.received), float(bool(self.received & set(self.stop_signals)))],
-            device=pl_module.device,
-        )
-        flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        if not bool(flags.sum() > 0):
+        requeue, stop = self.requeue_signal in self.received, bool(self.received & set(self.stop_signals))
+        if trainer.world_size > 1:  # every rank stops at the same step, whichever got the signal
+            flags = torch.tensor([float(requeue), float(stop)], device=pl_module.device)
+            requeue, stop = (bool(x > 0) for x in trainer.strategy.reduce(flags, reduce_op="sum"))
+        # (one process: the host's flags alone, no device round trip that would stall every step)
+        if not (requeue or stop):
             return
-        requeue = bool(flags[0] > 0)
         path = self.checkpoint.save_last_now(trainer)
+        # this step's metrics reach the loggers only after this hook, and the resumed run starts
+        # after this step: send them now, or the curves would have a gap at every preemption
+        trainer._logger_connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
         requeued = False
         if requeue and trainer.is_global_zero:
             requeued = requeue_slurm_job()
