@@ -135,6 +135,30 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny):
         torch.testing.assert_close(ckpt_grads[k], grads[k], rtol=RTOL, atol=ATOL, msg=k)
 
 
+def test_partial_checkpointing_checkpoints_a_share_of_the_blocks_and_keeps_gradients(tiny):
+    cfg, tok, _, samples = tiny
+    step = PackedStepCollator(tok.pad_token_id, cfg.data.tile_size)(samples[:4])
+    results = []
+    for parts in ("[]", "[vision_tower:0.5,language_model:0.34]"):
+        model = build_model(compose_config(["model.attention=sdpa", f"model.gradient_checkpointing={parts}"]).model,
+                            tok, seed=0)
+        flags = {name: [b.gradient_checkpointing for b in blocks] for name, blocks in
+                 (("vit", model.model.vision_tower.encoder.layer), ("llm", model.model.language_model.layers))}
+        results.append(_loss_and_grads(VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage),
+                                       step.micro_batches))
+    n_vit, n_llm = len(flags["vit"]), len(flags["llm"])
+    assert sum(flags["vit"]) == n_vit // 2 and flags["vit"][:2] == [False, True]  # every other layer
+    assert sum(flags["llm"]) == int(n_llm * 0.34)
+    (loss, grads), (ckpt_loss, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_loss, loss, rtol=RTOL, atol=ATOL)
+    for k in grads:
+        torch.testing.assert_close(ckpt_grads[k], grads[k], rtol=RTOL, atol=ATOL, msg=k)
+    for bad, match in (("[vision_tower:0]", "fraction must be in"), ("[vision_tower:x]", "fraction must be in"),
+                       ("[projector:0.5]", "cannot be checkpointed")):
+        with pytest.raises(ValueError, match=match):
+            build_model(compose_config([f"model.gradient_checkpointing={bad}"]).model, tok)
+
+
 def test_unknown_checkpointing_part_fails_naming_the_key(tiny):
     cfg, tok, _, _ = tiny
     bad = compose_config(["model.gradient_checkpointing=[projector]"])

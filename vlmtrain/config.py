@@ -69,7 +69,8 @@ class ModelConfig:
     allow_pickle: bool = False
     """Permit loading pickle ``.bin`` weights (they can run code); safetensors never need it."""
     gradient_checkpointing: List[str] = field(default_factory=list)
-    """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]."""
+    """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]; ``part:f``
+    checkpoints a fraction f of the part's blocks (``vision_tower:0.5``: every other layer)."""
     compile: List[str] = field(default_factory=list)
     """Parts whose transformer blocks run through ``torch.compile`` (regional, dynamic shapes), e.g.
     [vision_tower, language_model]. Worth it on GPUs; the first steps pay the compilation."""

@@ -112,16 +112,30 @@ def part_of(param_name: str) -> str:
     raise KeyError(f"parameter {param_name!r} belongs to no known part")
 
 
-def set_activation_checkpointing(model: InternVLForConditionalGeneration, part_names) -> None:
+def set_activation_checkpointing(model: InternVLForConditionalGeneration, entries) -> None:
     """Activation checkpointing (recompute in backward) for the named parts, through transformers'
-    own per-layer checkpointing. The projector is too small to be worth it."""
+    own per-layer checkpointing. The projector is too small to be worth it.
+
+    An entry is a part (every block) or ``part:fraction``, which checkpoints that fraction of the
+    part's blocks, evenly spread (``vision_tower:0.5``: every other ViT layer), to trade memory
+    for recompute in between the two ends."""
     towers = {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
-    unknown = set(part_names) - set(towers)
-    if unknown:
-        raise ValueError(f"model.gradient_checkpointing: {sorted(unknown)} cannot be checkpointed; "
-                         f"choose from {sorted(towers)}")
-    for name in part_names:
+    blocks = {"vision_tower": model.model.vision_tower.encoder.layer,
+              "language_model": model.model.language_model.layers}
+    for entry in entries:
+        name, _, fraction = str(entry).partition(":")
+        if name not in towers:
+            raise ValueError(f"model.gradient_checkpointing: {entry!r} cannot be checkpointed; "
+                             f"choose from {sorted(towers)} (optionally as part:fraction)")
+        try:
+            share = float(fraction) if fraction else 1.0
+        except ValueError:
+            share = -1.0
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"model.gradient_checkpointing: {entry!r}: the fraction must be in (0, 1]")
         towers[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, block in enumerate(blocks[name]):  # block i is checkpointed when i x share crosses an integer
+            block.gradient_checkpointing = int((i + 1) * share) > int(i * share)
 
 
 def compile_blocks(model: InternVLForConditionalGeneration, part_names) -> None:
