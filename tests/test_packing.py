@@ -176,9 +176,15 @@ def test_auto_backend_skips_flash_kernels_for_float32(monkeypatch):
     """On a GPU with the flash kernels, a float32 run (hardware.precision=32-true) once failed in
     varlen_attn ("FlashAttention only support fp16 and bf16"): auto now picks the first backend that
     takes the dtype, and naming a flash backend for float32 is an error naming the key."""
+    import dataclasses
+
     from vlmtrain.models import attention
 
-    monkeypatch.setitem(attention._AVAILABLE, "cpu", ("flash_attn", "varlen", "flex", "sdpa"))
+    everywhere = {n: dataclasses.replace(b, available=lambda device: True) for n, b in attention.BACKENDS.items()}
+    monkeypatch.setattr(attention, "BACKENDS", everywhere)
+    monkeypatch.setattr(attention, "_AVAILABLE", {})
+    monkeypatch.setattr(attention, "_AUTO", {})
+    monkeypatch.setattr(attention, "_varlen_params", lambda: frozenset())
     cpu = torch.device("cpu")
     assert attention.resolve_backend("auto", cpu, torch.bfloat16).name == "flash_attn"
     assert attention.resolve_backend("auto", cpu, torch.float16).name == "flash_attn"

@@ -192,12 +192,18 @@ _AVAILABLE: dict[str, tuple[str, ...]] = {}
 ``register_packed_attention`` at model build, or the first eager call), so a compiled decoder
 layer reads a dict instead of tracing imports and signature inspection (graph breaks)."""
 
+_AUTO: dict[tuple[str, bool], str] = {}
+"""(device type, half precision) -> the backend ``auto`` picks, filled with ``_AVAILABLE``."""
+
 
 def available_backends(device_type: str) -> tuple[str, ...]:
     if device_type not in _AVAILABLE:
         device = torch.device(device_type)
-        _AVAILABLE[device_type] = tuple(b.name for b in BACKENDS.values() if b.available(device))
-        if "varlen" in _AVAILABLE[device_type]:
+        names = tuple(b.name for b in BACKENDS.values() if b.available(device))
+        _AVAILABLE[device_type] = names
+        _AUTO[device_type, True] = names[0]
+        _AUTO[device_type, False] = next(n for n in names if not BACKENDS[n].half_only)
+        if "varlen" in names:
             _varlen_params()
     return _AVAILABLE[device_type]
 
@@ -207,7 +213,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     ``dtype``: a float32 run on CUDA skips the flash kernels)."""
     available = available_backends(device.type)
     if name == "auto":
-        return next(BACKENDS[n] for n in available if dtype in HALF or dtype is None or not BACKENDS[n].half_only)
+        return BACKENDS[_AUTO[device.type, dtype is None or dtype in HALF]]
     if name not in BACKENDS:
         raise ValueError(f"model.attention={name!r}: choose auto or one of {sorted(BACKENDS)}")
     if name not in available:
