@@ -112,6 +112,12 @@ def part_of(param_name: str) -> str:
     raise KeyError(f"parameter {param_name!r} belongs to no known part")
 
 
+def transformer_blocks(model: InternVLForConditionalGeneration) -> dict[str, nn.ModuleList]:
+    """The transformer blocks of the parts that have them: ViT layers and LLM decoder layers."""
+    return {"vision_tower": model.model.vision_tower.encoder.layer,
+            "language_model": model.model.language_model.layers}
+
+
 def set_activation_checkpointing(model: InternVLForConditionalGeneration, entries) -> None:
     """Activation checkpointing (recompute in backward) for the named parts, through transformers'
     own per-layer checkpointing. The projector is too small to be worth it.
@@ -120,8 +126,7 @@ def set_activation_checkpointing(model: InternVLForConditionalGeneration, entrie
     part's blocks, evenly spread (``vision_tower:0.5``: every other ViT layer), to trade memory
     for recompute in between the two ends."""
     towers = {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
-    blocks = {"vision_tower": model.model.vision_tower.encoder.layer,
-              "language_model": model.model.language_model.layers}
+    blocks = transformer_blocks(model)
     for entry in entries:
         name, _, fraction = str(entry).partition(":")
         if name not in towers:
@@ -143,8 +148,7 @@ def compile_blocks(model: InternVLForConditionalGeneration, part_names) -> None:
     shapes: one compiled graph serves every tile count (ViT) and packed length (LLM), and the
     identical blocks share it. Inductor fuses the eager element-wise work between the matmuls
     (norms, activations, layer scale, residual adds, autocast casts), which is memory-bound."""
-    towers = {"vision_tower": model.model.vision_tower.encoder.layer,
-              "language_model": model.model.language_model.layers}
+    towers = transformer_blocks(model)
     unknown = set(part_names) - set(towers)
     if unknown:
         raise ValueError(f"model.compile: {sorted(unknown)} cannot be compiled; choose from {sorted(towers)}")
