@@ -63,6 +63,24 @@ def test_frozen_vit_builds_no_graph(tiny):
     assert not seen[0].requires_grad and seen[0].grad_fn is None  # the ViT kept no graph
 
 
+def test_uint8_tiles_are_normalised_on_the_model_side(tiny):
+    """The loader ships uint8 tiles; encode_images normalises them as the host-side float path does."""
+    from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels, to_pixel_bytes, to_pixel_values
+
+    model, _ = _build(tiny, "instruction_tuning")
+    size = model.config.vision_config.image_size[0]
+    tiles = [torch.randint(0, 256, (size, size, 3), dtype=torch.uint8) for _ in range(2)]
+    raw = to_pixel_bytes(tiles)
+    assert raw.dtype == torch.uint8 and raw.shape == (2, 3, size, size)
+    by_hand = (torch.stack(tiles).permute(0, 3, 1, 2) / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(normalize_pixels(raw), by_hand, rtol=0, atol=1e-5)
+    assert normalize_pixels(by_hand) is by_hand  # float tiles are already normalised
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encode_images(model, raw), encode_images(model, to_pixel_values(tiles)))
+
+
 def test_drop_path_follows_the_stage(tiny):
     model, _ = _build(tiny, "vit_incremental")
     tower = model.model.vision_tower

@@ -46,6 +46,7 @@ from hydra.utils import instantiate  # noqa: E402
 from vlmtrain.conf import CONFIG_DIR, register  # noqa: E402
 from vlmtrain.data.collate import pad_batch  # noqa: E402
 from vlmtrain.data.encode import EncodedSample  # noqa: E402
+from vlmtrain.data.images import normalize_pixels  # noqa: E402
 from vlmtrain.models.build import build_model, load_tokenizer  # noqa: E402
 from vlmtrain.models.internvl import build_from_config, tokens_per_tile  # noqa: E402
 from vlmtrain.training.loss import IGNORE_INDEX  # noqa: E402
@@ -70,7 +71,7 @@ def make_samples(n, rng, tile, tpt, img_start, img_end, img_ctx, vocab, max_tile
         labels = ids.clone()
         labels[:n_prompt] = IGNORE_INDEX
         g = torch.Generator().manual_seed(rng.randrange(2**31))
-        pix = torch.randn(tiles, 3, tile, tile, generator=g)
+        pix = torch.randint(0, 256, (tiles, 3, tile, tile), dtype=torch.uint8, generator=g)  # as the loader ships tiles
         out.append(EncodedSample(ids, labels, pix, [tiles], "bench"))
     return out
 
@@ -149,8 +150,8 @@ def run_baseline(cfg, tokenizer, steps, device, warmup, batch):
         for mb in chunks:
             mb = mb.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(input_ids=mb.input_ids, pixel_values=mb.pixel_values, attention_mask=mb.attention_mask,
-                            labels=mb.labels)
+                out = model(input_ids=mb.input_ids, pixel_values=normalize_pixels(mb.pixel_values),
+                            attention_mask=mb.attention_mask, labels=mb.labels)
             (out.loss / len(chunks)).backward()
             rows.append(mb.input_ids.numel())
         opt.step()

@@ -81,6 +81,11 @@ class Step:
                                                         packed=first.packed))
 
 
+def blank_tile(tile_size: int) -> torch.Tensor:
+    """One black uint8 tile: the vision input of a batch without images (it feeds no token)."""
+    return torch.zeros(1, 3, tile_size, tile_size, dtype=torch.uint8)
+
+
 def zero_weight_batch(pad_id: int, tile_size: int, packed: bool = False) -> Batch:
     """A micro-batch whose loss the training step multiplies by zero: two tokens (one supervised
     position, so the LM head runs too) and one zero tile (the vision tower runs too). Its backward
@@ -91,7 +96,7 @@ def zero_weight_batch(pad_id: int, tile_size: int, packed: bool = False) -> Batc
         labels=torch.tensor([[IGNORE_INDEX, pad_id]]),
         attention_mask=torch.ones(1, 2, dtype=torch.long),
         position_ids=torch.arange(2).unsqueeze(0),
-        pixel_values=torch.zeros(1, 3, tile_size, tile_size),
+        pixel_values=blank_tile(tile_size),
         dummy_vision=True,
         num_supervised=torch.tensor([0]),
         sample_index=torch.zeros(1, 2, dtype=torch.long),
@@ -114,7 +119,7 @@ def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_mul
         input_ids[r, :n], labels[r, :n], attention_mask[r, :n] = s.input_ids, s.labels, 1
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     dummy = not tiles
-    pixel_values = torch.cat(tiles) if tiles else torch.zeros(1, 3, tile_size, tile_size)
+    pixel_values = torch.cat(tiles) if tiles else blank_tile(tile_size)
     return Batch(
         input_ids=input_ids,
         labels=labels,

@@ -24,6 +24,7 @@ class EncodedSample:
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor | None
+    """(tiles, 3, S, S) uint8; the model normalises them on the device (``normalize_pixels``)."""
     num_tiles: list[int] = field(default_factory=list)
     """Tiles per image (or per video frame), in placeholder order."""
     dataset: str = ""

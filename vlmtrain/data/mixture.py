@@ -22,7 +22,7 @@ from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.encode import ConversationEncoder, EncodedSample
 from vlmtrain.data.formats import META, guess_format, reader
-from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_values
+from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_bytes
 from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
@@ -241,7 +241,7 @@ class MixtureDataset:
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
-            pixel_values=to_pixel_values(tiles) if tiles else None,
+            pixel_values=to_pixel_bytes(tiles) if tiles else None,
             num_tiles=num_tiles,
             dataset=source.name,
             truncated=self.encoder.last_truncated,

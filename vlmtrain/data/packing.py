@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmtrain.data.collate import Batch, Step, zero_weight_batch
+from vlmtrain.data.collate import Batch, Step, blank_tile, zero_weight_batch
 from vlmtrain.data.encode import EncodedSample
 from vlmtrain.data.mixture import Skipped
 from vlmtrain.training.loss import IGNORE_INDEX
@@ -61,7 +61,7 @@ def pack_samples(samples: list[EncodedSample], tile_size: int) -> Batch:
         labels=labels.unsqueeze(0),
         attention_mask=torch.ones(1, total, dtype=torch.long),
         position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
-        pixel_values=torch.cat(tiles) if tiles else torch.zeros(1, 3, tile_size, tile_size),
+        pixel_values=torch.cat(tiles) if tiles else blank_tile(tile_size),
         dummy_vision=dummy,
         num_supervised=torch.tensor([s.num_supervised for s in samples], dtype=torch.long),
         sample_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths)).unsqueeze(0),

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlmtrain.config import ModelConfig
+from vlmtrain.data.images import normalize_pixels
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
@@ -194,14 +195,16 @@ def _drop_path_hook(p: float, tuple_output: bool):
 def encode_images(model: InternVLForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     """Tiles (N, 3, S, S) -> LLM embeddings (N, tokens_per_tile, D).
 
-    When no vision-tower parameter needs a gradient the ViT runs under no_grad, so a frozen ViT
-    holds no activations for backward (the projector still trains).
+    Tiles come as the data loader ships them, uint8, and are normalised here on their device
+    (``normalize_pixels``); float tiles are taken as already normalised. When no vision-tower
+    parameter needs a gradient the ViT runs under no_grad, so a frozen ViT holds no activations for
+    backward (the projector still trains).
     """
     tower = model.model.vision_tower
     vision_grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
     layer = model.config.vision_feature_layer
     with nullcontext() if vision_grad else torch.no_grad():
-        out = tower(pixel_values=pixel_values.to(model.dtype), output_hidden_states=layer != -1)
+        out = tower(pixel_values=normalize_pixels(pixel_values).to(model.dtype), output_hidden_states=layer != -1)
         feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         feats = feats[:, 1:, :]  # drop CLS
         n, hw, c = feats.shape
