@@ -125,3 +125,30 @@ def test_typo_in_an_entry_point_config_names_the_key():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         with pytest.raises(ConfigCompositionException, match="plan.gpu_memroy_gb"):
             compose(config_name="plan", overrides=["plan.gpu_memroy_gb=40"])
+
+
+def test_sincos_position_init_gives_a_random_vit_patch_positions():
+    """Random init: transformers zeroes the ViT's position embeddings, so identical patches give
+    identical outputs wherever they are; model.vision.sincos_position_init starts them at 2D sin-cos."""
+    import torch
+
+    from vlmtrain.models.internvl import sincos_2d
+
+    codes = sincos_2d(4, 8)
+    assert codes.shape == (16, 8) and torch.equal(codes[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    assert torch.equal(codes[:4, 4:], codes[4:8, 4:]) and not torch.equal(codes[:4, :4], codes[4:8, :4])  # row / column halves
+    for sincos in (False, True):
+        cfg = compose_config([f"model.vision.sincos_position_init={sincos}", "data.datasets={}"])
+        model = build_from_config(cfg.model, image_token_id=5).eval()
+        pos = model.model.vision_tower.embeddings.position_embeddings[0]
+        side = cfg.model.vision.image_size // cfg.model.vision.patch_size
+        flat = torch.zeros(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)  # every patch alike
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values=flat).last_hidden_state[0, 1:]
+        if sincos:
+            torch.testing.assert_close(pos[1:], sincos_2d(side, pos.shape[-1]))
+            assert (out[0] - out[-1]).abs().max() > 1e-3
+        else:
+            assert not pos.any() and torch.allclose(out[0], out[-1], atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 6)

@@ -38,6 +38,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     layer_scale_init_value: float = 0.1
     hidden_act: str = "gelu"
+    sincos_position_init: bool = False
+    """Random init only: start the learned position embeddings at fixed 2D sin-cos values (as MAE
+    does) instead of transformers' zeros, so a ViT trained from scratch knows where each patch is
+    from its first step. A loaded checkpoint overwrites them either way."""
     path: Optional[str] = None
     """Load the vision tower from a local ViT or whole-VLM checkpoint (progressive scaling)."""
 

@@ -91,7 +91,28 @@ def build_from_config(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
+    if cfg.vision.sincos_position_init:
+        with torch.no_grad():
+            pos = model.model.vision_tower.embeddings.position_embeddings  # (1, 1 + patches, hidden): CLS first
+            pos[0, 1:] = sincos_2d(cfg.vision.image_size // cfg.vision.patch_size, pos.shape[-1])
+            pos[0, 0] = 0.0
     return model if device is None else model.to(device)
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side * side, dim) fixed 2D sin-cos position codes, row-major: half the channels encode the
+    row, half the column, each as sin/cos pairs over geometric frequencies (MAE's formula)."""
+    if dim % 4:
+        raise ValueError(f"model.vision.sincos_position_init needs hidden_size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    grid = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+
+    def encode(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:
