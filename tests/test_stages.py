@@ -107,3 +107,25 @@ def test_init_dtype_rounds_the_random_weights_to_bf16():
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), rounded.parameters()))
     with pytest.raises(ValueError, match="model.init_dtype='int8'"):
         build_model(compose_config(["data.datasets={}", "model.init_dtype=int8"]).model, tok)
+
+
+def test_param_groups_scale_a_parts_lr(tiny):
+    """optim.lr_scale puts a part in groups of its own at lr x scale; without it the two groups stay."""
+    from vlmtrain.training.module import param_groups
+
+    model, trainable = _build(tiny, "instruction_tuning")
+    no_decay = list(tiny[0].optim.no_decay)
+    plain = param_groups(model, no_decay, 1e-3, {})
+    assert [g["name"] for g in plain] == ["decay", "no_decay"] and "lr" not in plain[0]
+    scaled = param_groups(model, no_decay, 1e-3, {"vision_tower": 0.1})
+    assert [g["name"] for g in scaled] == ["decay", "no_decay", "vision_tower/decay", "vision_tower/no_decay"]
+    assert scaled[2]["lr"] == scaled[3]["lr"] == pytest.approx(1e-4) and scaled[3]["weight_decay"] == 0.0
+    ids = {name: id(p) for name, p in model.named_parameters()}
+    in_group = {id(p): g["name"] for g in scaled for p in g["params"]}
+    assert len(in_group) == sum(len(g["params"]) for g in scaled) == len(trainable)  # each once
+    for name in trainable:
+        assert in_group[ids[name]].startswith("vision_tower/") == (part_of(name) == "vision_tower")
+    with pytest.raises(ValueError, match="optim.lr_scale"):
+        param_groups(model, no_decay, 1e-3, {"vision": 0.1})
+    with pytest.raises(ValueError, match="optim.lr_scale"):
+        param_groups(model, no_decay, 1e-3, {"vision_tower": 0})

@@ -124,9 +124,12 @@ def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:
     }
 
 
+PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+
+
 def part_of(param_name: str) -> str:
     """Which part a parameter of InternVLForConditionalGeneration belongs to."""
-    for part in ("vision_tower", "multi_modal_projector", "language_model"):
+    for part in PARTS:
         if param_name.startswith(f"model.{part}."):
             return part
     if param_name.startswith("lm_head."):

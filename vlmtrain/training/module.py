@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.models.attention import packed_kwargs
-from vlmtrain.models.internvl import multimodal_embeddings
+from vlmtrain.models.internvl import PARTS, multimodal_embeddings, part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
 from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
@@ -220,14 +220,41 @@ class VLMTrainingModule(pl.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue  # frozen parameters never reach the optimizer
-            (no_decay if p.ndim < 2 or any(k in name for k in self.optim_cfg.no_decay) else decay).append(p)
-        groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-        optimizer = instantiate(self.optim_cfg.optimizer)([g for g in groups if g["params"]])
+        groups = param_groups(self.model, list(self.optim_cfg.no_decay), self.optim_cfg.get("lr"),
+                              dict(self.optim_cfg.get("lr_scale") or {}))
+        optimizer = instantiate(self.optim_cfg.optimizer)(groups)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.stage_cfg.warmup_steps or int(round(self.stage_cfg.warmup_ratio * total))
         scheduler = instantiate(self.optim_cfg.scheduler)(optimizer, total_steps=total, warmup_steps=warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,
+                 lr_scale: dict[str, float]) -> list[dict]:
+    """The optimizer's parameter groups: trainable parameters only, split into weight-decayed and
+    not (1-D tensors and names containing a ``no_decay`` key), and, for each part named in
+    ``lr_scale`` (``optim.lr_scale``, e.g. ``{vision_tower: 0.1}``), into groups of their own at
+    ``lr x scale`` (named ``vision_tower/decay``...). Unscaled parts share ``decay`` / ``no_decay``,
+    in that order, so runs without scales keep their group layout (and resume from older checkpoints)."""
+    bad = {k: v for k, v in lr_scale.items() if k not in PARTS or not float(v) > 0}
+    if bad:
+        raise ValueError(f"optim.lr_scale: {bad}: keys must be parts {list(PARTS)}, values > 0")
+    if lr_scale and lr is None:
+        raise ValueError("optim.lr_scale needs optim.lr (the lr it scales)")
+    split: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen parameters never reach the optimizer
+        part = part_of(name.removeprefix("base_model.model."))  # peft wraps the model for LoRA
+        decay = not (p.ndim < 2 or any(k in name for k in no_decay))
+        split.setdefault((part if part in lr_scale else "", decay), []).append(p)
+    groups = []
+    for part, decay in sorted(split, key=lambda k: (k[0], not k[1])):
+        kind = "decay" if decay else "no_decay"
+        group = {"params": split[part, decay], "name": f"{part}/{kind}" if part else kind}
+        if not decay:
+            group["weight_decay"] = 0.0
+        if part:
+            group["lr"] = float(lr) * float(lr_scale[part])
+        groups.append(group)
+    return groups
