@@ -5,7 +5,7 @@ from the LLM's binding.
     python experiments/learning_proof/vit_probe.py leftmost --tile 112 --steps 1500   # 2-4 shapes: shape and colour of the leftmost
     python experiments/learning_proof/vit_probe.py single --size 31 48 --steps 400    # one shape of that size: which shape
 
-ViT: transformers' InternVLVisionModel, hidden 192, 4 layers, 3 heads, patch 14; AdamW lr 5e-4,
+ViT: transformers' InternVLVisionModel, hidden 192, 4 layers, 3 heads, patch 14; AdamW (lr 5e-4: ``--lr``),
 weight decay 0.05, batch 32, fresh images every step (``vlmtrain.data.synthetic``'s drawing). Prints
 held-out accuracy (256 images) every 50 steps.
 """
@@ -24,7 +24,7 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vlmtrain.data.images import to_pixel_values  # noqa: E402
-from vlmtrain.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, _draw_image, extreme_shape  # noqa: E402
+from vlmtrain.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, _draw_image, draw_shape, extreme_shape  # noqa: E402
 
 COLOUR_NAMES = list(COLOURS)
 
@@ -42,14 +42,8 @@ def single(rng: random.Random, tile: int, size: tuple[int, int]) -> tuple[Image.
     side = rng.randint(*size)
     x0, y0 = rng.randint(0, tile - side), rng.randint(0, tile - side)
     box = (x0, y0, x0 + side - 1, y0 + side - 1)
-    shape, fill = rng.choice(SHAPES), COLOURS[rng.choice(COLOUR_NAMES)]
-    draw = ImageDraw.Draw(img)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(x0 + (side - 1) / 2, y0), (box[2], box[3]), (x0, box[3])], fill=fill)
+    shape = rng.choice(SHAPES)
+    draw_shape(ImageDraw.Draw(img), shape, box, COLOURS[rng.choice(COLOUR_NAMES)])
     return img, [SHAPES.index(shape)]
 
 
@@ -62,6 +56,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=224)
     ap.add_argument("--size", type=int, nargs=2, default=[31, 48], help="single: shape side range in px")
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=5e-4)
     args = ap.parse_args()
     draw, names, classes = TASKS[args.task]
 
@@ -74,7 +69,7 @@ def main() -> None:
         hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
         image_size=[args.tile, args.tile], patch_size=[14, 14], use_mean_pooling=True, layer_scale_init_value=0.1))
     head = torch.nn.Linear(192, sum(classes))
-    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=5e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
     splits = torch.tensor(classes).cumsum(0).tolist()[:-1]
     rng, held_out = random.Random(1), [batch(random.Random(2 + i), 64) for i in range(4)]
     t0 = time.time()

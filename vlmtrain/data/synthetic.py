@@ -246,15 +246,21 @@ def _draw_image(
         box = (x0, y0, x0 + size - 1, y0 + size - 1)
         shape = rng.choice(SHAPES)
         colour = rng.choice(list(COLOURS))
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(x0 + (size - 1) / 2, y0), (box[2], box[3]), (x0, box[3])], fill=fill)
+        draw_shape(draw, shape, box, COLOURS[colour])
         shapes.append(DrawnShape(shape, colour, box))
     return image, shapes, background
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    """One filled shape in the square ``box`` (inclusive): a circle, a square, or a triangle with its
+    apex at the top centre."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
 def extreme_shape(shapes: list[DrawnShape], side: str) -> DrawnShape:
