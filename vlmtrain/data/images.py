@@ -81,9 +81,20 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     device. Float input is taken as already normalised and returned as it is."""
     if pixels.is_floating_point():
         return pixels
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1) * 255)
+    mean, inv_std = _normalisation(pixels.device)
     return (pixels.float() - mean) * inv_std
+
+
+_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255 mean, 1 / (255 std)) as (3, 1, 1) tensors on ``device``, made once per device: a fresh
+    host-to-device copy on every training step would make the host wait for the GPU's queue."""
+    if device not in _NORMALISATION:
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1) * 255
+        _NORMALISATION[device] = (mean, 1 / (torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1) * 255))
+    return _NORMALISATION[device]
 
 
 def to_pixel_values(tiles) -> torch.Tensor:

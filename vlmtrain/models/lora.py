@@ -11,6 +11,7 @@ that train fully beside the adapters (e.g. the projector) are saved as peft ``mo
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -94,8 +95,6 @@ def gathered_state(model: torch.nn.Module, keep) -> dict[str, torch.Tensor]:
     also where FSDP2 (DTensor shards) or DeepSpeed ZeRO-3 (partitioned parameters) split them.
     Under those strategies gathering is a collective, so every rank calls this. Activation
     checkpointing wrappers are left out of the names."""
-    from contextlib import nullcontext
-
     from torch.distributed.tensor import DTensor
 
     named = [(n.replace("_checkpoint_wrapped_module.", ""), t)
