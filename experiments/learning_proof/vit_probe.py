@@ -5,17 +5,23 @@ from the LLM's binding.
     python experiments/learning_proof/vit_probe.py leftmost --tile 112 --steps 1500   # 2-4 shapes: shape and colour of the leftmost
     python experiments/learning_proof/vit_probe.py single --size 31 48 --steps 400    # one shape of that size: which shape
 
-ViT: transformers' InternVLVisionModel, hidden 192, 4 layers, 3 heads, patch 14; AdamW (lr 5e-4: ``--lr``),
-weight decay 0.05, batch 32, fresh images every step (``vlmtrain.data.synthetic``'s drawing). Prints
-held-out accuracy (256 images) every 50 steps.
+ViT: transformers' InternVLVisionModel, by default hidden 192, 4 layers, 3 heads, patch 14 (``--hidden``,
+``--layers``, ``--heads``, ``--patch``); AdamW (lr 5e-4: ``--lr``), weight decay 0.05, batch 32 (``--batch``),
+fresh images every step (``vlmtrain.data.synthetic``'s drawing). Prints held-out accuracy (256 images)
+every ``--eval-every`` steps, and with ``--json`` appends one line with the settings and the curve.
+On a GPU (``--device cuda``, bf16 autocast) a run of thousands of steps takes a minute or two; the
+host's drawing of the images then sets the pace.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,7 +29,7 @@ from PIL import Image, ImageDraw
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from vlmtrain.data.images import to_pixel_values  # noqa: E402
+from vlmtrain.data.images import normalize_pixels, to_pixel_bytes  # noqa: E402
 from vlmtrain.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, _draw_image, draw_shape, extreme_shape  # noqa: E402
 
 COLOUR_NAMES = list(COLOURS)
@@ -57,39 +63,80 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=[31, 48], help="single: shape side range in px")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--patch", type=int, default=14)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0, help="processes drawing the training images (0: this one)")
+    ap.add_argument("--json", help="append a line with the settings and the held-out curve to this file")
     args = ap.parse_args()
-    draw, names, classes = TASKS[args.task]
+    _, names, classes = TASKS[args.task]
 
-    def batch(rng: random.Random, n: int):
-        images, labels = zip(*(draw(rng, args.tile, tuple(args.size)) for _ in range(n)))
-        return to_pixel_values(list(images)), torch.tensor(labels)
+    def to_device(pixels, labels):
+        return normalize_pixels(pixels.to(args.device)), labels.to(args.device)
 
+    held_out = [to_device(*make_batch(args, 2 + i, 64)) for i in range(4)]
+    seeds = range(1000, 1000 + args.steps)
+    if not args.workers:
+        train(args, names, classes, (to_device(*make_batch(args, s, args.batch)) for s in seeds), held_out)
+        return
+    with ProcessPoolExecutor(args.workers) as pool:
+        ahead = deque(pool.submit(make_batch, args, s, args.batch) for s in seeds[:4 * args.workers])
+
+        def batches():
+            for s in seeds[4 * args.workers:]:
+                yield to_device(*ahead.popleft().result())
+                ahead.append(pool.submit(make_batch, args, s, args.batch))
+            while ahead:
+                yield to_device(*ahead.popleft().result())
+
+        train(args, names, classes, batches(), held_out)
+
+
+def make_batch(args, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` fresh images and labels, a pure function of ``seed`` (so worker processes can draw them)."""
+    draw = TASKS[args.task][0]
+    rng = random.Random(seed)
+    images, labels = zip(*(draw(rng, args.tile, tuple(args.size)) for _ in range(n)))
+    return to_pixel_bytes(list(images)), torch.tensor(labels)
+
+
+def train(args, names, classes, batches, held_out) -> None:
     torch.manual_seed(0)
     vit = InternVLVisionModel(InternVLVisionConfig(
-        hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
-        image_size=[args.tile, args.tile], patch_size=[14, 14], use_mean_pooling=True, layer_scale_init_value=0.1))
-    head = torch.nn.Linear(192, sum(classes))
+        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        intermediate_size=4 * args.hidden, image_size=[args.tile, args.tile], patch_size=[args.patch, args.patch],
+        use_mean_pooling=True, layer_scale_init_value=0.1)).to(args.device)
+    head = torch.nn.Linear(args.hidden, sum(classes)).to(args.device)
     opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
     splits = torch.tensor(classes).cumsum(0).tolist()[:-1]
-    rng, held_out = random.Random(1), [batch(random.Random(2 + i), 64) for i in range(4)]
-    t0 = time.time()
-    for step in range(1, args.steps + 1):
-        x, y = batch(rng, 32)
-        logits = head(vit(pixel_values=x).last_hidden_state[:, 0]).tensor_split(splits, dim=1)
+    autocast = torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.device != "cpu")
+    curve, t0 = [], time.time()
+    for step, (x, y) in enumerate(batches, 1):
+        with autocast:
+            logits = head(vit(pixel_values=x).last_hidden_state[:, 0]).float().tensor_split(splits, dim=1)
         loss = sum(torch.nn.functional.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 0:
+        if step % args.eval_every == 0:
             vit.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 hits = torch.zeros(len(names))
                 for a, b in held_out:
                     parts = head(vit(pixel_values=a).last_hidden_state[:, 0]).tensor_split(splits, dim=1)
                     hits += torch.tensor([float((lg.argmax(1) == b[:, i]).sum()) for i, lg in enumerate(parts)])
             vit.train()
+            curve.append({"step": step, "samples": step * args.batch, "loss": loss.item(),
+                          **{n: h / 256 for n, h in zip(names, hits.tolist())}})
             acc = " ".join(f"{n} {h / 256:.3f}" for n, h in zip(names, hits.tolist()))
             print(f"step {step} ({time.time() - t0:.0f}s) loss {loss.item():.3f} held-out: {acc}", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"args": vars(args), "seconds": time.time() - t0, "curve": curve}) + "\n")
 
 
 if __name__ == "__main__":
