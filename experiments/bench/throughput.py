@@ -173,11 +173,13 @@ def timed(step, prepare, steps, device, warmup, profile=False):
     ahead of the GPU."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = [prepare(samples) for samples in STEP_SAMPLES]
+    graphs = graphs_compiled()
     for i in range(warmup):
         step(batches[i % len(batches)])
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    warm_graphs = graphs_compiled()
     t0 = time.perf_counter()
     micro = 0
     for i in range(steps):
@@ -185,10 +187,22 @@ def timed(step, prepare, steps, device, warmup, profile=False):
     sync()
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    stats = {"seconds": dt, "micro_batches": micro, "peak_mem_gib": peak}
+    stats = {"seconds": dt, "micro_batches": micro, "peak_mem_gib": peak,
+             "graphs_compiled_in_warmup": warm_graphs - graphs, "graphs_compiled_while_timed": graphs_compiled() - warm_graphs}
+    if stats["graphs_compiled_while_timed"]:
+        print(f"warning: {stats['graphs_compiled_while_timed']} graphs compiled inside the timed steps: "
+              "the figure includes their compilation; give more --warmup steps", flush=True)
     if profile:
         stats["profile"] = profile_step(step, batches[warmup % len(batches)], device)
     return stats
+
+
+def graphs_compiled() -> int:
+    """dynamo's running count of graphs compiled (a frame that hits the recompile limit runs
+    uncompiled from then on; dynamo logs a warning for it)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 KERNEL_KINDS = [  # (kind, substrings of the kernel name), first match wins
@@ -242,6 +256,8 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--max-tiles", type=int, help="tiles per sample up to this (default 13; 3 on CPU)")
+    ap.add_argument("--text", type=int, nargs=2, help="text tokens per sample in this range (default 50 1500; 20 200 on CPU)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one vlmtrain step (GPU time by kernel kind)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, overrides = ap.parse_known_args()
@@ -258,7 +274,8 @@ def main():
     rng = random.Random(0)
     n_steps = args.steps + args.warmup
     pool = make_samples(args.samples_per_step * n_steps, rng, v.image_size, tpt, *ids, vocab=len(tokenizer) - 16,
-                        max_tiles=3 if small else 13, text=(20, 200) if small else (50, 1500))
+                        max_tiles=args.max_tiles or (3 if small else 13),
+                        text=tuple(args.text or ((20, 200) if small else (50, 1500))))
     STEP_SAMPLES[:] = [pool[i * args.samples_per_step:(i + 1) * args.samples_per_step] for i in range(n_steps)]
     timed_samples = [s for st in STEP_SAMPLES[args.warmup:] for s in st]
     tokens = sum(len(s) for s in timed_samples)
