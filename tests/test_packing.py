@@ -218,6 +218,27 @@ def test_compiled_blocks_keep_loss_and_gradients(tiny):
             torch.testing.assert_close(compiled_grads[k] / scale, grads[k] / scale, rtol=1e-3, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
+def test_compiled_packed_decoder_compiles_once(tiny, monkeypatch):
+    """Compiled decoder layers with packed attention: one graph serves every layer and the next step
+    on the same buffer. The backend tables are filled at model build, outside traced code; filled on
+    the first traced call, they made dynamo guard on them and compile the second layer again."""
+    from torch._dynamo.utils import counters
+
+    from vlmtrain.models import attention
+
+    monkeypatch.setattr(attention, "_AVAILABLE", {})
+    monkeypatch.setattr(attention, "_AUTO", {})
+    cfg, tok, _, samples = tiny
+    step = PackedStepCollator(tok.pad_token_id, cfg.data.tile_size)(samples[:4])
+    torch._dynamo.reset()
+    model = build_model(compose_config(["model.compile=[language_model]"]).model, tok, seed=0)
+    module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
+    for _ in range(2):
+        _loss_and_grads(module, step.micro_batches)
+        assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_unknown_compile_part_fails_naming_the_key(tiny):
     _, tok, _, _ = tiny
     with pytest.raises(ValueError, match="model.compile"):

@@ -271,6 +271,9 @@ def register_packed_attention() -> list[str]:
     """Register ``packed_<backend>`` for every backend (and ``packed_auto``) with transformers."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    # filled here, outside compiled code: filling them on a compiled decoder layer's first call makes
+    # dynamo guard on the empty dicts and compile the layer a second time
+    available_backends("cpu")
     if torch.cuda.is_available():
         available_backends("cuda")
     names = []
