@@ -1,6 +1,6 @@
 """Training throughput of vlmtrain vs the plain-transformers baseline, on one GPU, random weights.
 
-    python experiments/bench/throughput.py experiment=bench_internvl2_5_1b --steps 8 --warmup 2
+    python experiments/bench/throughput.py experiment=bench_internvl2_5_1b --steps 8
     python experiments/bench/throughput.py experiment=bench_internvl2_5_2b --out results.json
     python experiments/bench/throughput.py model.gradient_checkpointing=[vision_tower] ...  # any vlmtrain override
     python experiments/bench/throughput.py experiment=bench_internvl2_5_1b model.compile=[vision_tower] --profile
@@ -250,7 +250,8 @@ def profile_step(step, batch, device) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="untimed steps first: compilation (one graph per range of packed length) and the allocator")
     ap.add_argument("--samples-per-step", type=int, default=16)
     ap.add_argument("--baseline-batch", type=int, default=4)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
