@@ -188,7 +188,8 @@ def timed(step, prepare, steps, device, warmup, profile=False):
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     stats = {"seconds": dt, "micro_batches": micro, "peak_mem_gib": peak,
-             "graphs_compiled_in_warmup": warm_graphs - graphs, "graphs_compiled_while_timed": graphs_compiled() - warm_graphs}
+             "graphs_compiled_in_warmup": warm_graphs - graphs,
+             "graphs_compiled_while_timed": graphs_compiled() - warm_graphs}
     if stats["graphs_compiled_while_timed"]:
         print(f"warning: {stats['graphs_compiled_while_timed']} graphs compiled inside the timed steps: "
               "the figure includes their compilation; give more --warmup steps", flush=True)
@@ -258,7 +259,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--max-tiles", type=int, help="tiles per sample up to this (default 13; 3 on CPU)")
-    ap.add_argument("--text", type=int, nargs=2, help="text tokens per sample in this range (default 50 1500; 20 200 on CPU)")
+    ap.add_argument("--text", type=int, nargs=2,
+                    help="text tokens per sample in this range (default 50 1500; 20 200 on CPU)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one vlmtrain step (GPU time by kernel kind)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args, overrides = ap.parse_known_args()

@@ -14,12 +14,12 @@ which fine-tunes pretrained weights: here everything starts from random init).
 
 Stages chain by ``init_from`` through ``vlmtrain.train.train`` (what ``python -m vlmtrain`` runs):
 mlp_warmup -> vit_incremental -> instruction_tuning. ``--budget`` is the wall-time limit of the
-whole script (575 s: training stops by 530 s, and the evaluation takes ~17 s). Stage 2 runs 5600 steps by
-default: on one H200 it ran a steady 13.4 steps/s (1712 samples/s in two runs), which fits its
-~480 s; a slower host (10.5 steps/s seen on another H200 machine) is cut by the time limit. ``--steps ... 0`` sizes
-it from stage 1.5's rate instead (the median of its second half's logged windows, times
-``--rate-margin``), for other devices; that rate is noisy (13.7 and 18.7 steps/s in two identical
-H200 runs), so the fixed count is the default. Every stage also gets ``trainer.max_time`` = the time
+whole script (575 s: training stops by 530 s, and the evaluation takes ~17 s). Stage 2 runs 5600
+steps by default: on one H200 it ran a steady 13.4 steps/s (1712 samples/s in two runs), which fits
+its ~480 s; a slower host CPU (10.3-10.7 steps/s on other H200 machines) is cut by the time limit.
+``--steps ... 0`` sizes it from stage 1.5's rate instead (the median of its second half's logged
+windows, times ``--rate-margin``), for other devices; that rate is noisy (13.7 and 18.7 steps/s in
+two identical H200 runs), so the fixed count is the default. Every stage also gets ``trainer.max_time`` = the time
 left minus the reserve, so a run slower than planned stops early (its schedule cut short:
 ``steps_done`` < ``steps`` in the JSON) and still evaluates.
 
@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 STAGES = ("mlp_warmup", "vit_incremental", "instruction_tuning")
 STAGE_OVERRIDES = {"mlp_warmup": ["model.compile=[]"], "vit_incremental": ["model.compile=[]"]}
 """Stages 1 and 1.5 run eagerly: compiling their blocks costs ~20 s each, more than their 60 and 150
-steps save. Stage 2 keeps the experiment config's compiled blocks (1.4x the eager step rate)."""
+steps save. Stage 2 keeps the experiment config's compiled blocks (1.2-1.4x the eager step rate)."""
 LRS = (1e-3, 5e-4, 5e-4)
 """Per stage (``--lr``). From random init, stages 1 and 1.5 (a frozen random LLM) teach little:
 short, to chain the recipe. Stage 2 at 1e-3 plateaued until the cosine decay brought the lr down
@@ -241,7 +241,8 @@ def main():
                     help="seconds for the whole script (training stops early to leave --eval-reserve)")
     ap.add_argument("--eval-reserve", type=float, default=45.0, help="evaluation took 15-17 s on one H200")
     ap.add_argument("--rate-margin", type=float, default=0.7,
-                    help="stage 2 steps/s as a share of stage 1.5's, when S2 = 0 (H200, compiled: 13.4 / 13.7-18.7)")
+                    help="stage 2 steps/s as a share of stage 1.5's, when S2 = 0 (one H200, compiled: "
+                         "stage 2 ran 13.4 where stage 1.5 measured 13.7-18.7)")
     ap.add_argument("--startup", type=float, default=15.0, help="seconds a stage spends before its first step")
     ap.add_argument("--gen-procs", type=int, default=min(16, os.cpu_count() or 1), help="processes generating data")
     ap.add_argument("--eval-batch", type=int, default=128)

@@ -1,22 +1,25 @@
-"""CPU probe: how fast does a from-scratch InternViT learn the learning proof's visual facts under
+"""Probe: how fast does a from-scratch InternViT learn the learning proof's visual facts under
 direct supervision (a linear head on the CLS output, no LLM)? Separates the ViT's sample efficiency
 from the LLM's binding.
 
-    python experiments/learning_proof/vit_probe.py leftmost --tile 112 --steps 1500   # 2-4 shapes: shape and colour of the leftmost
-    python experiments/learning_proof/vit_probe.py single --size 31 48 --steps 400    # one shape of that size: which shape
+    python experiments/learning_proof/vit_probe.py leftmost --tile 112 --steps 1500  # leftmost of 2-4: shape, colour
+    python experiments/learning_proof/vit_probe.py single --size 31 48 --steps 400   # one shape: which one
+    python experiments/learning_proof/vit_probe.py leftmost --device cuda --workers 1 --batch 128 --steps 2000 \
+        --hidden 384 --layers 8 --heads 6 --json probe.jsonl                           # the proof's ViT, on a GPU
 
-ViT: transformers' InternVLVisionModel, by default hidden 192, 4 layers, 3 heads, patch 14 (``--hidden``,
-``--layers``, ``--heads``, ``--patch``); AdamW (lr 5e-4: ``--lr``), weight decay 0.05, batch 32 (``--batch``),
-fresh images every step (``vlmtrain.data.synthetic``'s drawing). Prints held-out accuracy (256 images)
-every ``--eval-every`` steps, and with ``--json`` appends one line with the settings and the curve.
-On a GPU (``--device cuda``, bf16 autocast) a run of thousands of steps takes a minute or two; the
-host's drawing of the images then sets the pace.
+ViT: transformers' InternVLVisionModel, by default hidden 192, 4 layers, 3 heads, patch 14
+(``--hidden``, ``--layers``, ``--heads``, ``--patch``); AdamW (lr 5e-4: ``--lr``), weight decay 0.05,
+batch 32 (``--batch``), fresh images every step (``vlmtrain.data.synthetic``'s drawing, in
+``--workers`` processes). Prints held-out accuracy (256 images) every ``--eval-every`` steps; with
+``--json`` appends one line with the settings and the curve. On a GPU (bf16 autocast) the drawing,
+not the ViT, sets the pace.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import sys
 import time
@@ -83,7 +86,8 @@ def main() -> None:
     if not args.workers:
         train(args, names, classes, (to_device(*make_batch(args, s, args.batch)) for s in seeds), held_out)
         return
-    with ProcessPoolExecutor(args.workers) as pool:
+    # spawned, not forked: a fork after this process's torch ops can hang in OpenMP's thread pool
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         ahead = deque(pool.submit(make_batch, args, s, args.batch) for s in seeds[:4 * args.workers])
 
         def batches():
