@@ -232,6 +232,7 @@ def test_compiled_packed_decoder_compiles_once(tiny, monkeypatch):
     cfg, tok, _, samples = tiny
     step = PackedStepCollator(tok.pad_token_id, cfg.data.tile_size)(samples[:4])
     torch._dynamo.reset()
+    counters.clear()  # process-wide totals: earlier tests compiled too
     model = build_model(compose_config(["model.compile=[language_model]"]).model, tok, seed=0)
     module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
     for _ in range(2):
