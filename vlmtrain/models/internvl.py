@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from vlmtrain.config import ModelConfig
+from vlmtrain.config import PARTS, ModelConfig
 from vlmtrain.data.images import normalize_pixels
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
@@ -122,9 +122,6 @@ def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:
         "multi_modal_projector": model.model.multi_modal_projector,
         "language_model": nn.ModuleList([model.model.language_model, model.lm_head]),
     }
-
-
-PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 
 
 def part_of(param_name: str) -> str:

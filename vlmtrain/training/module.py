@@ -15,9 +15,10 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 
+from vlmtrain.config import PARTS
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.models.attention import packed_kwargs
-from vlmtrain.models.internvl import PARTS, multimodal_embeddings, part_of
+from vlmtrain.models.internvl import multimodal_embeddings, part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
 from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
