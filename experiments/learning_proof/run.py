@@ -232,7 +232,7 @@ def main():
     ap.add_argument("--work", help="data and stage run directories (default: --out)")
     ap.add_argument("--train", type=int, default=200000, help="train lines")
     ap.add_argument("--heldout", type=int, default=500, help="held-out lines")
-    ap.add_argument("--steps", type=int, nargs=3, default=[60, 150, 5600], metavar=("S1", "S15", "S2"),
+    ap.add_argument("--steps", type=int, nargs=3, default=[60, 150, 5000], metavar=("S1", "S15", "S2"),
                     help="optimizer steps of stages 1, 1.5 and 2 (S2 = 0: fill the budget)")
     ap.add_argument("--lr", type=float, nargs=3, default=list(LRS), metavar=("LR1", "LR15", "LR2"))
     ap.add_argument("--side-range", type=int, nargs=2, default=list(SIDE_RANGE), metavar=("MIN", "MAX"),
