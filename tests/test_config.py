@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -136,10 +137,12 @@ def test_learning_proof_experiment_composes(stage, tmp_path, monkeypatch):
     cfg = compose_config(["experiment=learning_proof", f"stage={stage}", "stage.max_epochs=-1", "stage.max_steps=60",
                           "trainer.max_time=00:00:05:00"], run_dir=tmp_path / "run")
     assert cfg.data.persistent_workers is True and cfg.data.prefetch_factor == 4
-    assert cfg.stage.global_batch_size == 128 and cfg.stage.drop_path == 0.0 and cfg.stage.name == stage
+    assert cfg.stage.global_batch_size == 256 and cfg.stage.drop_path == 0.0 and cfg.stage.name == stage
     assert cfg.data.datasets.shapes.path == f"{tmp_path}/annotations.jsonl"
     collate = instantiate(cfg.data.collate, pad_id=0, tile_size=cfg.data.tile_size)
-    assert isinstance(collate, PackedStepCollator) and (collate.max_tokens, collate.max_tiles) == (32768, 320)
+    assert isinstance(collate, PackedStepCollator) and (collate.max_tokens, collate.max_tiles) == (65536, 640)
+    optimizer = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
 
 
 @pytest.mark.parametrize("workers", [0, 1])

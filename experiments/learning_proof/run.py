@@ -14,14 +14,14 @@ which fine-tunes pretrained weights: here everything starts from random init).
 
 Stages chain by ``init_from`` through ``vlmtrain.train.train`` (what ``python -m vlmtrain`` runs):
 mlp_warmup -> vit_incremental -> instruction_tuning. ``--budget`` is the wall-time limit of the
-whole script (575 s: training stops by 530 s, and the evaluation takes ~17 s). Stage 2 runs 5600
-steps by default: on one H200 it ran a steady 13.4 steps/s (1712 samples/s in two runs), which fits
-its ~480 s; a slower host CPU (10.3-10.7 steps/s on other H200 machines) is cut by the time limit.
-``--steps ... 0`` sizes it from stage 1.5's rate instead (the median of its second half's logged
-windows, times ``--rate-margin``), for other devices; that rate is noisy (13.7 and 18.7 steps/s in
-two identical H200 runs), so the fixed count is the default. Every stage also gets ``trainer.max_time`` = the time
-left minus the reserve, so a run slower than planned stops early (its schedule cut short:
-``steps_done`` < ``steps`` in the JSON) and still evaluates.
+whole script (575 s: training stops by 530 s, and the evaluation takes ~17-21 s). Stage 2 runs 5000
+steps of 256 samples by default: the host's per-step cost sets the rate (9.2-10.2 steps/s on one H200
+or H100; 128 samples ran no faster), so the time limit cuts it at 72-89% of its cosine on those hosts
+(experiments/results/learning_proof.md). ``--steps ... 0`` sizes it from stage 1.5's rate instead (the
+median of its second half's logged windows, times ``--rate-margin``), for other devices; that rate is
+noisy (13.7 and 18.7 steps/s in two identical H200 runs), so the fixed count is the default.
+Every stage also gets ``trainer.max_time`` = the time left minus the reserve, so a run slower than
+planned stops early (its schedule cut short: ``steps_done`` < ``steps`` in the JSON) and still evaluates.
 
 Evaluation is ``python -m vlmtrain.eval`` in a subprocess (the entry point itself): greedy
 answers to every question of the held-out lines, exact match per question type
