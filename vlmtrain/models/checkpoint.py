@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from vlmtrain.config import LoraConfig, ModelConfig
+from vlmtrain.config import PARTS, LoraConfig, ModelConfig
 
 MODEL_CONFIG_FILE = "vlmtrain_model.yaml"
 """Written beside an exported model: the ModelConfig it was built from (template included)."""
@@ -104,7 +104,7 @@ def load_trained(path: str | Path, dtype: torch.dtype | None = None) -> TrainedM
         model_cfg.tokenizer = None
         tokenizer = load_tokenizer(model_cfg)
         model = build_model(model_cfg, tokenizer)
-        trainable, lora, source = ["vision_tower", "multi_modal_projector", "language_model"], None, p
+        trainable, lora, source = list(PARTS), None, p
     if dtype is not None:
         model = model.to(dtype)
     model.eval()

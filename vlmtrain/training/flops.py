@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-PART_ORDER = ("vision_tower", "multi_modal_projector", "language_model")
+from vlmtrain.config import PARTS
 
 # transformers model types whose MLP has two matrices (up, down); every other LLM of the recipe
 # (qwen2, llama, internlm2 as llama, phi3, mistral) has a gated MLP with three (gate, up, down)
@@ -154,7 +154,7 @@ def pass_factors(trainable: Mapping[str, str]) -> dict[str, int]:
     """Forward+backward passes per part from each part's state: ``full`` (all weights train),
     ``partial`` (some do, e.g. LoRA adapters) or ``frozen``."""
     factors, grad_upstream = {}, False
-    for part in PART_ORDER:
+    for part in PARTS:
         state = trainable.get(part, "frozen")
         if state not in ("full", "partial", "frozen"):
             raise ValueError(f"{part}: trainable state must be full, partial or frozen, got {state!r}")
@@ -183,7 +183,7 @@ def training_flops(
     length**2; supervised: positions the LM head and loss run on; trainable: part -> full |
     partial | frozen (default: everything trains, the x3 of instruction tuning).
     """
-    factors = pass_factors(trainable or {p: "full" for p in PART_ORDER})
+    factors = pass_factors(trainable or {p: "full" for p in PARTS})
     return (
         factors["vision_tower"] * tiles * vit_flops_per_tile(d)
         + factors["multi_modal_projector"] * tiles * projector_flops_per_tile(d)
@@ -196,7 +196,7 @@ def trainable_states(model) -> dict[str, str]:
     model wrapping one: its adapters make a part ``partial``)."""
     from vlmtrain.models.internvl import part_of
 
-    flags: dict[str, list[bool]] = {p: [] for p in PART_ORDER}
+    flags: dict[str, list[bool]] = {p: [] for p in PARTS}
     for name, param in model.named_parameters():
         flags[part_of(name.removeprefix("base_model.model."))].append(param.requires_grad)
     return {
