@@ -4,9 +4,9 @@ Both do the same work per sample: decode a JPEG photo-sized image, pick the Inte
 448 px tiles), resize + cut tiles + thumbnail, random JPEG re-encoding of every tile (quality
 75..100), and tokenisation of a two-turn conversation with labels. The reference also normalises
 every tile to float32 (ImageNet mean/std) on the host; vlmtrain ships uint8 tiles and normalises on
-the device, as in training. The reference is written the obvious way (the InternVL training code's shape): PIL resize, crop each
-tile, per-tile transforms (JPEG, resize, to-tensor, normalise), then stacking, and the text built
-with the image tokens spelled out and tokenised turn by turn.
+the device, as in training. The reference is written the obvious way (the InternVL training code's
+shape): PIL resize, crop each tile, per-tile transforms (JPEG, resize, to-tensor, normalise), then
+stacking, and the text built with the image tokens spelled out and tokenised turn by turn.
 
     python experiments/bench/data_pipeline.py                 # writes experiments/results/data_pipeline.md
     python experiments/bench/data_pipeline.py --samples 24 --rounds 2 --no-write
