@@ -239,7 +239,7 @@ def main():
                     help="image side range in px of the generated data")
     ap.add_argument("--budget", type=float, default=575.0,
                     help="seconds for the whole script (training stops early to leave --eval-reserve)")
-    ap.add_argument("--eval-reserve", type=float, default=45.0, help="evaluation took 15-17 s on one H200")
+    ap.add_argument("--eval-reserve", type=float, default=45.0, help="evaluation took 15-21 s on one H200 or H100")
     ap.add_argument("--rate-margin", type=float, default=0.7,
                     help="stage 2 steps/s as a share of stage 1.5's, when S2 = 0 (one H200, compiled: "
                          "stage 2 ran 13.4 where stage 1.5 measured 13.7-18.7)")
