@@ -20,12 +20,15 @@ class SampleError(Exception):
 class Conversation:
     """A multi-turn conversation with media.
 
-    ``turns`` alternate user / assistant, starting with the user; media go where the text holds
-    ``<image>`` / ``<video>`` placeholders, in order. ``images`` and ``videos`` are paths (already
-    resolved against the dataset root) or in-memory bytes.
+    ``turns`` are (user, answer) pairs; media go where the text holds ``<image>`` / ``<video>``
+    placeholders, in order (``vlmtrain.data.placeholders`` puts them there when the data does not).
+    ``images`` and ``videos`` are paths (already resolved against the dataset root), in-memory bytes
+    or PIL images. The last answer may be None: a prompt whose answer is to be generated.
+    ``system``: the data's own system message ("" is an empty system block); None: the config's
+    or the template's.
     """
 
-    turns: list[tuple[str, str]]
+    turns: list[tuple[str, str | None]]
     system: str | None = None
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
@@ -34,9 +37,13 @@ class Conversation:
         if not self.turns:
             raise SampleError("no_turns", "conversation has no user/assistant turn")
         for user, answer in self.turns:
-            if not answer.strip():
+            if not answer or not answer.strip():
                 raise SampleError("empty_answer", "an assistant answer is empty")
-        text = "".join(u + a for u, a in self.turns)
+        self.check_media()
+
+    def check_media(self) -> None:
+        """One placeholder per image and per video."""
+        text = "".join(u + (a or "") for u, a in self.turns)
         n_img, n_vid = text.count(IMAGE_PLACEHOLDER), text.count(VIDEO_PLACEHOLDER)
         if n_img != len(self.images) or n_vid != len(self.videos):
             raise SampleError(
