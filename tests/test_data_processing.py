@@ -294,7 +294,7 @@ def test_fast_resize_matches_pil_tiles(tmp_path, tok):
     rgb = np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)
     img = Image.fromarray(rgb).resize((700, 300), Image.Resampling.BICUBIC)  # smooth, like a photo
     img.save(tmp_path / "p.jpg", quality=95)
-    slow = tile_image(img, 1, 6, 56)
+    slow = tile_image(img, 1, 6, 56, exact=True)
     fast = tile_image_fast(img, choose_grid(700, 300, 1, 6, 56), 56)
     assert len(fast) == len(slow) == 3  # 2x1 + thumbnail
     diff = (to_pixel_values(fast) - to_pixel_values(slow)).abs() * 255 * 0.229
@@ -304,8 +304,8 @@ def test_fast_resize_matches_pil_tiles(tmp_path, tok):
         {"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}]}])
     d = {"p": DatasetConfig(path=str(path), n_max=6, jpeg_augment=False)}
     exact = mixture(tok, d, tile_size=56, fast_resize=False)[(0, 0)]
-    reference = to_pixel_bytes(tile_image(Image.open(tmp_path / "p.jpg"), 1, 6, 56))
-    assert torch.equal(exact.pixel_values, reference)  # fast_resize=False: the reference, pixel for pixel
+    reference = to_pixel_bytes(tile_image(Image.open(tmp_path / "p.jpg"), 1, 6, 56, exact=True))
+    assert int((exact.pixel_values.int() - reference.int()).abs().max()) <= 2  # the default: within 2 levels
     quick = mixture(tok, d, tile_size=56)[(0, 0)]
     assert quick.num_tiles == exact.num_tiles
     assert float((normalize_pixels(quick.pixel_values) - normalize_pixels(exact.pixel_values)).abs().mean()) < 0.02

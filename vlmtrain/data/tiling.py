@@ -83,10 +83,16 @@ def tile_image(
     ``resize_bicubic``, within 2 grey levels of it and faster. Tiles are PIL images or (S, S, 3)
     uint8 tensors (views of one canvas), which ``images.to_pixel_bytes`` both take.
     """
-    src = Pixels(image)
-    cols, rows = choose_grid(src.size[0], src.size[1], min_tiles, max_tiles, tile_size)
-    resize = (lambda size: src.image.resize(size, Image.Resampling.BICUBIC)) if exact else (
-        lambda size: resize_bicubic(src, size))
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    cols, rows = choose_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
+    if exact:
+        def resize(size):
+            return image.resize(size, Image.Resampling.BICUBIC)
+    else:
+        src = Pixels(image)
+
+        def resize(size):
+            return resize_bicubic(src, size)
     canvas = resize((tile_size * cols, tile_size * rows))
     tiles = [_crop(canvas, c * tile_size, r * tile_size, tile_size) for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(tiles) > 1:
