@@ -260,10 +260,11 @@ Where the default path's time goes (each stage alone on the same images, best of
 |---|---|
 {stage_rows}
 
-The default path decodes every JPEG at full size and resizes like PIL's bicubic within 2 grey levels
-(`vlmtrain.data.resize`: PIL's pass order, the costlier of the two one-axis passes in torch's uint8
-kernel, the other in PIL), so what the reference spends on full-size decoding and JPEG re-encoding
-is spent here too. `fast_resize` decodes at a reduced JPEG scale and resizes in one torch call.
+The default path decodes every JPEG at full size (as the reference must, to have its pixels) and
+resizes with torch's uint8 bicubic in PIL's pass order, within 2 grey levels of PIL
+(`vlmtrain.data.resize`); the JPEG re-encoding of every tile (training's augmentation, libjpeg both
+ways) costs the same on both sides, so with the full-size decode it bounds the ratio. `fast_resize`
+decodes large JPEGs at a reduced DCT scale and resizes in one torch call.
 """
     print(report)
     if not args.no_write:

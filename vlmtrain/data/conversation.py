@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+_MEDIA = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
 
 
 class SampleError(Exception):
@@ -40,6 +42,14 @@ class Conversation:
             if not answer or not answer.strip():
                 raise SampleError("empty_answer", "an assistant answer is empty")
         self.check_media()
+
+    def media(self) -> list[tuple[str, object]]:
+        """("image" | "video", source) in the order their placeholders appear."""
+        images, videos, out = iter(self.images), iter(self.videos), []
+        for user, answer in self.turns:
+            for m in _MEDIA.finditer(user + (answer or "")):
+                out.append(("image", next(images)) if m.group(0) == IMAGE_PLACEHOLDER else ("video", next(videos)))
+        return out
 
     def check_media(self) -> None:
         """One placeholder per image and per video."""
