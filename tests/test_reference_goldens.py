@@ -122,9 +122,10 @@ def _own_behaviour(case):
     answers = [strip(m["value"]) for m in case["conversations"] if m["from"] == "gpt"]
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "".join(a + template.answer_end for a in answers)
     # the data's system message, else the template's
-    system = [m["value"] for m in case["conversations"] if m["from"] == "system"]
-    before, after = template.around("system")
-    assert before + strip(system[0] if system else template.default_system) + after in text
+    system = [m["value"] for m in case["conversations"] if m["from"] == "system"] or [template.default_system]
+    if template.system and system[0] is not None:
+        before, after = template.around("system")
+        assert before + strip(system[0]) + after in text
     # the questions, in order, with their placeholders expanded
     pos = 0
     for m in case["conversations"]:
