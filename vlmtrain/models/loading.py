@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vlmtrain.errors import MissingPathError, UserError
+
 log = logging.getLogger("vlmtrain")
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -46,12 +48,12 @@ def weight_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
             if not files:
                 files = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt")) + sorted(p.glob("*.pth"))
     else:
-        raise FileNotFoundError(f"no checkpoint at {p}")
+        raise MissingPathError(f"no checkpoint at {p}")
     if not files:
-        raise FileNotFoundError(f"{p}: no *.safetensors (or *.bin) weight files")
+        raise MissingPathError(f"{p}: no *.safetensors (or *.bin) weight files")
     pickled = [f for f in files if f.suffix != ".safetensors"]
     if pickled and not allow_pickle:
-        raise ValueError(
+        raise UserError(
             f"{pickled[0]}: pickle weights can run arbitrary code when loaded; convert to safetensors "
             "or set model.allow_pickle=true if you trust the file"
         )
@@ -144,7 +146,7 @@ def convert_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         new = _rename(key, VISION_RENAMES)
         if new is None:
-            raise ValueError(f"vision checkpoint: no rename rule for key {key!r}")
+            raise UserError(f"vision checkpoint: no rename rule for key {key!r}")
         out[new] = value
     return out
 
@@ -174,7 +176,7 @@ def convert_internlm2(state: dict[str, torch.Tensor], text_config) -> dict[str, 
             continue
         new = _rename(key, INTERNLM2_RENAMES)
         if new is None:
-            raise ValueError(f"InternLM2 checkpoint: no rename rule for key {key!r}")
+            raise UserError(f"InternLM2 checkpoint: no rename rule for key {key!r}")
         out[new] = value
     return out
 
@@ -190,7 +192,7 @@ def convert_causal_lm(state: dict[str, torch.Tensor], text_config) -> dict[str, 
         elif key.startswith("lm_head."):
             out[key] = value
         else:
-            raise ValueError(f"language-model checkpoint: unexpected key {key!r}")
+            raise UserError(f"language-model checkpoint: unexpected key {key!r}")
     return out
 
 
@@ -206,7 +208,7 @@ def layout_of(state: dict[str, torch.Tensor]) -> str:
         return "internvit"
     if any(k.startswith(("model.embed_tokens.", "model.tok_embeddings.")) for k in keys):
         return "causal_lm"
-    raise ValueError(f"unknown checkpoint layout (first keys: {keys[:3]})")
+    raise UserError(f"unknown checkpoint layout (first keys: {keys[:3]})")
 
 
 def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, torch.Tensor]:
@@ -227,12 +229,12 @@ def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, tor
                 group[key.removeprefix(prefix)] = value
                 break
         else:
-            raise ValueError(f"OpenGVLab checkpoint: key {key!r} belongs to no part")
+            raise UserError(f"OpenGVLab checkpoint: key {key!r} belongs to no part")
     out = {"model.vision_tower." + k: v for k, v in convert_vision(groups["vision_model."]).items()}
     for key, value in groups["mlp1."].items():
         new = _rename(key, PROJECTOR_RENAMES)
         if new is None:
-            raise ValueError(f"OpenGVLab checkpoint: no rename rule for key 'mlp1.{key}'")
+            raise UserError(f"OpenGVLab checkpoint: no rename rule for key 'mlp1.{key}'")
         out["model.multi_modal_projector." + new] = value
     if groups["language_model."]:
         out.update(convert_causal_lm(groups["language_model."], text_config))
@@ -298,13 +300,13 @@ def load_pretrained(model: torch.nn.Module, cfg) -> None:
         state = to_hf_internvl(read_state_dict(cfg.vision.path, cfg.allow_pickle), text_config)
         state = {k: v for k, v in state.items() if k.startswith("model.vision_tower.")}
         if not state:
-            raise ValueError(f"model.vision.path={cfg.vision.path}: holds no vision-tower weights")
+            raise UserError(f"model.vision.path={cfg.vision.path}: holds no vision-tower weights")
         check_and_load(model, state, f"model.vision.path={cfg.vision.path}", ["model.vision_tower."])
     if cfg.llm.path:
         state = to_hf_internvl(read_state_dict(cfg.llm.path, cfg.allow_pickle), text_config)
         state = {k: v for k, v in state.items() if k.startswith(("model.language_model.", "lm_head."))}
         if not state:
-            raise ValueError(f"model.llm.path={cfg.llm.path}: holds no language-model weights")
+            raise UserError(f"model.llm.path={cfg.llm.path}: holds no language-model weights")
         if "lm_head.weight" not in state and getattr(text_config, "tie_word_embeddings", False) is False:
             emb = state.get("model.language_model.embed_tokens.weight")
             if emb is not None:  # a tied-embedding LLM (e.g. Qwen2.5-0.5B): untie by copying
@@ -361,7 +363,7 @@ def model_config_from_checkpoint(path: str | Path) -> dict:
     p = Path(path).expanduser()
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{p}: no config.json")
+        raise MissingPathError(f"{p}: no config.json")
     c = json.loads(cfg_file.read_text())
     if c.get("model_type") == "internvl":
         v = c["vision_config"]
@@ -393,14 +395,14 @@ def model_config_from_checkpoint(path: str | Path) -> dict:
         )
         template = c.get("template")
         if c.get("ps_version", "v2") != "v2":
-            raise ValueError(f"{cfg_file}: ps_version {c.get('ps_version')!r} is not supported (only v2)")
+            raise UserError(f"{cfg_file}: ps_version {c.get('ps_version')!r} is not supported (only v2)")
         return dict(
             vision=vision, llm={"config": llm_kwargs(c["llm_config"])},
             downsample_ratio=c.get("downsample_ratio", 0.5),
             vision_select_layer=c.get("select_layer", -1),
             template=TEMPLATE_NAMES.get(template, template) if template else "internvl2_5",
         )
-    raise ValueError(f"{cfg_file}: model_type {c.get('model_type')!r} is not an InternVL checkpoint")
+    raise UserError(f"{cfg_file}: model_type {c.get('model_type')!r} is not an InternVL checkpoint")
 
 
 def _first(x):

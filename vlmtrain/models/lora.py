@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from vlmtrain.config import LoraConfig
+from vlmtrain.errors import UserError
 
 TARGETS = {
     "llm_attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)",
@@ -44,7 +45,7 @@ def target_regex(cfg: LoraConfig) -> str:
         return cfg.target_modules
     unknown = [t for t in cfg.targets if t not in TARGETS]
     if unknown or not cfg.targets:
-        raise ValueError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(TARGETS)}")
+        raise UserError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(TARGETS)}")
     return "|".join(f"(?:{TARGETS[t]})" for t in cfg.targets)
 
 
@@ -67,7 +68,7 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = 
     inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=low_cpu_mem_usage)
     adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not adapted:
-        raise ValueError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
+        raise UserError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
     for n, p in model.named_parameters():  # peft froze everything else; restore the caller's choice
         key = n.replace(".base_layer.", ".")
         if "lora_" not in n and key in grads:
