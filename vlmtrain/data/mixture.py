@@ -247,3 +247,15 @@ class MixtureDataset:
             dataset=source.name,
             truncated=self.encoder.last_truncated,
         )
+
+
+def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:
+    """(MixtureDataset, tokenizer) for a composed training config (model, data, seed), as training
+    builds them: what the data tools (preview, stats) read."""
+    from vlmtrain.models.build import load_tokenizer
+    from vlmtrain.models.internvl import tokens_per_tile
+
+    tokenizer = load_tokenizer(cfg.model)
+    v = cfg.model.vision
+    n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
+    return MixtureDataset(cfg.data, tokenizer, n, cfg.seed, training=training), tokenizer

@@ -1,8 +1,9 @@
-"""Show one sample as the model will see it.
+"""One sample as the model will see it: what `vlmtrain preview` prints (``vlmtrain.cli.preview``;
+``python -m vlmtrain.preview`` is the same).
 
-    python -m vlmtrain.preview data=single data.path=train.jsonl index=3
-    python -m vlmtrain.preview data=demo index=0 preview.format=json      # one JSON object
-    python -m vlmtrain.preview data=single data.path=meta.json index=10 preview.eval=true
+    vlmtrain preview data=single data.path=train.jsonl index=3
+    vlmtrain preview data=demo index=0 preview.format=json      # one JSON object
+    vlmtrain preview data=single data.path=meta.json index=10 preview.eval=true
 
 Text mode prints the rendered text with image-token runs collapsed (``<IMG_CONTEXT>x256x7``: 256
 tokens per tile, 7 tiles), the tokens that carry loss between « », the tiles per image or video
@@ -13,10 +14,11 @@ frame, and token counts. JSON mode prints ``text`` (image runs expanded), ``inpu
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from vlmtrain.config import TrainConfig
+from vlmtrain.data.mixture import Skipped, build_mixture
+from vlmtrain.errors import UserError
+from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.loss import IGNORE_INDEX
 
 
@@ -28,13 +30,6 @@ class PreviewOptions:
     """Epoch whose random draws (JPEG quality, video frames) are shown."""
     eval: bool = False
     """Evaluation-time sampling (video segment centres) instead of training's random draws."""
-
-
-@dataclass
-class PreviewAppConfig(TrainConfig):
-    index: int = 0
-    """Sample index in the mixture (after repeat factors), 0-based."""
-    preview: PreviewOptions = field(default_factory=PreviewOptions)
 
 
 def _runs(values: list) -> list[tuple[object, int, int]]:
@@ -89,35 +84,18 @@ def render_text(sample, tokenizer, tokens_per_tile: int) -> str:
 
 
 def preview(cfg) -> str:
-    from vlmtrain.data.mixture import Skipped
-    from vlmtrain.data_tool import build_mixture
-    from vlmtrain.models.internvl import tokens_per_tile
-
+    """Sample ``cfg.index`` of the mixture, rendered as ``cfg.preview`` says (a PreviewOptions)."""
     opts = cfg.preview
     if opts.format not in ("text", "json"):
-        raise ValueError(f"preview.format must be text or json, got {opts.format!r}")
+        raise UserError(f"preview.format must be text or json, got {opts.format!r}")
     dataset, tokenizer = build_mixture(cfg, training=not opts.eval)
     source, line = dataset.locate(cfg.index)
     sample = dataset.load(cfg.index, opts.epoch)
     if isinstance(sample, Skipped):
-        raise ValueError(f"sample {cfg.index} ({sample.where}) is rejected: {sample.reason}: {sample.message}")
+        raise UserError(f"sample {cfg.index} ({sample.where}) is rejected: {sample.reason}: {sample.message}")
     if opts.format == "json":
         return json.dumps(render_json(sample, tokenizer), ensure_ascii=False)
     v = cfg.model.vision
     n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
     where = source.records[line].where()
     return f"sample {cfg.index} of {len(dataset)}   source: {where}\n" + render_text(sample, tokenizer, n)
-
-
-def _run(cfg) -> None:
-    sys.stdout.write(preview(cfg) + "\n")
-
-
-def main() -> None:
-    from vlmtrain.data_tool import run_data_tool
-
-    run_data_tool(PreviewAppConfig, _run)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,8 @@
-"""Write a data config's datasets as webdataset tar shards (sample json + original media bytes).
+"""A data config's datasets as webdataset tar shards (sample json + original media bytes): what
+`vlmtrain shard` writes (``vlmtrain.cli.shard``; ``python -m vlmtrain.shard`` is the same).
 
-    python -m vlmtrain.shard data=single data.path=train.jsonl out=shards/
-    python -m vlmtrain.shard data=single data.path=meta.json out=shards/ shard.max_size=500000000
+    vlmtrain shard data=single data.path=train.jsonl out=shards/
+    vlmtrain shard data=single data.path=meta.json out=shards/ shard.max_size=500000000
 
 Each dataset goes to ``{out}/{name}/shard-NNNNNN.tar`` (a shard closes before it passes
 ``shard.max_size`` bytes or ``shard.max_count`` samples), lines in source order, repeat factors
@@ -16,14 +17,15 @@ file and line), so a shard set holds only samples that convert.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
-from vlmtrain.config import TrainConfig
+from vlmtrain.data.conversation import SampleError
+from vlmtrain.data.mixture import SourceDataset, dataset_configs
+from vlmtrain.errors import UserError
 
 
 @dataclass
@@ -34,21 +36,12 @@ class ShardOptions:
     """Samples per shard at most."""
 
 
-@dataclass
-class ShardAppConfig(TrainConfig):
-    out: str = MISSING
-    """Folder the shards (and data/shards.yaml) are written to."""
-    shard: ShardOptions = field(default_factory=ShardOptions)
-
-
 def write_shards(cfg_data, out: str | Path, max_size: int = 1 << 30, max_count: int = 100_000,
                  log=print) -> dict:
     """Shard every dataset of ``cfg_data``; returns {name: {"shards": [...], "samples": n, "skipped": Counter}}."""
     import webdataset as wds
 
-    from vlmtrain.data.conversation import SampleError
     from vlmtrain.data.formats.wds import to_sample
-    from vlmtrain.data.mixture import SourceDataset, dataset_configs
 
     out = Path(out).expanduser()
     result, configs = {}, {}
@@ -69,7 +62,7 @@ def write_shards(cfg_data, out: str | Path, max_size: int = 1 << 30, max_count: 
                     sample = to_sample(conv, f"{n:09d}", record.where())
                 except SampleError as e:
                     if cfg_data.on_error == "raise":
-                        raise ValueError(f"{record.where()}: {e}") from None
+                        raise UserError(f"{record.where()}: {e}") from None
                     skipped[e.reason] += 1
                     continue
                 sink.write(sample)
@@ -91,19 +84,3 @@ def write_shards(cfg_data, out: str | Path, max_size: int = 1 << 30, max_count: 
         + body
     )
     return result
-
-
-def _run(cfg) -> None:
-    write_shards(cfg.data, cfg.out, cfg.shard.max_size, cfg.shard.max_count,
-                 log=lambda m: sys.stdout.write(m + "\n"))
-    sys.stdout.write(f"data config: {Path(cfg.out).expanduser() / 'data' / 'shards.yaml'}\n")
-
-
-def main() -> None:
-    from vlmtrain.data_tool import run_data_tool
-
-    run_data_tool(ShardAppConfig, _run)
-
-
-if __name__ == "__main__":
-    main()

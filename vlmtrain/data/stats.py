@@ -1,7 +1,8 @@
-"""What a data config holds, per dataset, before spending GPU hours on it.
+"""What a data config holds, per dataset, before spending GPU hours on it: what `vlmtrain stats`
+prints (``vlmtrain.cli.stats``; ``python -m vlmtrain.stats`` is the same).
 
-    python -m vlmtrain.stats data=single data.path=train.jsonl
-    python -m vlmtrain.stats data=single data.path=meta.json stats.plot=stats.png
+    vlmtrain stats data=single data.path=train.jsonl
+    vlmtrain stats data=single data.path=meta.json stats.plot=stats.png
 
 Per dataset: lines, lines after the repeat factor and share of the mixture, a histogram of tiles
 per sample, token-length percentiles, supervised tokens, and rejected lines by reason. Every line
@@ -12,14 +13,13 @@ video lengths from frame counts: no pixel is decoded, so a large mixture takes m
 from __future__ import annotations
 
 import random
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from vlmtrain.config import TrainConfig
+from vlmtrain.data.mixture import Skipped
 
 PERCENTILES = (50, 90, 99)
 
@@ -30,11 +30,6 @@ class StatsOptions:
     """Save a figure of tile and token-length distributions to this .png."""
     max_lines: Optional[int] = None
     """Look at only the first N lines of each dataset (None: all)."""
-
-
-@dataclass
-class StatsAppConfig(TrainConfig):
-    stats: StatsOptions = field(default_factory=StatsOptions)
 
 
 @dataclass
@@ -54,8 +49,6 @@ class DatasetStats:
 
 
 def collect(dataset, max_lines: int | None = None) -> list[DatasetStats]:
-    from vlmtrain.data.mixture import Skipped
-
     out = []
     for source in dataset.sources:
         st = DatasetStats(source.name, source.format, len(source.records), len(source.indices))
@@ -119,24 +112,3 @@ def plot(stats: list[DatasetStats], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _run(cfg) -> None:
-    from vlmtrain.data_tool import build_mixture
-
-    dataset, _ = build_mixture(cfg)
-    stats = collect(dataset, cfg.stats.max_lines)
-    sys.stdout.write(report(stats) + "\n")
-    if cfg.stats.plot:
-        plot(stats, cfg.stats.plot)
-        sys.stdout.write(f"figure: {cfg.stats.plot}\n")
-
-
-def main() -> None:
-    from vlmtrain.data_tool import run_data_tool
-
-    run_data_tool(StatsAppConfig, _run)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
-"""`python -m vlmtrain.chat ckpt=<run dir | .ckpt | HF dir>`: a multi-turn console with images and
-videos, answers streamed token by token.
+"""A multi-turn chat with images and videos, answers streamed token by token: what `vlmtrain chat`
+runs (``vlmtrain.cli.chat``; ``python -m vlmtrain.chat`` is the same).
 
-    python -m vlmtrain.chat ckpt=outputs/2026-11-21/12-00-00
-    python -m vlmtrain.chat ckpt=exported/ generation.do_sample=true generation.temperature=0.7
-    python -m vlmtrain.chat ckpt=exported/ chat.query='<image>What is shown?' chat.images=[cat.jpg]
+    vlmtrain chat ckpt=outputs/2026-11-21/12-00-00
+    vlmtrain chat ckpt=exported/ generation.do_sample=true generation.temperature=0.7
+    vlmtrain chat ckpt=exported/ chat.query='<image>What is shown?' chat.images=[cat.jpg]
 
 At the ``<<<`` prompt type a message. ``<image>`` / ``<video>`` placeholders in it are followed by
 one prompt per placeholder for the media path; ``<img>path</img>`` inline is an image at that
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
-from vlmtrain.conf import command
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from vlmtrain.inference import GenerationConfig, Prompt
+from vlmtrain.errors import MissingPathError, UserError
+from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
+from vlmtrain.models.checkpoint import load_trained
 
 PROMPT = "<<< "
 
@@ -40,15 +40,6 @@ class ChatOptions:
     """System prompt; None: the template's default."""
     max_tiles: int = 12
     num_frames: int = 8
-
-
-@dataclass
-class ChatConfig:
-    ckpt: str = MISSING
-    device: str = "auto"
-    dtype: Optional[str] = None
-    chat: ChatOptions = field(default_factory=ChatOptions)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 class ChatSession:
@@ -96,7 +87,7 @@ def run_console(session: ChatSession, read: Callable[[str], str], write: Callabl
         try:
             query, images, videos = resolve_media(text, read)
             session.ask(query, images, videos, write)
-        except (FileNotFoundError, ValueError) as e:
+        except UserError as e:
             write(f"error: {e}\n")
             continue
         write("\n")
@@ -123,15 +114,11 @@ def resolve_media(text: str, read: Callable[[str], str]) -> tuple[str, list, lis
 
 def _existing(path: str) -> str:
     if not os.path.isfile(os.path.expanduser(path)):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingPathError(f"no such file: {path}")
     return os.path.expanduser(path)
 
 
 def chat(cfg) -> str | None:
-    from vlmtrain.eval import resolve_device
-    from vlmtrain.inference import InferenceEngine
-    from vlmtrain.models.checkpoint import load_trained
-
     trained = load_trained(cfg.ckpt, getattr(torch, cfg.dtype) if cfg.dtype else None)
     engine = InferenceEngine(trained, max_tiles=cfg.chat.max_tiles, num_frames=cfg.chat.num_frames,
                              device=resolve_device(cfg.device))
@@ -148,12 +135,12 @@ def chat(cfg) -> str | None:
         def take(prompt: str) -> str:
             queue = queues["video" if "video" in prompt else "image"]
             if not queue:
-                raise ValueError("chat.query has more <image>/<video> placeholders than chat.images/chat.videos")
+                raise UserError("chat.query has more <image>/<video> placeholders than chat.images/chat.videos")
             return queue.pop(0)
 
         query, images, videos = resolve_media(cfg.chat.query, take)
         if queues["video"]:
-            raise ValueError(f"{len(queues['video'])} chat.videos have no <video> placeholder in chat.query")
+            raise UserError(f"{len(queues['video'])} chat.videos have no <video> placeholder in chat.query")
         leading = [_existing(p) for p in queues["image"]]  # images without a placeholder go first
         answer = session.ask(_place_leading(query, len(leading)), leading + images, videos, write)
         write("\n")
@@ -176,13 +163,3 @@ def _place_leading(query: str, n: int) -> str:
     if n == 1:
         return f"{IMAGE_PLACEHOLDER}\n{query}"
     return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n)) + query
-
-
-ConfigStore.instance().store(name="vlmtrain_chat_schema", node=ChatConfig)
-
-
-main = command("chat", "vlmtrain.chat")(chat)
-
-
-if __name__ == "__main__":
-    main()

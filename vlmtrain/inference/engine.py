@@ -50,6 +50,13 @@ class Prompt:
     system: str | None = None
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when visible, else cpu), or any torch device name (cpu, cuda, cuda:1, ...)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def video_frames(path, num_frames: int):
     """``num_frames`` RGB frames at the centres of equal segments of the video (the data side's
     evaluation sampling, so a model sees video at inference as it was evaluated in training)."""

@@ -1,9 +1,9 @@
-"""`python -m vlmtrain.eval ckpt=<run dir | .ckpt | HF dir> [data=<config>]`: answer a held-out
-set in batches and score it.
+"""Answer a held-out set in batches and score it: what `vlmtrain eval` runs
+(``vlmtrain.cli.eval``; ``python -m vlmtrain.eval`` is the same).
 
-    python -m vlmtrain.eval ckpt=outputs/2026-11-21/12-00-00                 # demo held-out split
-    python -m vlmtrain.eval ckpt=runs/s2/checkpoints/last.ckpt data=demo_val eval.batch_size=16
-    python -m vlmtrain.eval ckpt=exported/ out=eval_out generation.max_new_tokens=32
+    vlmtrain eval ckpt=outputs/2026-11-21/12-00-00                 # demo held-out split
+    vlmtrain eval ckpt=runs/s2/checkpoints/last.ckpt data=demo_val eval.batch_size=16
+    vlmtrain eval ckpt=exported/ out=eval_out generation.max_new_tokens=32
 
 Every assistant turn of every line is one question: the turns before it (with their reference
 answers) form the history, the model answers the turn's query, and the answer is scored against
@@ -18,7 +18,7 @@ benchmark's ``category``): a string applies to every turn of its line, a list gi
 assistant turn (the synthetic shapes data writes ``question_types`` this way); a line without the
 key counts under ``(none)``.
 
-    python -m vlmtrain.eval ckpt=runs/lp data=demo_val eval.group_by=question_types
+    vlmtrain eval ckpt=runs/lp data=demo_val eval.group_by=question_types
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vlmtrain.config import DataConfig, dataset_config, schema_node
-from vlmtrain.conf import command
-from vlmtrain.inference import GenerationConfig
+from vlmtrain.config import dataset_config
+from vlmtrain.data.conversation import SampleError
+from vlmtrain.data.formats import guess_format, reader
+from vlmtrain.errors import MissingPathError, UserError
+from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
+from vlmtrain.models.checkpoint import load_trained
 
 log = logging.getLogger("vlmtrain")
 
@@ -51,25 +53,6 @@ class EvalOptions:
     group_by: Optional[str] = None
     """An annotation key to break the metrics down by (a string per line, or a list with one
     value per assistant turn)."""
-
-
-@dataclass
-class EvalConfig:
-    ckpt: str = MISSING
-    """A run directory, a .ckpt, or an exported / HF-native InternVL directory."""
-    out: Optional[str] = None
-    """Where predictions.jsonl and metrics.json go (default: <ckpt dir>/eval)."""
-    device: str = "auto"
-    """auto (cuda when visible), cpu, cuda, cuda:1, ..."""
-    dtype: Optional[str] = None
-    """float32 / bfloat16 / float16; None keeps the checkpoint's."""
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalOptions = field(default_factory=EvalOptions)
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
-    model: Any = None
-    """Filled from the checkpoint (data configs interpolate ``${model.template}`` etc.)."""
-    stage: Any = None
-    """Absorbs the stage keys a training data config may set; unused here."""
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -143,7 +126,7 @@ def group_of(raw, key: str | None, turn: int, where: str) -> str | None:
         return NO_GROUP
     if isinstance(value, (list, tuple)):
         if turn >= len(value):
-            raise ValueError(f"{where}: eval.group_by key {key!r} has {len(value)} values, "
+            raise UserError(f"{where}: eval.group_by key {key!r} has {len(value)} values, "
                              f"but the line has more assistant turns")
         value = value[turn]
     return str(value)
@@ -151,13 +134,9 @@ def group_of(raw, key: str | None, turn: int, where: str) -> str | None:
 
 def questions(name: str, dcfg, default_system: str | None, limit: int | None, skipped: dict,
               group_by: str | None = None) -> list[Question]:
-    from vlmtrain.data.conversation import SampleError
-    from vlmtrain.data.formats import guess_format, reader
-    from vlmtrain.inference import Prompt
-
     path = Path(dcfg.path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data.datasets.{name}.path: {path} does not exist")
+        raise MissingPathError(f"data.datasets.{name}.path: {path} does not exist")
     fmt = reader(dcfg.format or guess_format(path))
     root = Path(dcfg.root).expanduser() if dcfg.root else (path if path.is_dir() else path.parent)
     out: list[Question] = []
@@ -182,13 +161,7 @@ def questions(name: str, dcfg, default_system: str | None, limit: int | None, sk
     return out
 
 
-# -- entry point ----------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# -- evaluation -----------------------------------------------------------------------------------
 
 
 def default_out(ckpt: str) -> Path:
@@ -199,15 +172,12 @@ def default_out(ckpt: str) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from vlmtrain.inference import InferenceEngine
-    from vlmtrain.models.checkpoint import load_trained
-
     trained = load_trained(cfg.ckpt, getattr(torch, cfg.dtype) if cfg.dtype else None)
     with open_dict(cfg):
         cfg.model = OmegaConf.to_container(trained.model_cfg, resolve=True)
     data = cfg.data
     if not data.datasets:
-        raise ValueError("data.datasets is empty: name at least one dataset to evaluate")
+        raise UserError("data.datasets is empty: name at least one dataset to evaluate")
     out_dir = Path(cfg.out).expanduser() if cfg.out else default_out(cfg.ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
@@ -269,13 +239,3 @@ def format_table(metrics: dict) -> str:
     if metrics["skipped"]:
         lines.append("skipped lines: " + ", ".join(f"{k}: {v}" for k, v in sorted(metrics["skipped"].items())))
     return "\n".join(lines)
-
-
-ConfigStore.instance().store(name="vlmtrain_eval_schema", node=schema_node(EvalConfig))
-
-
-main = command("eval", "vlmtrain.eval")(evaluate)
-
-
-if __name__ == "__main__":
-    main()

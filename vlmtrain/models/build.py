@@ -16,6 +16,9 @@ from vlmtrain.models.internvl import (
     compile_blocks,
     set_activation_checkpointing,
 )
+from vlmtrain.models.loading import load_pretrained
+from vlmtrain.models.lora import add_lora
+from vlmtrain.models.run_checkpoint import is_lora_key
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -79,8 +82,6 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
     # a whole checkpoint overwrites every weight (strictly checked): skip the random init
     model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
     if cfg.path or cfg.vision.path or cfg.llm.path:
-        from vlmtrain.models.loading import load_pretrained
-
         load_pretrained(model, cfg)
     if cfg.init_dtype:
         round_weights(model, cfg.init_dtype)
@@ -116,12 +117,10 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
     if unknown:
         raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
     if stage.lora is not None:
-        from vlmtrain.models.lora import add_lora
-
         add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []
     for name, p in model.named_parameters():
-        is_adapter = "lora_" in name
+        is_adapter = is_lora_key(name)
         if is_adapter and part_of(name) in stage.trainable:
             raise UserError(
                 f"stage: {part_of(name)} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
@@ -132,19 +131,3 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
     if "vision_tower" in stage.trainable:
         add_drop_path(model.model.vision_tower, stage.drop_path)
     return trainable
-
-
-def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Load a full state dict, failing on the first key that is missing, extra or mis-shaped."""
-    own = model.state_dict()
-    for key, value in state_dict.items():
-        if key not in own:
-            raise ValueError(f"{source}: unexpected key {key!r} (not in the configured model)")
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-            )
-    missing = [k for k in own if k not in state_dict]
-    if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} (and {len(missing) - 1} more)")
-    model.load_state_dict(state_dict)

@@ -1,8 +1,9 @@
-"""`python -m vlmtrain.export ckpt=<run dir | .ckpt> out=<dir>`: an HF-native InternVL directory,
-what serving engines and ``transformers.AutoModelForImageTextToText`` load.
+"""A trained model as an HF-native InternVL directory, what serving engines and
+``transformers.AutoModelForImageTextToText`` load: what `vlmtrain export` writes
+(``vlmtrain.cli.export``; ``python -m vlmtrain.export`` is the same).
 
-    python -m vlmtrain.export ckpt=outputs/2026-11-21/12-00-00 out=exported/shapes-8b
-    python -m vlmtrain.export ckpt=runs/lora/checkpoints/last.ckpt out=exported/lora dtype=bfloat16
+    vlmtrain export ckpt=outputs/2026-11-21/12-00-00 out=exported/shapes-8b
+    vlmtrain export ckpt=runs/lora/checkpoints/last.ckpt out=exported/lora dtype=bfloat16
 
 The directory holds: ``model.safetensors`` (LoRA adapters merged into their base weights; every
 fully trained part, ViT and projector included, as trained) and ``config.json``
@@ -18,17 +19,17 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
 
-from vlmtrain.conf import command
 from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmtrain.data.templates import ChatTemplate, get_template
+from vlmtrain.errors import UserError
+from vlmtrain.models.checkpoint import MODEL_CONFIG_FILE, load_trained
+from vlmtrain.models.internvl import tokens_per_tile
 
 IMAGE_TOKENS_FOR_PROCESSOR = {
     "start_image_token": "<img>",
@@ -40,17 +41,6 @@ IMAGE_TOKENS_FOR_PROCESSOR = {
 placeholder the processor expands into frames; it never reaches the model."""
 
 
-@dataclass
-class ExportConfig:
-    ckpt: str = MISSING
-    """A run directory or a .ckpt inside one (or an HF / OpenGVLab directory, to re-export it)."""
-    out: str = MISSING
-    dtype: Optional[str] = None
-    """Cast the weights (bfloat16, float16, float32); None keeps the trained dtype."""
-    max_tiles: int = 12
-    """The image processor's tile budget (max_patches)."""
-
-
 def chat_template_jinja(t: ChatTemplate) -> str:
     """A Jinja chat template that renders messages exactly as ``vlmtrain.data`` lays them out.
 
@@ -60,7 +50,7 @@ def chat_template_jinja(t: ChatTemplate) -> str:
     """
     before, sep, after = t.user.partition("{content}")
     if not sep or not after.startswith(t.answer_end + t.turn_sep):
-        raise ValueError(f"template {t.name}: user format does not end with answer_end + turn_sep + header")
+        raise UserError(f"template {t.name}: user format does not end with answer_end + turn_sep + header")
     user_end = t.answer_end + t.turn_sep
     header = after[len(user_end):]
     sys_before, _, sys_after = t.system.partition("{content}")
@@ -94,8 +84,6 @@ def chat_template_jinja(t: ChatTemplate) -> str:
 
 def export_tokenizer(tokenizer, template: ChatTemplate, out: Path):
     """Save the tokenizer with the chat template and the processor's image-token attributes."""
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, extra_special_tokens=IMAGE_TOKENS_FOR_PROCESSOR)
@@ -111,8 +99,6 @@ def export_tokenizer(tokenizer, template: ChatTemplate, out: Path):
 
 def processor_configs(model_cfg, max_tiles: int) -> dict[str, dict]:
     """The processor files InternVLProcessor.save_pretrained writes, for this model's tiling."""
-    from vlmtrain.models.internvl import tokens_per_tile
-
     size = {"height": model_cfg.vision.image_size, "width": model_cfg.vision.image_size}
     norm = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_normalize": True,
             "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True, "do_resize": True}
@@ -135,8 +121,7 @@ def processor_configs(model_cfg, max_tiles: int) -> dict[str, dict]:
 
 
 def export(cfg) -> Path:
-    from vlmtrain.models.checkpoint import MODEL_CONFIG_FILE, load_trained
-
+    """Export ``cfg.ckpt`` to ``cfg.out`` (the ``vlmtrain export`` config: ckpt, out, dtype, max_tiles)."""
     trained = load_trained(cfg.ckpt, getattr(torch, cfg.dtype) if cfg.dtype else None)
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,13 +144,3 @@ def export(cfg) -> Path:
     print(f"exported {trained.source} -> {out}"
           + (f" (LoRA r={trained.lora.r} merged)" if trained.lora is not None else ""))
     return out
-
-
-ConfigStore.instance().store(name="vlmtrain_export_schema", node=ExportConfig)
-
-
-main = command("export", "vlmtrain.export")(export)
-
-
-if __name__ == "__main__":
-    main()

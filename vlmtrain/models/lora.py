@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from vlmtrain.config import LoraConfig
 from vlmtrain.errors import UserError
+from vlmtrain.models.run_checkpoint import is_lora_key
 
 TARGETS = {
     "llm_attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)",
@@ -71,7 +72,7 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = 
         raise UserError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
     for n, p in model.named_parameters():  # peft froze everything else; restore the caller's choice
         key = n.replace(".base_layer.", ".")
-        if "lora_" not in n and key in grads:
+        if not is_lora_key(n) and key in grads:
             p.requires_grad_(grads[key])
     return adapted
 
@@ -122,13 +123,13 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, t
     marker = f".{ADAPTER_NAME}."
 
     def saved(name: str) -> bool:  # peft stores a module to save under its plain name
-        return "lora_" in name or any(
+        return is_lora_key(name) or any(
             sep and (not head or head.endswith("."))
             for head, sep, _ in (name.partition(m + ".") for m in modules_to_save))
 
     tensors = {}
     for name, p in gathered_state(model, saved).items():
-        key = name.replace(marker, ".") if "lora_" in name else name.replace(".base_layer.", ".")
+        key = name.replace(marker, ".") if is_lora_key(name) else name.replace(".base_layer.", ".")
         tensors["base_model.model." + key] = p.contiguous()
     if not write:
         return out

@@ -1,11 +1,12 @@
-"""`python -m vlmtrain.plan model=<...> stage=<...> hardware=<...>`: parameters and memory per GPU
-before you submit, computed on a meta-device model (a 78B config takes about a second, no memory).
+"""Parameters and memory per GPU before you submit, computed on a meta-device model (a 78B config
+takes about a second, no memory): what `vlmtrain plan` prints (``vlmtrain.cli.plan``;
+``python -m vlmtrain.plan`` is the same).
 
-    python -m vlmtrain.plan model=internvl2_5_8b stage=instruction_tuning hardware=gpu \\
+    vlmtrain plan model=internvl2_5_8b stage=instruction_tuning hardware=gpu \\
         hardware.devices=8 hardware.strategy=deepspeed_stage_1 plan.gpu_memory_gb=80
-    python -m vlmtrain.plan model=internvl2_5_78b stage=instruction_tuning hardware=gpu \\
+    vlmtrain plan model=internvl2_5_78b stage=instruction_tuning hardware=gpu \\
         hardware.devices=8 hardware.num_nodes=4 hardware.strategy=deepspeed_stage_3
-    python -m vlmtrain.plan model=internvl2_5_2b stage=lora
+    vlmtrain plan model=internvl2_5_2b stage=lora
 
 Prints parameters per part (total / trainable) and, per GPU, the memory of weights, gradients and
 optimizer state under the configured strategy, then the same total under every ZeRO stage, so
@@ -20,14 +21,13 @@ Frozen parameters cost their weight bytes only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
-
-from vlmtrain.conf import command
-from vlmtrain.config import PARTS, HardwareConfig, ModelConfig, StageConfig
+from vlmtrain.config import PARTS
+from vlmtrain.errors import UserError
+from vlmtrain.models.build import apply_stage
+from vlmtrain.models.internvl import build_from_config, part_of
 
 GiB = 1024**3
 
@@ -43,14 +43,6 @@ class PlanOptions:
     3 + weights)."""
     optimizer_offload: bool = False
     """Optimizer state lives in CPU memory (DeepSpeed offload)."""
-
-
-@dataclass
-class PlanConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    plan: PlanOptions = field(default_factory=PlanOptions)
 
 
 @dataclass(frozen=True)
@@ -91,7 +83,7 @@ def sharding_of(hw, opts: PlanOptions) -> Sharding:
     elif isinstance(hw.devices, str) and hw.devices.isdigit():
         per_node = int(hw.devices)
     elif isinstance(hw.devices, str):
-        raise ValueError(f"hardware.devices={hw.devices!r}: give a number of GPUs per node to plan for")
+        raise UserError(f"hardware.devices={hw.devices!r}: give a number of GPUs per node to plan for")
     else:
         per_node = len(hw.devices)
     world = per_node * hw.num_nodes
@@ -133,8 +125,6 @@ class PartCount:
 
 
 def count_parameters(model) -> dict[str, PartCount]:
-    from vlmtrain.models.internvl import part_of
-
     counts = {p: PartCount() for p in PARTS}
     for name, p in model.named_parameters():
         c = counts[part_of(name)]
@@ -156,9 +146,7 @@ def memory_per_gpu(total: int, trainable: int, b: Bytes, sh: Sharding) -> dict[s
 
 
 def plan(cfg) -> dict:
-    from vlmtrain.models.build import apply_stage
-    from vlmtrain.models.internvl import build_from_config
-
+    """Counts and memory for a ``vlmtrain plan`` config (model, stage, hardware, plan)."""
     image_token_id = cfg.model.image_token_id if cfg.model.image_token_id is not None else 0
     model = build_from_config(cfg.model, image_token_id, device="meta")
     apply_stage(model, cfg.stage, on_meta=True)
@@ -204,17 +192,3 @@ def report(cfg, result: dict) -> str:
         t = (m["weights"] + m["gradients"] + m["optimizer"]) / GiB
         lines.append(f"  ZeRO-{z}: {t:>9.2f} GiB  {'fits' if t <= budget else 'does not fit'}")
     return "\n".join(lines)
-
-
-ConfigStore.instance().store(name="vlmtrain_plan_schema", node=PlanConfig)
-
-
-def _print_plan(cfg: DictConfig) -> None:
-    print(report(cfg, plan(cfg)))
-
-
-main = command("plan", "vlmtrain.plan")(_print_plan)
-
-
-if __name__ == "__main__":
-    main()
