@@ -102,3 +102,21 @@ def test_required_keys_are_named_by_the_tool(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == "vlmtrain.export: error: ckpt, out are required: add ckpt=... out=... to the command"
     p = python("-m", "vlmtrain", "eval", "device=cpu", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip() == "vlmtrain eval: error: ckpt is required: add ckpt=... to the command"
+
+
+def test_a_user_error_from_a_loader_worker_is_still_one_line():
+    import torch.utils.data as data
+
+    from vlmtrain.errors import UserError
+
+    class Bad(data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise UserError("data.datasets.x.template: unknown chat template 'y'")
+
+    with pytest.raises(UserError) as e:
+        list(data.DataLoader(Bad(), num_workers=1))
+    assert "Original Traceback" in str(e.value)  # what torch re-raises in the main process
+    assert cli.error_message(e.value) == "data.datasets.x.template: unknown chat template 'y'"

@@ -198,7 +198,12 @@ def error_message(e: BaseException) -> str:
     if isinstance(e, MissingMandatoryValue):
         key = e.full_key or e.key
         return f"{key} is required: add {key}=... to the command"
-    return str(e)
+    text = str(e)
+    if "Original Traceback" in text:
+        # raised in a DataLoader worker: torch re-raises it with the worker's traceback as message
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.{type(e).__qualname__}: ") else last
+    return text
 
 
 def start(cmd: Command, args: Sequence[str] | None = None, prog: str | None = None) -> None:
