@@ -14,6 +14,7 @@ import torch
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.render import Renderer
 from vlmtrain.data.templates import ChatTemplate
+from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 
@@ -45,7 +46,7 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer, tokens_per_tile: int, max_seq_len: int, too_long: str = "skip"):
         if too_long not in ("skip", "truncate_text"):
-            raise ValueError(f"data.too_long must be skip or truncate_text, got {too_long!r}")
+            raise UserError(f"data.too_long must be skip or truncate_text, got {too_long!r}")
         self.renderer = Renderer(tokenizer, tokens_per_tile)
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile

@@ -21,6 +21,7 @@ from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import ChatTemplate
 from vlmtrain.data.tiling import tile_image, tiles_per_image
 from vlmtrain.data.video import read_frames
+from vlmtrain.errors import UserError
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PromptEncoder:
 
     def encode(self, prompt: Prompt) -> tuple[Rendered, torch.Tensor | None]:
         """The rendered prompt (ending with the assistant header) and its ImageNet-normalised
-        tiles, in placeholder order. A placeholder / media mismatch is a ValueError."""
+        tiles, in placeholder order. A placeholder / media mismatch is a UserError."""
         conv = prompt.conversation()
         try:
             conv.check_media()
@@ -69,5 +70,5 @@ class PromptEncoder:
                     frames.append(len(video))
             rendered = self.renderer.render(conv, self.template, num_tiles, frames, self.system)
         except SampleError as e:
-            raise ValueError(str(e)) from None
+            raise UserError(str(e)) from None
         return rendered, (to_pixel_values(tiles) if tiles else None)

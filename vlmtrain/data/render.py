@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.placeholders import expand_videos
 from vlmtrain.data.templates import ChatTemplate
+from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -69,10 +70,10 @@ class Renderer:
 
     def __init__(self, tokenizer, tokens_per_tile: int):
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("vlmtrain renders with a fast tokenizer (tokenizer.json): it needs token offsets")
+            raise UserError("vlmtrain renders with a fast tokenizer (tokenizer.json): it needs token offsets")
         ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids or None in ids:
-            raise ValueError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
+            raise UserError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile
         self.img_start, self.img_end, self.img_context = ids

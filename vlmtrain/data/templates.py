@@ -22,6 +22,8 @@ from typing import Optional
 
 CONTENT = "{content}"
 
+from vlmtrain.errors import UserError
+
 INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
@@ -129,5 +131,5 @@ REFERENCE_NAMES = {"Hermes-2": "hermes2"}
 def get_template(name: str) -> ChatTemplate:
     name = REFERENCE_NAMES.get(name, name)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+        raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]

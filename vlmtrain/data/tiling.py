@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlmtrain.data.resize import Pixels, resize_bicubic
+from vlmtrain.errors import UserError
 
 
 @lru_cache(maxsize=64)
@@ -30,7 +31,7 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     5:2 image: 2x2 here and in transformers, 4x1 in InternVL's code; ``tests/test_tiling.py``).
     """
     if not 1 <= min_tiles <= max_tiles:
-        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+        raise UserError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
     grids = [
         (cols, rows)
         for cols in range(1, max_tiles + 1)

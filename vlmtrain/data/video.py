@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from vlmtrain.data.conversation import SampleError
+from vlmtrain.errors import UserError
 
 
 def training_frame_indices(vlen: int, num_frames: int, rng: random.Random) -> list[int]:
@@ -110,7 +111,7 @@ def read_frames(src, min_frames: int, max_frames: int, rng: random.Random | None
     """The sampled frames, in time order: training's draw (``rng`` given, frame count drawn in
     [min_frames, max_frames]) or the inference rule (``rng`` None, ``max_frames`` frames)."""
     if not 1 <= min_frames <= max_frames:
-        raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        raise UserError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
     vlen = count_frames(src)
     if vlen < 1:
         raise SampleError("corrupt_media", "video has no frames")
