@@ -1,12 +1,15 @@
-"""The one renderer: the exported Jinja chat template renders what it renders, for every template,
-with and without a BOS-adding tokenizer, on text, images, video, multi-turn and system cases; and
-vlmtrain's own rules where it extends the reference (README "What a released checkpoint sees")."""
+"""The one renderer: training, evaluation, chat and the exported Jinja chat template render the same
+string for the same conversation (video included); the Jinja template renders what the renderer
+renders for every template, with and without a BOS-adding tokenizer, on text, images, video,
+multi-turn and system cases; and vlmtrain's own rules where it extends the reference (README
+"What a released checkpoint sees")."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_reference_goldens import tokenizer
 from vlmtrain.data.chat_template import chat_template_jinja
@@ -133,3 +136,81 @@ def test_vlmtrain_extensions_of_the_reference():
     # an empty answer is bad input (the reference trains on it)
     with pytest.raises(SampleError, match="empty"):
         text({"conversations": convs("Say nothing.", "")})
+
+
+def test_training_chat_eval_and_export_render_the_same_string(tmp_path):
+    """One conversation with a system message, an image and a video, through every path: the
+    training sample, each evaluation question, the chat console's turns and the exported
+    tokenizer's chat template (with its image placeholders expanded) are the same text."""
+    from omegaconf import OmegaConf
+
+    from model_fixtures import make_run_dir
+    from test_data_formats import image, write_jsonl
+    from test_data_processing import make_video
+    from vlmtrain.config import DataConfig, DatasetConfig
+    from vlmtrain.data.images import normalize_pixels
+    from vlmtrain.data.mixture import MixtureDataset
+    from vlmtrain.inference.chat import ChatSession, resolve_media
+    from vlmtrain.inference.engine import GenerationConfig, InferenceEngine
+    from vlmtrain.inference.evaluation import questions
+    from vlmtrain.models.checkpoint import load_trained
+    from vlmtrain.models.export import export
+    from vlmtrain.models.internvl import tokens_per_tile
+
+    cfg, _, _ = make_run_dir(tmp_path / "run")
+    trained = load_trained(tmp_path / "run")
+    tok, v = trained.tokenizer, cfg.model.vision
+    template = get_template(cfg.model.template)
+    image(tmp_path / "a.png", size=(300, 150), colour=(200, 40, 40))
+    make_video(tmp_path / "v.mp4", num_frames=20)
+    turns = [("<image>\nWhat colour is it?", "Red."), ("<video>\nAnd in the clip?", "Grey.")]
+    line = {"image": "a.png", "video": "v.mp4", "conversations": [{"from": "system", "value": "Look closely."}]
+            + [{"from": f, "value": t} for q, a in turns for f, t in (("human", q), ("gpt", a))]}
+    dcfg = DatasetConfig(path=str(write_jsonl(tmp_path / "d.jsonl", [line])), n_max=4, min_frames=3, max_frames=3,
+                         jpeg_augment=False)
+    data = DataConfig(datasets={"d": dcfg}, template=cfg.model.template, tile_size=v.image_size, max_seq_len=65536)
+    sample = MixtureDataset(data, tok, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
+                            seed=0)[(0, 0)]
+    training = tok.decode(sample.input_ids)
+    n_image = sample.num_tiles[0]
+    engine = InferenceEngine(trained, max_tiles=4, num_frames=3)
+
+    def prompt_text(prompt) -> str:
+        ids, pixels = engine.encode(prompt)
+        # the image's tiles are training's pixels (training's tiles are uint8, normalised on the device)
+        assert torch.allclose(pixels[:n_image], normalize_pixels(sample.pixel_values[:n_image]))
+        return tok.decode(ids)
+
+    # evaluation: each assistant turn is asked with the turns before it as history
+    evaluated = [prompt_text(q.prompt) for q in questions("d", dcfg, None, None, {})]
+    ends = [training.index(a + template.answer_end) for _, a in turns]
+    assert evaluated == [training[:end] for end in ends]
+    assert all(text.endswith(template.assistant) for text in evaluated)
+
+    # chat: the console's session, media typed as placeholders then paths
+    asked = []
+    engine.stream = lambda prompt, gen: asked.append(prompt_text(prompt)) or iter([turns[len(asked) - 1][1]])
+    session = ChatSession(engine, GenerationConfig(), system="Look closely.")
+    paths = iter([str(tmp_path / "a.png"), str(tmp_path / "v.mp4")])
+    for query, _ in turns:
+        session.ask(*resolve_media(query, lambda _: next(paths)), write=lambda s: None)
+    assert asked == evaluated
+
+    # the exported chat template, as a serving engine renders it
+    out = export(OmegaConf.create({"ckpt": str(tmp_path / "run"), "out": str(tmp_path / "hf"), "dtype": None,
+                                   "max_tiles": 4}))
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    messages = [{"role": "system", "content": "Look closely."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": [{"type": "video", "num_frames": 3}, {"type": "text", "text": "And in the clip?"}]},
+                {"role": "assistant", "content": "Grey."}]
+    renderer = Renderer(tok, engine.tokens_per_tile)
+    tiles = sample.num_tiles
+    for k, end in enumerate([2, 4]):
+        text = exported.apply_chat_template(messages[:end], add_generation_prompt=True, tokenize=False)
+        assert expand(text, renderer, tiles[:1 + 3 * k]) == evaluated[k]
+    whole = exported.apply_chat_template(messages, tokenize=False)
+    assert expand(whole, renderer, tiles) == training
