@@ -214,3 +214,24 @@ def test_training_chat_eval_and_export_render_the_same_string(tmp_path):
         assert expand(text, renderer, tiles[:1 + 3 * k]) == evaluated[k]
     whole = exported.apply_chat_template(messages, tokenize=False)
     assert expand(whole, renderer, tiles) == training
+
+
+def test_template_fields_bos_and_missing_system_block():
+    """A template may opt out of the tokenizer's BOS; one without a system block refuses a system
+    text instead of dropping it (a data line is skipped, a config value is the user's error)."""
+    import dataclasses
+
+    from vlmtrain.errors import UserError
+
+    tok = tokenizer(True)
+    renderer = Renderer(tok, TPT)
+    conv = Conversation(turns=[("q", "a")])
+    base = get_template("internvl2_5")
+    assert renderer.render(conv, base).input_ids[0] == tok.bos_token_id
+    assert renderer.render(conv, dataclasses.replace(base, bos=False)).input_ids[0] != tok.bos_token_id
+    bare = dataclasses.replace(base, name="bare", system="", default_system=None)
+    assert not renderer.render(conv, bare).text.removeprefix("<s>").startswith("<|im_start|>system")
+    with pytest.raises(SampleError, match="no system block"):
+        renderer.render(Conversation(turns=[("q", "a")], system="S"), bare)
+    with pytest.raises(UserError, match="no system block"):
+        renderer.render(conv, bare, system="S")

@@ -94,11 +94,17 @@ class Renderer:
                      for u, a in conv.turns]
         except StopIteration:
             raise SampleError("placeholder_mismatch", "more <video> placeholders than videos") from None
+        if next(counts, None) is not None:
+            raise SampleError("placeholder_mismatch", "more videos than <video> placeholders")
         if any(a is None for _, a in turns[:-1]):
             raise ValueError("only the last answer of a conversation may be left open")
         strip = str.strip if template.strip else (lambda s: s)
         pieces: list[_Piece] = [_Piece(template.prefix)]
         text = conv.system if conv.system is not None else system
+        if not template.system and text is not None:
+            if conv.system is not None:
+                raise SampleError("bad_message", f"a system message, and template {template.name} has no system block")
+            raise UserError(f"a system prompt is set, and template {template.name} has no system block")
         text = template.default_system if text is None else text
         if template.system and text is not None:
             before, after = template.around("system")
@@ -120,7 +126,7 @@ class Renderer:
             if n < 1:
                 raise ValueError(f"an image has {n} tiles")
             p.tiles = n
-        return self._tokenize(pieces, ends)
+        return self._tokenize(pieces, ends, self.bos if template.bos else None)
 
     def _content(self, text: str, loss: bool) -> list[_Piece]:
         out = []
@@ -130,12 +136,12 @@ class Renderer:
             out.append(_Piece(part, loss))
         return out
 
-    def _tokenize(self, pieces: list[_Piece], ends: list[int]) -> Rendered:
+    def _tokenize(self, pieces: list[_Piece], ends: list[int], bos: str | None) -> Rendered:
         ids, labels, texts, turn_ends = [], [], [], []
-        if self.bos is not None:
+        if bos is not None:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
-            texts.append(self.bos)
+            texts.append(bos)
         run: list[_Piece] = []
         run_ends: list[int] = []  # character offsets in the run where a turn ends
 
