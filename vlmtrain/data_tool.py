@@ -25,15 +25,16 @@ def use_schema(schema) -> None:
     ConfigStore.instance().store(name="vlmtrain_schema", node=schema_node(schema))
 
 
-def run_data_tool(schema, fn) -> None:
-    """Compose config.yaml on ``schema`` and call ``fn(cfg)``; bad input exits 2 with one line."""
+def run_data_tool(schema, fn, config_name: str = "config") -> None:
+    """Compose ``config_name``.yaml (the training root, or a tool's root that includes it) on
+    ``schema`` and call ``fn(cfg)``; bad input exits 2 with one line."""
     use_schema(schema)
     for o in QUIET_HYDRA:
         key = o.split("=")[0]
         if not any(a.startswith(key + "=") for a in sys.argv[1:]):
             sys.argv.append(o)
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         try:
             fn(cfg)
