@@ -70,7 +70,7 @@ def build_rules(filter_cfg) -> list:
             raise ValueError(f"filter.rules.{name} has no _target_ (a rule class, e.g. vlmtrain.filtering.rules.NgramRepetition)")
         try:
             rules.append(instantiate(spec, name=name, _convert_="all"))
-        except InstantiationException as e:
+        except (InstantiationException, ValueError, TypeError) as e:
             cause = e.__cause__ or e
             raise ValueError(f"filter.rules.{name}: {str(cause).splitlines()[0]}") from None
     return rules
@@ -84,7 +84,7 @@ def build_scorer(filter_cfg):
         raise ValueError("an LLM rule is configured but filter.scorer is not: use filter=llm")
     try:
         return instantiate(filter_cfg.scorer, _convert_="all")
-    except InstantiationException as e:
+    except (InstantiationException, ValueError, TypeError) as e:
         cause = e.__cause__ or e
         if isinstance(cause, FileNotFoundError):
             raise cause from None
@@ -134,7 +134,7 @@ def source_object(record):
         try:
             return json.loads(record.text)
         except json.JSONDecodeError:
-            return record.text
+            return record.text.rstrip("\r\n")
     try:
         return {k: v for k, v in record.parse().items() if not k.startswith("__")}  # the readers' own keys
     except SampleError:

@@ -131,7 +131,8 @@ class NgramRepetition(TextRule):
     def __init__(self, name: str = "", exempt: Sequence[str] = (), fields: str = "answers", n: int = 10,
                  threshold: float = 0.4, measure: str = "occurrences"):
         super().__init__(name, exempt, fields)
-        T.ngram_repetition([], 1, measure)  # validate the measure's name now, not on the first sample
+        if measure not in T.NGRAM_MEASURES:
+            raise ValueError(f"measure must be one of {', '.join(T.NGRAM_MEASURES)}, got {measure!r}")
         self.n, self.threshold, self.measure_name = n, threshold, measure
 
     def measure(self, text: str) -> Finding:

@@ -21,6 +21,7 @@ CJK = (
     "\U00020000-\U0002ebef"  # extensions B-F
 )
 _WORD = re.compile(f"[{CJK}]|[^\\s{CJK}]+")
+NGRAM_MEASURES = ("occurrences", "distinct")
 _SENTENCE_END = re.compile(r"[.!?;\n\u3002\uff01\uff1f\uff1b]+")
 
 
