@@ -240,7 +240,9 @@ def run_slice(cfg, out: Path, i: int, n: int, chunk: int = 256) -> dict:
     if scorer is not None:
         done["llm"] = {"generated": scorer.generated, "cached": scorer.cached, "tiny_model": scorer.tiny,
                        "model": str(scorer.path)}
-    (folder / "done.json").write_text(json.dumps(done, indent=1) + "\n")
+    tmp = folder / "done.json.tmp"
+    tmp.write_text(json.dumps(done, indent=1) + "\n")
+    os.replace(tmp, folder / "done.json")  # atomic: another slice may be reading it to decide who merges
     print(f"slice {i}/{n}: {hi - lo} records, {hi - lo - kept} rejected before the corpus rules"
           + (f" ({_counts_line(counts, 99)})" if counts else "")
           + (f"; LLM replies generated {scorer.generated}, from cache {scorer.cached}" if scorer else ""))
@@ -255,8 +257,11 @@ def slices_done(out: Path, n: int, fp: str) -> list[int]:
     done = []
     for i in range(n):
         f = slice_dir(out, i, n) / "done.json"
-        if f.is_file() and json.loads(f.read_text()).get("fingerprint") == fp:
-            done.append(i)
+        try:
+            if json.loads(f.read_text()).get("fingerprint") == fp:
+                done.append(i)
+        except (OSError, json.JSONDecodeError):
+            continue
     return done
 
 
