@@ -114,8 +114,11 @@ CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Quito", "Hanoi", "Perth", 
           "Seoul", "Kyiv", "Doha", "Turin"]
 
 
-def _para(rng: random.Random, pool: list[str], k: int, sep: str = " ") -> str:
-    return sep.join(rng.sample(pool, k))
+def _paras(rng: random.Random, pool: list[str], sizes: list[int], sep: str = " ") -> str:
+    """Paragraphs of distinct sentences (drawn without replacement over the whole answer: a clean
+    answer never says the same sentence twice)."""
+    drawn = iter(rng.sample(pool, sum(sizes)))
+    return "\n\n".join(sep.join(next(drawn) for _ in range(k)) for k in sizes)
 
 
 def _line(conv_q: str, answer: str, **extra) -> dict:
@@ -125,10 +128,10 @@ def _line(conv_q: str, answer: str, **extra) -> dict:
 def _clean_text(rng: random.Random) -> list[tuple[dict, str]]:
     out = []
     for _ in range(6):
-        paras = [_para(rng, EN, rng.randint(4, 6)) for _ in range(rng.randint(3, 5))]
-        out.append((_line("Explain this topic in detail.", "\n\n".join(paras)), "long answer"))
+        sizes = [rng.randint(4, 6) for _ in range(rng.randint(3, 5))]
+        out.append((_line("Explain this topic in detail.", _paras(rng, EN, sizes)), "long answer"))
     for _ in range(3):
-        out.append((_line("Write a long essay.", "\n\n".join(_para(rng, EN, 5) for _ in range(6))), "very long answer"))
+        out.append((_line("Write a long essay.", _paras(rng, EN, [5] * 7)), "very long answer"))
     for _ in range(4):
         steps = rng.sample(EN, 8)
         out.append((_line("List the key points.", "Key points:\n" + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(steps))),
@@ -145,11 +148,11 @@ def _clean_text(rng: random.Random) -> list[tuple[dict, str]]:
         table = "| city | population (k) | mean temp (C) | coastal |\n|---|---|---|---|\n" + "\n".join(rows)
         out.append((_line("Summarise the data as a table.", table), "markdown table"))
     for _ in range(6):
-        out.append((_line("请详细解释一下。", "\n\n".join(_para(rng, ZH, rng.randint(3, 5), "") for _ in range(3))),
+        out.append((_line("请详细解释一下。", _paras(rng, ZH, [rng.randint(3, 5) for _ in range(3)], "")),
                     "chinese paragraphs"))
     out.append((_line("Format the document outline.",
                       "Contents\n" + "=" * 40 + "\nChapter 1 " + "." * 30 + " 5\nChapter 2 " + "." * 30 + " 17\n"
-                      + "-" * 60 + "\n" + _para(rng, EN, 3)), "rules and dot leaders"))
+                      + "-" * 60 + "\n" + _paras(rng, EN, [3])), "rules and dot leaders"))
     out.append((_line("Show the nested code.", "```python\n" + "".join(
         " " * (4 * d) + f"if level_{d}:\n" for d in range(6)) + " " * 24 + "return 'deep'\n```"), "deep indentation"))
     out.append((_line("How big is a googol compared with a billion?",
@@ -175,7 +178,7 @@ def _defect_text(rng: random.Random) -> list[tuple[dict, str, str]]:
     for _ in range(3):
         out.append((_line("描述一下。", _loop(rng, chinese=True)), "ngram_repetition", "chinese loop"))
     for _ in range(3):
-        text = _para(rng, EN, 4)
+        text = _paras(rng, EN, [4])
         out.append((_line("Explain.", f"{text} {text}"), "ngram_repetition", "answer written twice"))
     out.append((_line("Go on.", "I think " + "and then and then " * 30), "ngram_repetition", "phrase loop"))
     for _ in range(4):
