@@ -2,8 +2,8 @@
 injected defects of every rule's kind and clean look-alikes (vlmtrain.filtering.defects); writes
 experiments/results/filter.md.
 
-    python experiments/filter/precision_recall.py                 # default rules, then InternVL's `distinct` n-gram measure
-    python experiments/filter/precision_recall.py --seed 1 --no-write
+    python experiments/filter/precision_recall.py                 # seed 0 in full (+ InternVL's `distinct` n-gram measure), seeds 1-3 overall
+    python experiments/filter/precision_recall.py --seeds 5 --no-write
 
 Each run is the product command on the generated data (`python -m vlmtrain.filter data=single
 data.path=<defects>/annotations.jsonl out=<dir>`); the second one only switches the n-gram rule to
@@ -53,24 +53,31 @@ def table(result: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                    help="data seeds: the first in full, the others' overall figures")
     ap.add_argument("--work", type=Path, default=None, help="folder for the data and outputs (default: a temp dir)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write experiments/results/filter.md")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="vlmtrain-filter-pr-"))
-    data = make_defect_dataset(work / "data", seed=args.seed)
+    seed = args.seeds[0]
+    data = make_defect_dataset(work / "data", seed=seed)
     labels = work / "data" / "labels.json"
     cmd = run_filter(data, work / "default")
     default = evaluate(work / "default", labels, "single")
     run_filter(data, work / "distinct", "filter.rules.ngram_repetition.measure=distinct")
     distinct = evaluate(work / "distinct", labels, "single")
+    others = []
+    for other in args.seeds[1:]:
+        d = make_defect_dataset(work / f"data-{other}", seed=other)
+        run_filter(d, work / f"default-{other}")
+        others.append((other, evaluate(work / f"default-{other}", d.parent / "labels.json", "single")))
     shown = " ".join(c if " " not in c else f"'{c}'" for c in ["python", "-m", *cmd[2:]])
     out = [
         "# Data filtering: precision and recall of the heuristic rules", "",
         f"Date: {datetime.date.today().isoformat()}. Device: CPU ({platform.machine()}, {os.cpu_count()} cores); "
         "no model. Produced by `python experiments/filter/precision_recall.py"
-        + (f" --seed {args.seed}" if args.seed else "") + "`, which generates the data "
-        f"(`vlmtrain.filtering.defects.make_defect_dataset(seed={args.seed})`) and runs", "",
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2, 3] else "") + "`, which generates "
+        f"the data (`vlmtrain.filtering.defects.make_defect_dataset(seed={seed})`) and runs", "",
         f"    {shown.replace(str(work), '<work>')}", "",
         f"Data: {default['lines']} lines, {default['defects']} with an injected defect, {default['clean']} clean "
         "(the shapes demo's image, two-image and text lines, and look-alikes a careless rule would reject: long "
@@ -87,6 +94,12 @@ def main() -> None:
         "Clean lines rejected: " + (", ".join(f"line {x['line']} ({x['kind']})" for x in default["false_positives"]) or "none")
         + ". Defects missed: " + (", ".join(f"line {x['line']} ({x['kind']})" for x in default["missed"]) or "none") + ".",
         "",
+        *(["## Other data seeds (default rules)", "",
+            "| seed | lines | defects | recall | precision | clean lines rejected | defects missed |",
+            "|---:|---:|---:|---:|---:|---|---|"]
+          + [f"| {sd} | {r['lines']} | {r['defects']} | {r['recall']:.3f} | {r['precision']:.3f} | "
+             + (", ".join(x["kind"] for x in r["false_positives"]) or "none") + " | "
+             + (", ".join(x["kind"] for x in r["missed"]) or "none") + " |" for sd, r in others] + [""] if others else []),
         "## With the InternVL code's n-gram arithmetic (`filter.rules.ngram_repetition.measure=distinct`)", "",
         "InternVL's `calculate_ngram_repetition` divides the number of *distinct* repeated 10-grams by the "
         "number of 10-gram positions, so a sentence looped k times scores about 1/k and passes the 0.4 threshold "

@@ -28,7 +28,9 @@ class ImageInfo:
     height: int = 0
     sha256: str = ""
     phash: str = ""
-    """64-bit perceptual hash as 16 hex digits."""
+    """64-bit perceptual (DCT) hash as 16 hex digits."""
+    dhash: str = ""
+    """64-bit difference (gradient) hash: confirms a pHash match."""
 
 
 def _describe(src) -> str:
@@ -49,7 +51,8 @@ def probe_image(src) -> ImageInfo:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             info.width, info.height = img.size
-            info.phash = str(imagehash.phash(img.convert("RGB")))
+            rgb = img.convert("RGB")
+            info.phash, info.dhash = str(imagehash.phash(rgb)), str(imagehash.dhash(rgb))
     except Exception as e:  # PIL raises many types for corrupt data
         info.error = f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     return info
@@ -157,8 +160,11 @@ def hamming(a: str, b: str) -> int:
 
 
 class DuplicateImages(CorpusRule):
-    """An image equal to (same bytes) or a near copy of (perceptual hashes within ``max_distance``
-    bits of 64: resized, re-encoded) an image of an earlier sample; the first sample keeps it.
+    """An image equal to (same bytes) or a near copy of (resized, re-encoded: pHash within
+    ``max_distance`` bits of 64 and dHash within ``max_dhash_distance``) an image of an earlier
+    sample; the first sample keeps it. The dHash check confirms a pHash match: plain synthetic
+    images (a few shapes on a flat background) can be 4 pHash bits apart and still differ, while
+    their copies stay within 3 dHash bits.
 
     ``scope``: ``dataset`` (compare within each dataset) or ``mixture`` (across all of them).
     ``same_query_only``: a duplicate counts only when the user turns are also the same, for sets
@@ -167,14 +173,15 @@ class DuplicateImages(CorpusRule):
     merge costs about one lookup per image, not one comparison per pair.
     """
 
-    def __init__(self, name: str = "", exempt: Sequence[str] = (), max_distance: int = 4, scope: str = "dataset",
-                 same_query_only: bool = False):
+    def __init__(self, name: str = "", exempt: Sequence[str] = (), max_distance: int = 4,
+                 max_dhash_distance: int | None = 8, scope: str = "dataset", same_query_only: bool = False):
         super().__init__(name, exempt)
         if scope not in ("dataset", "mixture"):
             raise ValueError(f"scope must be dataset or mixture, got {scope!r}")
         if not 0 <= max_distance < 32:
             raise ValueError(f"max_distance must be in [0, 32), got {max_distance}")
         self.max_distance, self.scope, self.same_query_only = max_distance, scope, same_query_only
+        self.max_dhash_distance = max_dhash_distance
         bands = max_distance + 1
         edges = [round(64 * k / bands) for k in range(bands + 1)]
         self._bands = list(zip(edges[:-1], edges[1:]))
@@ -185,7 +192,7 @@ class DuplicateImages(CorpusRule):
         ok = [i for i in _probe(sample).images if not i.error]
         if not ok:
             return None
-        out = {"sha256": [i.sha256 for i in ok], "phash": [i.phash for i in ok]}
+        out = {"sha256": [i.sha256 for i in ok], "phash": [i.phash for i in ok], "dhash": [i.dhash for i in ok]}
         if self.same_query_only:
             out["query"] = hashlib.sha256("\x00".join(sample.queries).encode()).hexdigest()[:16]
         return out
@@ -203,14 +210,15 @@ class DuplicateImages(CorpusRule):
             scope = dataset if self.scope == "dataset" else ""
             exact, bands, hashes = indexes.setdefault((scope, feats.get("query")), ({}, {}, []))
             hit = None
-            for sha, ph in zip(feats["sha256"], feats["phash"]):
+            for sha, ph, dh in zip(feats["sha256"], feats["phash"], feats["dhash"]):
                 if sha in exact:
                     hit = (exact[sha], 0, "exact")
                     break
                 for key in self._band_keys(ph):
                     for j in bands.get(key, ()):
                         d = hamming(ph, hashes[j][0])
-                        if d <= self.max_distance and (hit is None or d < hit[1]):
+                        if d <= self.max_distance and (hit is None or d < hit[1]) and (
+                                self.max_dhash_distance is None or hamming(dh, hashes[j][2]) <= self.max_dhash_distance):
                             hit = (hashes[j][1], d, "near")
                 if hit:
                     break
@@ -218,9 +226,9 @@ class DuplicateImages(CorpusRule):
                 out[(dataset, index)] = Finding(True, float(hit[1]), {"duplicate_of": hit[0], "kind": hit[2],
                                                                       "max_distance": self.max_distance})
                 continue
-            for sha, ph in zip(feats["sha256"], feats["phash"]):
+            for sha, ph, dh in zip(feats["sha256"], feats["phash"], feats["dhash"]):
                 exact.setdefault(sha, where)
-                hashes.append((ph, where))
+                hashes.append((ph, where, dh))
                 for key in self._band_keys(ph):
                     bands.setdefault(key, []).append(len(hashes) - 1)
         return out
