@@ -154,7 +154,7 @@ def test_kept_plus_rejected_is_the_input_for_every_format(defects, tmp_path):
     out = tmp_path / "out"
     sets = {"lines": (data, "internvl"), "swift": (tmp_path / "swift.json", "swift"), "cog": (cog, "cogvlm"),
             "wds": (tmp_path / "shards" / "w", "wds")}
-    overrides = [f"out={out}", "data.datasets={}"]
+    overrides = [f"out={out}", "~data.datasets.shapes"]
     for name, (path, fmt) in sets.items():
         overrides += [f"+data.datasets.{name}.path={path}", f"+data.datasets.{name}.format={fmt}"]
     overrides += [f"+data.datasets.lines.root={data.parent}", "+data.datasets.lines.n_max=3",
@@ -346,3 +346,51 @@ def test_kept_data_trains(defects, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["samples"] == 8 and summary["skipped"] == {}, summary
+
+
+def test_academic_datasets_are_exempt_from_repetition_rules(tmp_path):
+    loop = "The answer is in the table below. " * 10
+    row = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": loop}]}
+    path = tmp_path / "docvqa_train.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row | {"id": 2}) + "\n")
+    overrides = ["~data.datasets.shapes", f"+data.datasets.docvqa_train.path={path}", f"+data.datasets.chat.path={path}"]
+    summary = run(compose_filter([*overrides, f"out={tmp_path / 'a'}", "filter.academic=[docvqa*]"]))
+    assert {d["dataset"]: d["kept"] for d in summary["datasets"]} == {"docvqa_train": 2, "chat": 0}
+    assert summary["datasets"][1]["rules"] == {"ngram_repetition": 2}
+
+
+def test_duplicate_images_exact_near_and_distinct():
+    from PIL import Image, ImageDraw
+
+    from vlmtrain.data.conversation import Conversation
+    from vlmtrain.filtering.media import DuplicateImages
+    from vlmtrain.filtering.rules import Sample
+    import io
+
+    def picture(seed):
+        img = Image.new("RGB", (320, 240), (240, 240, 240))
+        d = ImageDraw.Draw(img)
+        for k in range(6):
+            x, y = (seed * 53 + k * 97) % 260, (seed * 31 + k * 61) % 180
+            d.ellipse([x, y, x + 50, y + 50], fill=((seed * 70 + k * 40) % 255, 90, (k * 60) % 255))
+        return img
+
+    def encoded(img, quality=95):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        return buf.getvalue()
+
+    a, b = picture(1), picture(2)
+    srcs = [encoded(a), encoded(b), encoded(a), encoded(a.resize((256, 192)), 60)]
+    rule = DuplicateImages("dup")
+    samples = [Sample("ds", i, f"f:{i + 1}", {}, Conversation(turns=[("<image>\nq", "a")], images=[s]))
+               for i, s in enumerate(srcs)]
+    found = rule.decide(("ds", s.index, s.where, rule.features(s)) for s in samples)
+    assert sorted(found) == [("ds", 2), ("ds", 3)]
+    assert found[("ds", 2)].scores == {"duplicate_of": "f:1", "kind": "exact", "max_distance": 4}
+    assert found[("ds", 3)].scores["kind"] == "near" and found[("ds", 3)].scores["duplicate_of"] == "f:1"
+    # same_query_only: the same picture asked a different question is not a duplicate
+    rule = DuplicateImages("dup", same_query_only=True)
+    samples[2].conv.turns = [("<image>\nanother question", "a")]
+    found = rule.decide(("ds", s.index, s.where, rule.features(s)) for s in samples)
+    assert sorted(found) == [("ds", 3)]
