@@ -84,7 +84,8 @@ def test_loops_score_high_in_both_scripts_and_the_reference_passes_long_loops():
 @pytest.mark.parametrize("reply, score", [
     ("Score: 7", 7), ("**Score:** 8.5", 8.5), ("I'd rate it 6/10.", 6), ("9", 9), ("评分：3", 3),
     ("Score: 4\nOn reflection, Score: 5", 5), ("7 out of 10", 7), ("Score: 12", None), ("no idea", None),
-    ("The answer mentions 3 cats", None), ("", None),
+    ("The answer mentions 3 cats", None), ("", None), ("I would give it a score of 8.", 8), ("Score (0-10): 7", 7),
+    ("Rating is 6 because the answer is short", 6),
 ])
 def test_parse_score(reply, score):
     assert llm.parse_score(reply) == score

@@ -34,17 +34,20 @@ log = logging.getLogger(__name__)
 
 TINY_VERSION = "filter-scorer-v1"
 
-_LABELLED = re.compile(r"(?:score|rating|grade|分数|评分|得分)\s*(?:\*\*)?\s*[:：=]?\s*(?:\*\*)?\s*(\d+(?:\.\d+)?)",
-                       re.IGNORECASE)
+_LABELLED = re.compile(r"(?:score|rating|grade|分数|评分|得分)(?:\s|\*|:|：|=|\bis\b|\bof\b|\bwould\b|\bbe\b)*"
+                       r"(\d+(?:\.\d+)?)", re.IGNORECASE)
+_ASIDE = re.compile(r"\([^)]*\)|（[^）]*）")
 _OUT_OF = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10(?!\d)", re.IGNORECASE)
 _BARE = re.compile(r"^\W*(\d+(?:\.\d+)?)\W*$")
 
 
 def parse_score(reply: str, lo: float = 0.0, hi: float = 10.0) -> float | None:
-    """The score a reply gives, or None: the last labelled score (``Score: 7``), else the first
-    ``N/10``, else a reply that is only a number; values outside [lo, hi] do not count."""
+    """The score a reply gives, or None: the last labelled score (``Score: 7``, ``a score of 7``;
+    asides in parentheses such as ``(0-10)`` are skipped), else the first ``N/10``, else a reply
+    that is only a number; values outside [lo, hi] do not count."""
+    text = _ASIDE.sub(" ", reply).strip()
     for pattern, pick in ((_LABELLED, -1), (_OUT_OF, 0), (_BARE, 0)):
-        found = pattern.findall(reply.strip())
+        found = pattern.findall(text)
         if found:
             value = float(found[pick])
             return value if lo <= value <= hi else None
@@ -132,7 +135,9 @@ class TransformersGenerator:
         out = [""] * len(texts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            # a chat template writes its own BOS; a plain prompt gets the tokenizer's
+            enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True,
+                           add_special_tokens=not getattr(self.tok, "chat_template", None))
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with self.torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
