@@ -165,14 +165,22 @@ def examine(mixture, source, j: int, rules) -> tuple[dict, Sample | None]:
             if feats is not None:
                 v.setdefault("features", {})[rule.name] = feats
             continue
-        f = rule.check(sample)
-        if f is None:
-            continue
-        if f.score is not None:
-            v["metrics"][rule.name] = round(float(f.score), 4)
-        if f.fired:
-            v["reasons"].append(f.reason(rule.name))
+        record_finding(v, rule.name, rule.check(sample))
     return v, sample
+
+
+def record_finding(v: dict, rule: str, f) -> None:
+    """Put a rule's Finding (or None: it did not apply) into a verdict."""
+    if f is None:
+        return
+    if f.score is not None:
+        v["metrics"][rule] = round(float(f.score), 4)
+    if f.group:
+        v.setdefault("groups", {})[rule] = f.group
+    if f.review:
+        v.setdefault("review", []).append({"rule": rule, "reply": f.review})
+    if f.fired:
+        v["reasons"].append(f.reason(rule))
 
 
 def _counts_line(counts: Counter, width: int = 6) -> str:
@@ -209,25 +217,16 @@ def run_slice(cfg, out: Path, i: int, n: int, chunk: int = 256) -> dict:
             for rule in batch_rules:
                 todo = [(v, s) for _, v, s in rows if s is not None and not rule.exempts(s.dataset)
                         and (cfg.filter.score_rejected or not v["reasons"])]
-                findings = rule.check_batch([s for _, s in todo], scorer)
-                for (v, _), f in zip(todo, findings):
-                    if f is None:
-                        continue
-                    if f.score is not None:
-                        v["metrics"][rule.name] = round(float(f.score), 4)
-                    if f.group:
-                        v.setdefault("groups", {})[rule.name] = f.group
-                    if f.review:
-                        v.setdefault("review", []).append({"rule": rule.name, "reply": f.review})
-                        counts[f"{rule.name}/unparseable"] += 1
-                    if f.fired:
-                        v["reasons"].append(f.reason(rule.name))
+                for (v, _), f in zip(todo, rule.check_batch([s for _, s in todo], scorer)):
+                    record_finding(v, rule.name, f)
             for k, v, _ in rows:
                 if k not in files:
                     files[k] = open(folder / "verdicts" / f"{k:05d}.jsonl", "w", encoding="utf-8")
                 files[k].write(json.dumps(v, ensure_ascii=False, sort_keys=True) + "\n")
                 for r in v["reasons"]:
                     counts[r["rule"] if r["rule"] != UNREADABLE else f"{UNREADABLE}/{r['reason']}"] += 1
+                for r in v.get("review", []):  # LLM replies with no score
+                    counts[f"{r['rule']}/unparseable"] += 1
                 kept += not v["reasons"]
             bar.update(len(rows))
             bar.set_postfix_str(f"rejected {bar.n - kept}: {_counts_line(counts)}", refresh=False)
