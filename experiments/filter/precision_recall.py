@@ -2,7 +2,7 @@
 injected defects of every rule's kind and clean look-alikes (vlmtrain.filtering.defects); writes
 experiments/results/filter.md.
 
-    python experiments/filter/precision_recall.py                 # seed 0 in full (+ InternVL's `distinct` n-gram measure), seeds 1-3 overall
+    python experiments/filter/precision_recall.py       # seed 0 in full (and InternVL's `distinct` measure), seeds 1-3 overall
     python experiments/filter/precision_recall.py --seeds 5 --no-write
 
 Each run is the product command on the generated data (`python -m vlmtrain.filter data=single
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -46,7 +45,8 @@ def table(result: dict) -> list[str]:
     lines = ["| rule | defect lines | rejected by it | recall | precision |", "|---|---:|---:|---:|---:|"]
     for rule, r in result["per_rule"].items():
         lines.append(f"| {rule} | {r['labelled']} | {r['rejected']} | {fmt(r['recall'])} | {fmt(r['precision'])} |")
-    lines.append(f"| **all rules** | {result['defects']} | {result['defects'] - len(result['missed']) + len(result['false_positives'])} "
+    rejected = result["defects"] - len(result["missed"]) + len(result["false_positives"])
+    lines.append(f"| **all rules** | {result['defects']} | {rejected} "
                  f"| **{result['recall']:.3f}** | **{result['precision']:.3f}** |")
     return lines
 

@@ -334,7 +334,8 @@ def evaluate(filter_out: str | Path, labels_path: str | Path, dataset: str) -> d
     for line in (Path(filter_out) / dataset / "rejected.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         fired[row["line"]] = {r["rule"] for r in row["reasons"]}
-    rules = sorted({lab["expected"] for lab in labels if lab["expected"] != "clean"} | {r for s in fired.values() for r in s})
+    rules = sorted({lab["expected"] for lab in labels if lab["expected"] != "clean"}
+                   | {r for s in fired.values() for r in s})
     per_rule = {}
     for rule in rules:
         labelled = [lab for lab in labels if lab["expected"] == rule]

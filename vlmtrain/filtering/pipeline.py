@@ -67,7 +67,8 @@ def build_rules(filter_cfg) -> list:
         if spec is None:
             continue
         if "_target_" not in spec:
-            raise ValueError(f"filter.rules.{name} has no _target_ (a rule class, e.g. vlmtrain.filtering.rules.NgramRepetition)")
+            raise ValueError(f"filter.rules.{name} has no _target_ (a rule class, e.g. "
+                             "vlmtrain.filtering.rules.NgramRepetition)")
         try:
             rules.append(instantiate(spec, name=name, _convert_="all"))
         except (InstantiationException, ValueError, TypeError) as e:
