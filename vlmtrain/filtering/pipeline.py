@@ -461,6 +461,8 @@ def run(cfg) -> dict | None:
     """``python -m vlmtrain.filter``: a slice (``filter.slice=i/n``, default all: 0/1), then the
     merge when every slice of n is done (``filter.merge``: ``auto``; ``only``: just merge;
     ``never``)."""
+    if OmegaConf.is_missing(cfg, "out"):
+        raise ValueError("out is not set: out=DIR names the folder for the kept and rejected data")
     out = Path(cfg.out).expanduser()
     i, n = parse_slice(cfg.filter.slice)
     mode = cfg.filter.merge
