@@ -166,6 +166,15 @@ def write_report(out: Path, cfg, mixture, verdicts, stats, slice_info, rules) ->
             lines += ["", "**The scorer is the tiny random model** (no `filter.scorer.path` was given): its scores "
                       "are meaningless and only show that the path runs. Set `filter.scorer.path` to a local "
                       "instruction-tuned LLM for real scores."]
+    from omegaconf import OmegaConf
+
+    lines += ["", "## Rules and their settings", "", "| rule | component | settings |", "|---|---|---|"]
+    for name, spec in (OmegaConf.to_container(cfg.filter.rules, resolve=True) or {}).items():
+        if spec is None:
+            continue
+        target = spec.pop("_target_", "").rsplit(".", 1)[-1]
+        shown = {k: v for k, v in spec.items() if k not in ("prompt", "prompts")}
+        lines.append(f"| {name} | {target} | `{json.dumps(shown, ensure_ascii=False)}` |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     lines += ["", "## Examples of each rule", ""]
