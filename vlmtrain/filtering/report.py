@@ -174,7 +174,8 @@ def write_report(out: Path, cfg, mixture, verdicts, stats, slice_info, rules) ->
             continue
         target = spec.pop("_target_", "").rsplit(".", 1)[-1]
         shown = {k: v for k, v in spec.items() if k not in ("prompt", "prompts")}
-        lines.append(f"| {name} | {target} | `{json.dumps(shown, ensure_ascii=False)}` |")
+        cell = json.dumps(shown, ensure_ascii=False).replace("|", "\\|")  # a bar would end the table cell
+        lines.append(f"| {name} | {target} | `{cell}` |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     lines += ["", "## Examples of each rule", ""]
