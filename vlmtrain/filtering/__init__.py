@@ -5,5 +5,6 @@ detection and LLM quality scoring over any data config, as ``python -m vlmtrain.
 - ``rules``: the rule protocol and the text rules; ``media``: image and video rules, duplicates;
 - ``llm``: LLM quality and repetition scoring with a resumable cache;
 - ``pipeline``: one slice of the data through the rules, and the merge that writes kept/rejected;
-- ``report``: report.md with plots; ``defects``: demo data with injected defects, for tests.
+- ``records``: a record's source object; ``report``: report.md with plots;
+- ``defects``: demo data with injected defects and clean look-alikes, for measuring the rules.
 """

@@ -32,13 +32,10 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from vlmtrain.data.conversation import SampleError
+from vlmtrain.filtering.records import UNREADABLE, source_object
 from vlmtrain.filtering.rules import Sample
 
 log = logging.getLogger(__name__)
-
-UNREADABLE = "unreadable"
-"""The reason of a record that training would skip; its ``reason`` key holds the reader's."""
-
 
 # -- configuration --------------------------------------------------------------------------------
 
@@ -126,20 +123,6 @@ def slice_dir(out: Path, i: int, n: int) -> Path:
 
 
 # -- one slice ------------------------------------------------------------------------------------
-
-
-def source_object(record):
-    """The record's source object as the file holds it (a jsonl line's or json element's object, a
-    label file's, a shard sample's json), or its raw text when it is not valid JSON."""
-    if record.text:
-        try:
-            return json.loads(record.text)
-        except json.JSONDecodeError:
-            return record.text.rstrip("\r\n")
-    try:
-        return {k: v for k, v in record.parse().items() if not k.startswith("__")}  # the readers' own keys
-    except SampleError:
-        return None
 
 
 def examine(mixture, source, j: int, rules) -> tuple[dict, Sample | None]:

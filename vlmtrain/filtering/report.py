@@ -9,7 +9,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from vlmtrain.filtering.pipeline import UNREADABLE, source_object
+from vlmtrain.filtering.records import UNREADABLE, source_object
 
 SNIPPET_CHARS = 400
 
