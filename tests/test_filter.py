@@ -225,7 +225,7 @@ def test_slices_merge_to_what_one_process_writes(defects, tmp_path):
     assert filter_data(data, tmp_path / "two", "filter.slice=1/2") is None  # slice 0 is not done: no merge
     assert not (tmp_path / "two" / "single").exists()
     summary = filter_data(data, tmp_path / "two", "filter.slice=0/2")  # the last slice to finish merges
-    assert summary["slices"] == 2
+    assert summary["slices"] == 2 and not list((tmp_path / "two" / "slices").glob("merge-*.lock"))
     one, two = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
     assert set(one) == set(two) and len(one) >= 4
     for name in one:
