@@ -303,13 +303,13 @@ def test_llm_path_with_the_tiny_model_resumes_without_rescoring(tmp_path):
     p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cache = out / "llm_cache" / "0-of-1.jsonl"
     end = time.time() + 240
-    while time.time() < end and p.poll() is None and (not cache.exists() or len(cache.read_text().splitlines()) < 8):
+    while time.time() < end and p.poll() is None and (not cache.exists() or len(cache.read_text().splitlines()) < 4):
         time.sleep(0.2)
     assert p.poll() is None, "the run ended before it could be killed: " + (p.stdout.read() if p.stdout else "")
     p.send_signal(signal.SIGKILL)
     p.wait()
     before = {json.loads(line)["key"] for line in cache.read_text().splitlines() if line.endswith("}")}
-    assert 8 <= len(before) and not (out / "report.md").exists()
+    assert 4 <= len(before) < 110 and not (out / "report.md").exists()  # 110 prompts in all
 
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
