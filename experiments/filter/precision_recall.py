@@ -85,6 +85,9 @@ def main() -> None:
         "big numbers, short VQA answers, video clips, small or wide but valid images). `unreadable` is the "
         "readers' verdict (malformed JSON, missing image, empty answer, placeholder mismatch), as training "
         "would skip those lines.", "",
+        "The defects and look-alikes were written with the rules in view: the figures show that each rule "
+        "catches its kind of defect and leaves these look-alikes alone, not what share of a real corpus it "
+        "would flag (the report of a real run, with its examples per rule, is where to judge that).", "",
         "Per rule: recall = lines labelled with the rule that it rejected / lines labelled with it; precision = "
         "lines it rejected that carry some defect / lines it rejected (one line may trip several rules: an answer "
         "over 32k characters is also too long for data.max_seq_len).", "",
