@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.cli import CONFIG_DIR, register
 
 REPO = Path(__file__).resolve().parent.parent
 

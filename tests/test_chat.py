@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from model_fixtures import make_run_dir
-from vlmtrain.chat import ChatSession, chat, resolve_media, run_console
-from vlmtrain.inference import GenerationConfig, InferenceEngine, Prompt
+from vlmtrain.inference.chat import ChatSession, chat, resolve_media, run_console
+from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt
 from vlmtrain.models.checkpoint import load_trained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

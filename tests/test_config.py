@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config
-from vlmtrain.conf import CONFIG_DIR
+from vlmtrain.cli import CONFIG_DIR
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 OPTIONS = [

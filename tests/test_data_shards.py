@@ -13,7 +13,7 @@ from test_data_processing import make_video
 from vlmtrain.data.mixture import MixtureDataset, Skipped
 from vlmtrain.data.sampler import StepSampler
 from vlmtrain.models.build import load_tokenizer
-from vlmtrain.shard import write_shards
+from vlmtrain.data.shard import write_shards
 
 TPT = 4
 

@@ -11,14 +11,14 @@ import pytest
 from conftest import REPO, compose_config
 from test_data_formats import image, write_jsonl
 from vlmtrain.config import register_schemas
-from vlmtrain.data_tool import use_schema
-from vlmtrain.preview import PreviewAppConfig, preview
-from vlmtrain.train import train
+from vlmtrain.cli import command, use_schema
+from vlmtrain.data.preview import preview
+from vlmtrain.training.run import train
 
 
-def compose_tool(schema, overrides):
+def compose_tool(verb, overrides):
     """Compose as the tool's entry point does (its schema extends the training one)."""
-    use_schema(schema)
+    use_schema(command(verb))
     try:
         return compose_config(overrides)
     finally:
@@ -56,13 +56,13 @@ def test_preview_json_and_text(tmp_path, source):
     assert obj["text"].count("<IMG_CONTEXT>") == 64 * 5 and len(obj["input_ids"]) == len(obj["labels"])
     assert not (tmp_path / "outputs").exists()  # the tools leave no Hydra output folder behind
 
-    text = preview(compose_tool(PreviewAppConfig, ["data=single", f"data.path={source}", "index=0",
+    text = preview(compose_tool("preview", ["data=single", f"data.path={source}", "index=0",
                                                    "data.datasets.single.n_max=4"]))
     assert "<img><IMG_CONTEXT>x64x5</img>" in text and "«red<|im_end|>»" in text and "«Hello<|im_end|>»" in text
     assert "tiles per image/frame: [5]" in text and "Hi<|im_end|>" in text
 
     with pytest.raises(ValueError, match=f"{source}:3.*missing_media"):
-        preview(compose_tool(PreviewAppConfig, ["data=single", f"data.path={source}", "index=2"]))
+        preview(compose_tool("preview", ["data=single", f"data.path={source}", "index=2"]))
 
 
 def test_stats_and_shard_cli(tmp_path, source):

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from model_fixtures import make_run_dir
-from vlmtrain.conf import CONFIG_DIR
-from vlmtrain.eval import anls, evaluate, levenshtein, relaxed, score
+from vlmtrain.cli import CONFIG_DIR
+from vlmtrain.inference.evaluation import anls, evaluate, levenshtein, relaxed, score
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_eval_run_dir_on_demo_heldout(tmp_path):
 def test_eval_exported_dir_gives_the_same_predictions(tmp_path):
     from omegaconf import OmegaConf
 
-    from vlmtrain.export import export
+    from vlmtrain.models.export import export
 
     make_run_dir(tmp_path / "run")
     export(OmegaConf.create({"ckpt": str(tmp_path / "run"), "out": str(tmp_path / "hf"), "dtype": None, "max_tiles": 4}))
@@ -70,7 +70,7 @@ def test_eval_exported_dir_gives_the_same_predictions(tmp_path):
 
 
 def test_group_of_and_summarise_groups():
-    from vlmtrain.eval import NO_GROUP, group_of, summarise_groups
+    from vlmtrain.inference.evaluation import NO_GROUP, group_of, summarise_groups
 
     raw = {"question_types": ["one_image/count", "one_image/exists"], "category": "OCR"}
     assert group_of(raw, "question_types", 1, "x:1") == "one_image/exists"

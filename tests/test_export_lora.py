@@ -13,8 +13,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 from conftest import compose_config
 from model_fixtures import make_run_dir
 from test_loading import logits, sample
-from vlmtrain.export import export
-from vlmtrain.inference import InferenceEngine, Prompt
+from vlmtrain.models.export import export
+from vlmtrain.inference.engine import InferenceEngine, Prompt
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.checkpoint import load_trained
 from vlmtrain.models.lora import save_adapter
@@ -71,7 +71,7 @@ def test_adapter_saves_in_peft_format(tmp_path):
 
 @pytest.mark.slow
 def test_lora_stage_trains_and_saves_adapter(tmp_path):
-    from vlmtrain.train import train
+    from vlmtrain.training.run import train
 
     cfg = compose_config(["stage=lora", "stage.max_steps=2", "data.num_workers=0", "trainer.enable_progress_bar=false"], run_dir=tmp_path / "run")
     run = train(cfg)
@@ -141,7 +141,7 @@ def test_export_chat_template_and_processor_match_training(tmp_path):
 
 
 def test_init_from_a_lora_run_starts_from_merged_weights(tmp_path):
-    from vlmtrain.train import init_weights_from
+    from vlmtrain.training.run import init_weights_from
 
     make_run_dir(tmp_path / "run", ["stage=lora"])
     cfg = compose_config(["stage=instruction_tuning"])

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import vlmtrain.chat  # noqa: F401  (entry points register their config schemas on import)
-import vlmtrain.eval  # noqa: F401
-import vlmtrain.export  # noqa: F401
 from conftest import compose_config
-from vlmtrain.conf import CONFIG_DIR
+from vlmtrain.cli import CONFIG_DIR
 from vlmtrain.models.internvl import build_from_config
-from vlmtrain.plan import GiB, plan, report
+from vlmtrain.training.plan import GiB, plan, report
 
 RELEASED = {
     # name: (total parameters in billions as released, LLM layers, image_token_id, template)

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import compose_config
-from vlmtrain.training import checkpointing
-from vlmtrain.train import build_trainer, train
+from vlmtrain.models.run_checkpoint import find_resume_checkpoint
+from vlmtrain.training.run import build_trainer, train
 
 
 class Killed(Exception):
@@ -45,7 +45,7 @@ def _run(monkeypatch, overrides, run_dir, recorder):
         trainer.callbacks.insert(0, recorder)
         return trainer
 
-    monkeypatch.setattr("vlmtrain.train.build_trainer", with_recorder)
+    monkeypatch.setattr("vlmtrain.training.run.build_trainer", with_recorder)
     return train(compose_config(overrides, run_dir=run_dir))
 
 
@@ -111,13 +111,13 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         train(compose_config([*overrides, "stage.max_steps=3", "resume=auto"], run_dir=run_dir))
     assert last.read_bytes() == before  # the torn write went to last.ckpt.tmp
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
-    assert checkpointing.find_resume_checkpoint("auto", run_dir) == last
+    assert find_resume_checkpoint("auto", run_dir) == last
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
-    assert checkpointing.find_resume_checkpoint("auto", tmp_path) is None
+    assert find_resume_checkpoint("auto", tmp_path) is None
     with pytest.raises(FileNotFoundError, match="resume: no checkpoint"):
-        checkpointing.find_resume_checkpoint(str(tmp_path / "nope.ckpt"), tmp_path)
+        find_resume_checkpoint(str(tmp_path / "nope.ckpt"), tmp_path)
 
 
 class SignalAt(Callback):

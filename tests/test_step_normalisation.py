@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from vlmtrain.train import train
+from vlmtrain.training.run import train
 
 # fp32; the runs sum the same terms in a different order (and DDP all-reduces them)
 ATOL = 2e-5

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from conftest import REPO, compose_config
-from vlmtrain.train import train
+from vlmtrain.training.run import train
 
 HARDWARE = sorted(p.stem for p in (REPO / "conf" / "hardware").glob("*.yaml"))
 

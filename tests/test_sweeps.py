@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config
-from vlmtrain.conf import CONFIG_DIR
+from vlmtrain.cli import CONFIG_DIR
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 MAX_POINTS = 64  # above this, vary one parameter at a time around the first point

@@ -73,7 +73,7 @@ def test_wandb_run_id_is_kept_in_the_run_dir(tmp_path, monkeypatch):
 
 
 def test_wandb_offline_unless_it_can_log_in(tmp_path, monkeypatch):
-    from vlmtrain.conf import _wandb_offline
+    from vlmtrain.cli import _wandb_offline
 
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SWEEP_ID", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
@@ -149,7 +149,7 @@ def test_wandb_offline_run_holds_config_metrics_and_summary(tmp_path, monkeypatc
     with open_dict(cfg):
         cfg.data.datasets.extra = DatasetConfig(path=str(_mixed_dataset(tmp_path)))
         cfg.model.llm.config.hub_token = FAKE_HF_TOKEN  # a credential in the config itself
-    from vlmtrain.train import train
+    from vlmtrain.training.run import train
 
     train(cfg)
 
@@ -211,7 +211,7 @@ def test_wandb_offline_run_holds_config_metrics_and_summary(tmp_path, monkeypatc
 def test_tensorboard_holds_the_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vlmtrain.train import train
+    from vlmtrain.training.run import train
 
     common = ["stage.max_steps=4", "stage.global_batch_size=4", "trainer.log_every_n_steps=2", "data.num_workers=0",
               "trainer.enable_progress_bar=false"]

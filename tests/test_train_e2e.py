@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from vlmtrain.train import train
+from vlmtrain.training.run import train
 
 
 def _losses(run_dir):

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from vlmtrain.errors import UserError
+
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 
 
@@ -121,7 +123,7 @@ def dataset_config(name: str, entry) -> DatasetConfig:
     if isinstance(entry, DatasetConfig):
         return entry
     if entry is None or not isinstance(entry, (dict, DictConfig)):
-        raise ValueError(f"data.datasets.{name} must be a mapping of dataset settings, got {entry!r}")
+        raise UserError(f"data.datasets.{name} must be a mapping of dataset settings, got {entry!r}")
     if isinstance(entry, DictConfig):
         entry = OmegaConf.to_container(entry, resolve=True)  # interpolations resolve against the root
     try:
@@ -129,9 +131,9 @@ def dataset_config(name: str, entry) -> DatasetConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or ""
         msg = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ValueError(f"data.datasets.{name}.{key}: {msg}") from None
+        raise UserError(f"data.datasets.{name}.{key}: {msg}") from None
     if OmegaConf.is_missing(merged, "path") or merged.path is None:
-        raise ValueError(f"data.datasets.{name}.path is not set")
+        raise UserError(f"data.datasets.{name}.path is not set")
     return OmegaConf.to_object(merged)
 
 

@@ -148,9 +148,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from vlmtrain.models.build import load_tokenizer
-    from vlmtrain.conf import register
+    from vlmtrain.cli import register
     from hydra import compose, initialize_config_dir
-    from vlmtrain.conf import CONFIG_DIR
+    from vlmtrain.cli import CONFIG_DIR
 
     register()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -14,7 +14,7 @@ import time
 
 from hydra import compose, initialize_config_dir
 
-from vlmtrain.conf import CONFIG_DIR, register
+from vlmtrain.cli import CONFIG_DIR, register
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.models.build import load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from vlmtrain.conf import CONFIG_DIR, register  # noqa: E402
+from vlmtrain.cli import CONFIG_DIR, register  # noqa: E402
 from vlmtrain.data.collate import pad_batch  # noqa: E402
 from vlmtrain.data.encode import EncodedSample  # noqa: E402
 from vlmtrain.data.images import normalize_pixels  # noqa: E402

@@ -12,7 +12,7 @@ chunks, and a held-out split whose images are never seen in training). Model and
 conf/experiment/learning_proof.yaml; the per-stage learning rates below (larger than the recipe's,
 which fine-tunes pretrained weights: here everything starts from random init).
 
-Stages chain by ``init_from`` through ``vlmtrain.train.train`` (what ``python -m vlmtrain`` runs):
+Stages chain by ``init_from`` through ``vlmtrain.training.run.train`` (what ``python -m vlmtrain`` runs):
 mlp_warmup -> vit_incremental -> instruction_tuning. ``--budget`` is the wall-time limit of the
 whole script (575 s: training stops by 530 s, and the evaluation takes ~17-21 s). Stage 2 runs 5000
 steps of 256 samples by default: the host's per-step cost sets the rate (9.2-10.2 steps/s on one H200
@@ -125,7 +125,7 @@ def blind_baseline(train: Path) -> tuple[dict[str, str], dict[str, str]]:
 def compose_cfg(overrides):
     from hydra import compose, initialize_config_dir
 
-    from vlmtrain.conf import CONFIG_DIR
+    from vlmtrain.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=["experiment=learning_proof", *overrides])
@@ -264,8 +264,8 @@ def main():
     import torch
     from omegaconf import open_dict
 
-    from vlmtrain.conf import register
-    from vlmtrain.train import train
+    from vlmtrain.cli import register
+    from vlmtrain.training.run import train
 
     register()
     prev, curves, steps_run, steps_done, rates, rate = None, {}, {}, {}, {}, None

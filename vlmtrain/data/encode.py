@@ -14,6 +14,7 @@ import torch
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.templates import ChatTemplate
+from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 
@@ -43,14 +44,14 @@ class EncodedSample:
 class ConversationEncoder:
     def __init__(self, tokenizer, tokens_per_tile: int, max_seq_len: int, too_long: str = "skip"):
         if too_long not in ("skip", "truncate_text"):
-            raise ValueError(f"data.too_long must be skip or truncate_text, got {too_long!r}")
+            raise UserError(f"data.too_long must be skip or truncate_text, got {too_long!r}")
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile
         self.max_seq_len = max_seq_len
         self.too_long = too_long
         ids = tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-            raise ValueError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
+            raise UserError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
         self.img_start, self.img_end, self.img_context = ids
 
     def _text(self, text: str) -> list[int]:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmtrain.config import DatasetConfig
+from vlmtrain.errors import MissingPathError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,19 @@ def expand_meta(name: str, cfg: DatasetConfig) -> dict[str, DatasetConfig]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"data.datasets.{name}.path: meta file {path} does not exist") from None
+        raise MissingPathError(f"data.datasets.{name}.path: meta file {path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON in meta file: {e.msg}") from None
+        raise UserError(f"{path}:{e.lineno}: malformed JSON in meta file: {e.msg}") from None
     if not isinstance(meta, dict) or not meta:
-        raise ValueError(f"{path}: a meta file is a JSON object name -> {{root, annotation, ...}}")
+        raise UserError(f"{path}: a meta file is a JSON object name -> {{root, annotation, ...}}")
     out = {}
     for entry, spec in meta.items():
         where = f"{path}: entry {entry!r}"
         if not isinstance(spec, dict) or not isinstance(spec.get("annotation"), str):
-            raise ValueError(f"{where}: needs an 'annotation' path")
+            raise UserError(f"{where}: needs an 'annotation' path")
         unknown = set(spec) - KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(KEYS)}")
+            raise UserError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(KEYS)}")
         d = replace(cfg, path=_resolve(path.parent, spec["annotation"]), format=None)
         if spec.get("root") is not None:
             d.root = _resolve(path.parent, spec["root"])
@@ -86,7 +87,7 @@ def _check_length(where: str, length, annotation: Path) -> None:
     """InternVL's ``length`` is informative (it sizes nothing): a count that disagrees with the
     jsonl annotation means a stale meta file, so say so; training uses the lines the file has."""
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-        raise ValueError(f"{where}: 'length' must be a non-negative integer, got {length!r}")
+        raise UserError(f"{where}: 'length' must be a non-negative integer, got {length!r}")
     if annotation.suffix != ".jsonl" or not annotation.is_file():
         return
     with open(annotation, "rb") as f:

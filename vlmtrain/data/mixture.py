@@ -27,6 +27,7 @@ from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
 from vlmtrain.data.video import count_frames, frame_placeholders, read_frames
+from vlmtrain.errors import MissingPathError, UserError
 
 _PLACEHOLDER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
 _VIDEO = re.compile(re.escape(VIDEO_PLACEHOLDER))
@@ -46,7 +47,7 @@ def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
     """Line indices after the repeat factor: floor(r) full copies plus a seeded random subset of
     round(N * frac(r)) lines (r < 1: only that subset)."""
     if repeat <= 0:
-        raise ValueError(f"repeat must be > 0, got {repeat}")
+        raise UserError(f"repeat must be > 0, got {repeat}")
     whole = int(math.floor(repeat))
     frac = repeat - whole
     rng = np.random.default_rng(seed)
@@ -58,7 +59,7 @@ def _resolved(cfg: DictConfig) -> DataConfig:
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
-        raise ValueError(f"data.{e.full_key} is not set") from None
+        raise UserError(f"data.{e.full_key} is not set") from None
 
 
 def dataset_configs(datasets) -> dict[str, DatasetConfig]:
@@ -70,7 +71,7 @@ def dataset_configs(datasets) -> dict[str, DatasetConfig]:
         if fmt is None and "{" not in str(d.path):
             path = Path(d.path).expanduser()
             if not path.exists():
-                raise FileNotFoundError(f"data.datasets.{name}.path: {path} does not exist")
+                raise MissingPathError(f"data.datasets.{name}.path: {path} does not exist")
             fmt = guess_format(path)
         if fmt == META:
             out.update(expand_meta(name, d))
@@ -86,7 +87,7 @@ class SourceDataset:
         self.name, self.cfg = name, cfg
         path = Path(cfg.path).expanduser()
         if "{" not in str(cfg.path) and not path.exists():
-            raise FileNotFoundError(f"data.datasets.{name}.path: {path} does not exist")
+            raise MissingPathError(f"data.datasets.{name}.path: {path} does not exist")
         self.format = cfg.format or guess_format(path)
         self.reader = reader(self.format)
         self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
@@ -133,15 +134,15 @@ class MixtureDataset:
             # which cost a third of the time of building a one-tile sample
             cfg = _resolved(cfg)
         if cfg.on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be skip or raise, got {cfg.on_error!r}")
+            raise UserError(f"data.on_error must be skip or raise, got {cfg.on_error!r}")
         if not cfg.datasets:
-            raise ValueError("data.datasets is empty: name at least one dataset")
+            raise UserError("data.datasets is empty: name at least one dataset")
         self.cfg, self.seed, self.training = cfg, seed, training
         self.sources = [SourceDataset(name, d, seed) for name, d in dataset_configs(cfg.datasets).items()]
         for source in self.sources:
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
-                raise ValueError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
+                raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -151,7 +152,7 @@ class MixtureDataset:
 
     def locate(self, index: int) -> tuple[SourceDataset, int]:
         if not 0 <= index < len(self):
-            raise IndexError(f"sample index {index} out of range: the mixture has {len(self)} samples")
+            raise UserError(f"sample index {index} out of range: the mixture has {len(self)} samples")
         k = int(np.searchsorted(self.offsets, index, side="right") - 1)
         source = self.sources[k]
         return source, int(source.indices[index - self.offsets[k]])
@@ -181,7 +182,7 @@ class MixtureDataset:
             return self._build(source, record, rng, pixels)
         except SampleError as e:
             if self.cfg.on_error == "raise":
-                raise ValueError(f"{record.where()}: {e}") from None
+                raise UserError(f"{record.where()}: {e}") from None
             return Skipped(e.reason, record.where(), str(e), source.name)
 
     def _frames(self, d: DatasetConfig) -> tuple[int, int]:
@@ -246,3 +247,15 @@ class MixtureDataset:
             dataset=source.name,
             truncated=self.encoder.last_truncated,
         )
+
+
+def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:
+    """(MixtureDataset, tokenizer) for a composed training config (model, data, seed), as training
+    builds them: what the data tools (preview, stats) read."""
+    from vlmtrain.models.build import load_tokenizer
+    from vlmtrain.models.internvl import tokens_per_tile
+
+    tokenizer = load_tokenizer(cfg.model)
+    v = cfg.model.vision
+    n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
+    return MixtureDataset(cfg.data, tokenizer, n, cfg.seed, training=training), tokenizer

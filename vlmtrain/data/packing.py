@@ -19,6 +19,7 @@ import torch
 from vlmtrain.data.collate import Batch, Step, blank_tile, zero_weight_batch
 from vlmtrain.data.encode import EncodedSample
 from vlmtrain.data.mixture import Skipped
+from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 
@@ -76,7 +77,7 @@ class PackedStepCollator:
 
     def __init__(self, pad_id: int, tile_size: int, max_tokens: int = 16384, max_tiles: int = 48):
         if max_tokens < 1 or max_tiles < 1:
-            raise ValueError(f"packing budgets must be positive, got max_tokens={max_tokens} max_tiles={max_tiles}")
+            raise UserError(f"packing budgets must be positive, got max_tokens={max_tokens} max_tiles={max_tiles}")
         self.pad_id, self.tile_size = pad_id, tile_size
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlmtrain.errors import UserError
+
 
 def balanced_share(chunk: np.ndarray, costs: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's samples of one step's ``chunk``: the same count for every rank, costs spread by
@@ -31,9 +33,9 @@ class StepSampler:
     def __init__(self, num_samples: int, samples_per_step: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, costs: np.ndarray | None = None):
         if samples_per_step % world_size:
-            raise ValueError(f"samples per step {samples_per_step} is not divisible by {world_size} ranks")
+            raise UserError(f"samples per step {samples_per_step} is not divisible by {world_size} ranks")
         if num_samples < samples_per_step:
-            raise ValueError(
+            raise UserError(
                 f"the data has {num_samples} samples, fewer than one optimizer step's "
                 f"{samples_per_step} (stage.global_batch_size): lower it or add data"
             )

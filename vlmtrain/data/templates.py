@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlmtrain.errors import UserError
+
 INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
@@ -98,5 +100,5 @@ TEMPLATES = {
 
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+        raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]

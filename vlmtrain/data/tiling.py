@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmtrain.errors import UserError
+
 
 @lru_cache(maxsize=64)
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
@@ -27,7 +29,7 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     (e.g. ``min_tiles == max_tiles == 6`` and a 13:12 image), which no golden case covers.
     """
     if not 1 <= min_tiles <= max_tiles:
-        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+        raise UserError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
     grids = [
         (cols, rows)
         for cols in range(1, max_tiles + 1)

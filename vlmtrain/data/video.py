@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, SampleError
+from vlmtrain.errors import UserError
 
 
 def frame_placeholders(num_frames: int) -> str:
@@ -62,7 +63,7 @@ def count_frames(src) -> int:
 def read_frames(src, min_frames: int, max_frames: int, rng: random.Random | None) -> list[Image.Image]:
     """The sampled frames as RGB images, in time order. ``rng`` None: evaluation (segment centres)."""
     if not 1 <= min_frames <= max_frames:
-        raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        raise UserError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
     if not isinstance(src, (bytes, bytearray)) and not Path(src).exists():
         raise SampleError("missing_media", f"video not found: {src}")
     total = count_frames(src)

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from vlmtrain.errors import UserError
+
 PREFIX = "packed_"
 
 
@@ -215,11 +217,11 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     if name == "auto":
         return BACKENDS[_AUTO[device.type, dtype is None or dtype in HALF]]
     if name not in BACKENDS:
-        raise ValueError(f"model.attention={name!r}: choose auto or one of {sorted(BACKENDS)}")
+        raise UserError(f"model.attention={name!r}: choose auto or one of {sorted(BACKENDS)}")
     if name not in available:
-        raise RuntimeError(f"model.attention={name!r} is not available on {device} (not installed or no CUDA)")
+        raise UserError(f"model.attention={name!r} is not available on {device} (not installed or no CUDA)")
     if BACKENDS[name].half_only and dtype is not None and dtype not in HALF:
-        raise ValueError(f"model.attention={name!r} runs in float16/bfloat16 only, and this run's attention is "
+        raise UserError(f"model.attention={name!r} runs in float16/bfloat16 only, and this run's attention is "
                          f"{dtype} (hardware.precision): use auto, flex or sdpa")
     return BACKENDS[name]
 
@@ -241,9 +243,9 @@ def _attention_function(backend: str):
         if query.shape[0] != 1:
             raise ValueError(f"packed attention takes one packed row per forward, got a batch of {query.shape[0]}")
         if sliding_window is not None:
-            raise ValueError("packed attention does not implement sliding-window layers")
+            raise UserError("packed attention does not implement sliding-window layers")
         if dropout and module.training:
-            raise ValueError("packed attention does not implement attention dropout")
+            raise UserError("packed attention does not implement attention dropout")
         # transformers hands (1, H, T, D); the varlen kernels take (T, H, D)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
         device = q.device.type
@@ -292,7 +294,7 @@ def use_packed_attention(model, backend: str = "auto") -> str:
     dimension.
     """
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"model.attention={backend!r}: choose auto or one of {sorted(BACKENDS)}")
+        raise UserError(f"model.attention={backend!r}: choose auto or one of {sorted(BACKENDS)}")
     register_packed_attention()
     name = PREFIX + backend
     model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 from vlmtrain.config import PARTS, ModelConfig, StageConfig
+from vlmtrain.errors import UserError
 from vlmtrain.models.attention import use_packed_attention
 from vlmtrain.models.internvl import (
     IMAGE_TOKENS,
@@ -15,6 +16,9 @@ from vlmtrain.models.internvl import (
     compile_blocks,
     set_activation_checkpointing,
 )
+from vlmtrain.models.loading import load_pretrained
+from vlmtrain.models.lora import add_lora
+from vlmtrain.models.run_checkpoint import is_lora_key
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -27,12 +31,12 @@ def load_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError) as e:
         remote = _remote_tokenizer_class(path)
         if remote:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer at {path} is {remote}, which only loads by running the checkpoint's code; "
                 "vlmtrain never does: set model.tokenizer to a directory with a tokenizer.json "
                 "(e.g. the matching -hf release's)"
             ) from None
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+        raise UserError(f"cannot load a tokenizer from {path}: {e}") from None
     missing = [t for t in IMAGE_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
@@ -69,17 +73,15 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
     vocab = cfg.llm.config.get("vocab_size")
     needed = rows_needed(tokenizer)
     if vocab is not None and vocab < needed:
-        raise ValueError(f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({needed} tokens)")
+        raise UserError(f"model.llm.config.vocab_size={vocab} is smaller than the tokenizer ({needed} tokens)")
     tokenizer_from_checkpoint = bool(cfg.tokenizer or cfg.path or cfg.llm.path)
     if tokenizer_from_checkpoint and cfg.image_token_id is not None and cfg.image_token_id != image_token_id:
-        raise ValueError(
+        raise UserError(
             f"model.image_token_id={cfg.image_token_id} but the tokenizer puts <IMG_CONTEXT> at {image_token_id}"
         )
     # a whole checkpoint overwrites every weight (strictly checked): skip the random init
     model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
     if cfg.path or cfg.vision.path or cfg.llm.path:
-        from vlmtrain.models.loading import load_pretrained
-
         load_pretrained(model, cfg)
     if cfg.init_dtype:
         round_weights(model, cfg.init_dtype)
@@ -91,7 +93,7 @@ def round_weights(model: torch.nn.Module, dtype: str) -> None:
     """Every floating-point weight rounded to ``dtype`` (kept in its own dtype)."""
     target = getattr(torch, dtype, None)
     if not isinstance(target, torch.dtype) or not target.is_floating_point:
-        raise ValueError(f"model.init_dtype={dtype!r} is not a torch floating-point dtype (e.g. bfloat16)")
+        raise UserError(f"model.init_dtype={dtype!r} is not a torch floating-point dtype (e.g. bfloat16)")
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
@@ -113,16 +115,14 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
     """
     unknown = set(stage.trainable) - set(PARTS)
     if unknown:
-        raise ValueError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
     if stage.lora is not None:
-        from vlmtrain.models.lora import add_lora
-
         add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []
     for name, p in model.named_parameters():
-        is_adapter = "lora_" in name
+        is_adapter = is_lora_key(name)
         if is_adapter and part_of(name) in stage.trainable:
-            raise ValueError(
+            raise UserError(
                 f"stage: {part_of(name)} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
             )
         p.requires_grad_(is_adapter or part_of(name) in stage.trainable)
@@ -131,19 +131,3 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
     if "vision_tower" in stage.trainable:
         add_drop_path(model.model.vision_tower, stage.drop_path)
     return trainable
-
-
-def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Load a full state dict, failing on the first key that is missing, extra or mis-shaped."""
-    own = model.state_dict()
-    for key, value in state_dict.items():
-        if key not in own:
-            raise ValueError(f"{source}: unexpected key {key!r} (not in the configured model)")
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-            )
-    missing = [k for k in own if k not in state_dict]
-    if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} (and {len(missing) - 1} more)")
-    model.load_state_dict(state_dict)

@@ -21,6 +21,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlmtrain.config import PARTS, ModelConfig
 from vlmtrain.data.images import normalize_pixels
+from vlmtrain.errors import UserError
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
@@ -76,7 +77,7 @@ def build_from_config(
     ``init_weights=False`` allocates without initialising (every weight is loaded next)."""
     if image_token_id is None:
         if cfg.image_token_id is None:
-            raise ValueError("model.image_token_id is not set and no tokenizer was given")
+            raise UserError("model.image_token_id is not set and no tokenizer was given")
         image_token_id = cfg.image_token_id
     config = internvl_config(cfg, image_token_id)
     if device is not None and torch.device(device).type == "meta":
@@ -103,7 +104,7 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     """(side * side, dim) fixed 2D sin-cos position codes, row-major: half the channels encode the
     row, half the column, each as sin/cos pairs over geometric frequencies (MAE's formula)."""
     if dim % 4:
-        raise ValueError(f"model.vision.sincos_position_init needs hidden_size divisible by 4, got {dim}")
+        raise UserError(f"model.vision.sincos_position_init needs hidden_size divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     grid = torch.arange(side, dtype=torch.float64)
     rows, cols = torch.meshgrid(grid, grid, indexing="ij")
@@ -152,14 +153,14 @@ def set_activation_checkpointing(model: InternVLForConditionalGeneration, entrie
     for entry in entries:
         name, _, fraction = str(entry).partition(":")
         if name not in towers:
-            raise ValueError(f"model.gradient_checkpointing: {entry!r} cannot be checkpointed; "
+            raise UserError(f"model.gradient_checkpointing: {entry!r} cannot be checkpointed; "
                              f"choose from {sorted(towers)} (optionally as part:fraction)")
         try:
             share = float(fraction) if fraction else 1.0
         except ValueError:
             share = -1.0
         if not 0.0 < share <= 1.0:
-            raise ValueError(f"model.gradient_checkpointing: {entry!r}: the fraction must be in (0, 1]")
+            raise UserError(f"model.gradient_checkpointing: {entry!r}: the fraction must be in (0, 1]")
         towers[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, block in enumerate(blocks[name]):  # block i is checkpointed when i x share crosses an integer
             block.gradient_checkpointing = int((i + 1) * share) > int(i * share)
@@ -173,7 +174,7 @@ def compile_blocks(model: InternVLForConditionalGeneration, part_names) -> None:
     towers = transformer_blocks(model)
     unknown = set(part_names) - set(towers)
     if unknown:
-        raise ValueError(f"model.compile: {sorted(unknown)} cannot be compiled; choose from {sorted(towers)}")
+        raise UserError(f"model.compile: {sorted(unknown)} cannot be compiled; choose from {sorted(towers)}")
     for name in part_names:
         for block in towers[name]:
             block.compile(dynamic=True)

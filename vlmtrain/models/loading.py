@@ -26,13 +26,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vlmtrain.errors import MissingPathError, UserError
+from vlmtrain.models.run_checkpoint import find_checkpoint, is_checkpoint, is_run_dir, load_strict, read_weights
+
 log = logging.getLogger("vlmtrain")
 
 # -- reading ----------------------------------------------------------------------------------------
 
 
-def weight_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint file or directory; pickle files only with allow_pickle."""
+def weight_files(path: str | Path, key: str, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint file or directory; pickle files only with allow_pickle.
+    ``key`` names the setting in errors."""
     p = Path(path).expanduser()
     if p.is_file():
         files = [p]
@@ -46,30 +50,28 @@ def weight_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
             if not files:
                 files = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt")) + sorted(p.glob("*.pth"))
     else:
-        raise FileNotFoundError(f"no checkpoint at {p}")
+        raise MissingPathError(f"{key}: no checkpoint at {p}")
     if not files:
-        raise FileNotFoundError(f"{p}: no *.safetensors (or *.bin) weight files")
+        raise MissingPathError(f"{key}: {p}: no *.safetensors (or *.bin) weight files")
     pickled = [f for f in files if f.suffix != ".safetensors"]
     if pickled and not allow_pickle:
-        raise ValueError(
-            f"{pickled[0]}: pickle weights can run arbitrary code when loaded; convert to safetensors "
+        raise UserError(
+            f"{key}: {pickled[0]}: pickle weights can run arbitrary code when loaded; convert to safetensors "
             "or set model.allow_pickle=true if you trust the file"
         )
     return files
 
 
-def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, key: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint: safetensors (single or sharded), pickle files (only with
-    allow_pickle), or a vlmtrain run directory / ``.ckpt`` (read with ``weights_only``; a LoRA run
-    comes back merged), so a trained run's ViT can be reused by path (progressive scaling)."""
-    from vlmtrain.models.checkpoint import find_run_checkpoint, load_trained, run_state_dict
-
-    run = find_run_checkpoint(path) if Path(path).expanduser().exists() else None
-    if run is not None:
-        state = run_state_dict(run.ckpt)
-        return load_trained(path).model.state_dict() if any("lora_" in k for k in state) else state
+    allow_pickle), or a vlmtrain run directory / checkpoint (``vlmtrain.models.run_checkpoint``: a
+    LoRA run comes back merged), so a trained run's ViT can be reused by path (progressive scaling).
+    ``key`` names the setting in errors."""
+    p = Path(path).expanduser()
+    if is_run_dir(p) or is_checkpoint(p):
+        return read_weights(find_checkpoint(p, key), key)
     state: dict[str, torch.Tensor] = {}
-    for f in weight_files(path, allow_pickle):
+    for f in weight_files(path, key, allow_pickle):
         if f.suffix == ".safetensors":
             state.update(load_file(str(f)))
         else:
@@ -144,7 +146,7 @@ def convert_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         new = _rename(key, VISION_RENAMES)
         if new is None:
-            raise ValueError(f"vision checkpoint: no rename rule for key {key!r}")
+            raise UserError(f"vision checkpoint: no rename rule for key {key!r}")
         out[new] = value
     return out
 
@@ -174,7 +176,7 @@ def convert_internlm2(state: dict[str, torch.Tensor], text_config) -> dict[str, 
             continue
         new = _rename(key, INTERNLM2_RENAMES)
         if new is None:
-            raise ValueError(f"InternLM2 checkpoint: no rename rule for key {key!r}")
+            raise UserError(f"InternLM2 checkpoint: no rename rule for key {key!r}")
         out[new] = value
     return out
 
@@ -190,7 +192,7 @@ def convert_causal_lm(state: dict[str, torch.Tensor], text_config) -> dict[str, 
         elif key.startswith("lm_head."):
             out[key] = value
         else:
-            raise ValueError(f"language-model checkpoint: unexpected key {key!r}")
+            raise UserError(f"language-model checkpoint: unexpected key {key!r}")
     return out
 
 
@@ -206,7 +208,7 @@ def layout_of(state: dict[str, torch.Tensor]) -> str:
         return "internvit"
     if any(k.startswith(("model.embed_tokens.", "model.tok_embeddings.")) for k in keys):
         return "causal_lm"
-    raise ValueError(f"unknown checkpoint layout (first keys: {keys[:3]})")
+    raise UserError(f"unknown checkpoint layout (first keys: {keys[:3]})")
 
 
 def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, torch.Tensor]:
@@ -227,12 +229,12 @@ def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, tor
                 group[key.removeprefix(prefix)] = value
                 break
         else:
-            raise ValueError(f"OpenGVLab checkpoint: key {key!r} belongs to no part")
+            raise UserError(f"OpenGVLab checkpoint: key {key!r} belongs to no part")
     out = {"model.vision_tower." + k: v for k, v in convert_vision(groups["vision_model."]).items()}
     for key, value in groups["mlp1."].items():
         new = _rename(key, PROJECTOR_RENAMES)
         if new is None:
-            raise ValueError(f"OpenGVLab checkpoint: no rename rule for key 'mlp1.{key}'")
+            raise UserError(f"OpenGVLab checkpoint: no rename rule for key 'mlp1.{key}'")
         out["model.multi_modal_projector." + new] = value
     if groups["language_model."]:
         out.update(convert_causal_lm(groups["language_model."], text_config))
@@ -240,26 +242,6 @@ def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, tor
 
 
 # -- loading into the model -------------------------------------------------------------------------
-
-
-def check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, prefixes=None) -> None:
-    """Load ``state`` into the keys of ``model`` under ``prefixes`` (all keys when None), failing on
-    the first key that is missing, unexpected or mis-shaped."""
-    own = model.state_dict()
-    wanted = [k for k in own if prefixes is None or k.startswith(tuple(prefixes))]
-    for key in state:
-        if key not in own or (prefixes is not None and not key.startswith(tuple(prefixes))):
-            raise ValueError(f"{source}: unexpected key {key!r} (not in the configured model)")
-    for key in wanted:  # in the model's order, so "first" means first in the model
-        if key in state and own[key].shape != state[key].shape:
-            raise ValueError(
-                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(state[key].shape)} vs "
-                f"configured model {tuple(own[key].shape)}"
-            )
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} (and {len(missing) - 1} more)")
-    model.load_state_dict(state, strict=False)
 
 
 def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str) -> dict:
@@ -275,7 +257,7 @@ def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, so
             continue
         have, want = state[key], own[key]
         if have.shape[1:] != want.shape[1:] or have.shape[0] == want.shape[0]:
-            continue  # equal, or a real mismatch that check_and_load reports
+            continue  # equal, or a real mismatch that load_strict reports
         if have.shape[0] > want.shape[0]:
             state[key] = have[: want.shape[0]].clone()
             log.info("%s: %s cut from %d to %d rows", source, key, have.shape[0], want.shape[0])
@@ -292,25 +274,25 @@ def load_pretrained(model: torch.nn.Module, cfg) -> None:
     no path names keeps its random init (e.g. the projector of a composed stage-1 model)."""
     text_config = model.config.text_config
     if cfg.path:
-        state = to_hf_internvl(read_state_dict(cfg.path, cfg.allow_pickle), text_config)
-        check_and_load(model, state, f"model.path={cfg.path}")
+        state = to_hf_internvl(read_state_dict(cfg.path, "model.path", cfg.allow_pickle), text_config)
+        load_strict(model, state, f"model.path={cfg.path}")
     if cfg.vision.path:
-        state = to_hf_internvl(read_state_dict(cfg.vision.path, cfg.allow_pickle), text_config)
+        state = to_hf_internvl(read_state_dict(cfg.vision.path, "model.vision.path", cfg.allow_pickle), text_config)
         state = {k: v for k, v in state.items() if k.startswith("model.vision_tower.")}
         if not state:
-            raise ValueError(f"model.vision.path={cfg.vision.path}: holds no vision-tower weights")
-        check_and_load(model, state, f"model.vision.path={cfg.vision.path}", ["model.vision_tower."])
+            raise UserError(f"model.vision.path={cfg.vision.path}: holds no vision-tower weights")
+        load_strict(model, state, f"model.vision.path={cfg.vision.path}", ["model.vision_tower."])
     if cfg.llm.path:
-        state = to_hf_internvl(read_state_dict(cfg.llm.path, cfg.allow_pickle), text_config)
+        state = to_hf_internvl(read_state_dict(cfg.llm.path, "model.llm.path", cfg.allow_pickle), text_config)
         state = {k: v for k, v in state.items() if k.startswith(("model.language_model.", "lm_head."))}
         if not state:
-            raise ValueError(f"model.llm.path={cfg.llm.path}: holds no language-model weights")
+            raise UserError(f"model.llm.path={cfg.llm.path}: holds no language-model weights")
         if "lm_head.weight" not in state and getattr(text_config, "tie_word_embeddings", False) is False:
             emb = state.get("model.language_model.embed_tokens.weight")
             if emb is not None:  # a tied-embedding LLM (e.g. Qwen2.5-0.5B): untie by copying
                 state["lm_head.weight"] = emb.clone()
         state = resize_vocab_rows(state, model, f"model.llm.path={cfg.llm.path}")
-        check_and_load(model, state, f"model.llm.path={cfg.llm.path}", ["model.language_model.", "lm_head."])
+        load_strict(model, state, f"model.llm.path={cfg.llm.path}", ["model.language_model.", "lm_head."])
 
 
 # -- configs of checkpoints -------------------------------------------------------------------------
@@ -361,7 +343,7 @@ def model_config_from_checkpoint(path: str | Path) -> dict:
     p = Path(path).expanduser()
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{p}: no config.json")
+        raise MissingPathError(f"{p}: no config.json")
     c = json.loads(cfg_file.read_text())
     if c.get("model_type") == "internvl":
         v = c["vision_config"]
@@ -393,14 +375,14 @@ def model_config_from_checkpoint(path: str | Path) -> dict:
         )
         template = c.get("template")
         if c.get("ps_version", "v2") != "v2":
-            raise ValueError(f"{cfg_file}: ps_version {c.get('ps_version')!r} is not supported (only v2)")
+            raise UserError(f"{cfg_file}: ps_version {c.get('ps_version')!r} is not supported (only v2)")
         return dict(
             vision=vision, llm={"config": llm_kwargs(c["llm_config"])},
             downsample_ratio=c.get("downsample_ratio", 0.5),
             vision_select_layer=c.get("select_layer", -1),
             template=TEMPLATE_NAMES.get(template, template) if template else "internvl2_5",
         )
-    raise ValueError(f"{cfg_file}: model_type {c.get('model_type')!r} is not an InternVL checkpoint")
+    raise UserError(f"{cfg_file}: model_type {c.get('model_type')!r} is not an InternVL checkpoint")
 
 
 def _first(x):

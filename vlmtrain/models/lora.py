@@ -21,6 +21,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from vlmtrain.config import LoraConfig
+from vlmtrain.errors import UserError
+from vlmtrain.models.run_checkpoint import is_lora_key
 
 TARGETS = {
     "llm_attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)",
@@ -44,7 +46,7 @@ def target_regex(cfg: LoraConfig) -> str:
         return cfg.target_modules
     unknown = [t for t in cfg.targets if t not in TARGETS]
     if unknown or not cfg.targets:
-        raise ValueError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(TARGETS)}")
+        raise UserError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(TARGETS)}")
     return "|".join(f"(?:{TARGETS[t]})" for t in cfg.targets)
 
 
@@ -67,10 +69,10 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = 
     inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=low_cpu_mem_usage)
     adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not adapted:
-        raise ValueError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
+        raise UserError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
     for n, p in model.named_parameters():  # peft froze everything else; restore the caller's choice
         key = n.replace(".base_layer.", ".")
-        if "lora_" not in n and key in grads:
+        if not is_lora_key(n) and key in grads:
             p.requires_grad_(grads[key])
     return adapted
 
@@ -121,13 +123,13 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, t
     marker = f".{ADAPTER_NAME}."
 
     def saved(name: str) -> bool:  # peft stores a module to save under its plain name
-        return "lora_" in name or any(
+        return is_lora_key(name) or any(
             sep and (not head or head.endswith("."))
             for head, sep, _ in (name.partition(m + ".") for m in modules_to_save))
 
     tensors = {}
     for name, p in gathered_state(model, saved).items():
-        key = name.replace(marker, ".") if "lora_" in name else name.replace(".base_layer.", ".")
+        key = name.replace(marker, ".") if is_lora_key(name) else name.replace(".base_layer.", ".")
         tensors["base_model.model." + key] = p.contiguous()
     if not write:
         return out

@@ -1,4 +1,5 @@
-"""Checkpoints that survive crashes and preemption, and finding the one to resume from.
+"""Checkpoints that survive crashes and preemption (finding the one to resume from is
+``vlmtrain.models.run_checkpoint.find_resume_checkpoint``).
 
 A checkpoint (``last.ckpt``: a file, or a folder under DeepSpeed / sharded FSDP) is first written
 whole to ``<name>.tmp`` and only then renamed over the previous one, so a crash mid-save leaves the
@@ -20,16 +21,15 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import Optional
 from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-log = logging.getLogger("vlmtrain")
+from vlmtrain.models.run_checkpoint import LAST
 
-LAST = "last.ckpt"
+log = logging.getLogger("vlmtrain")
 
 
 class Preempted(SystemExit):
@@ -54,7 +54,7 @@ def publish(tmp: Path, final: Path) -> None:
 
     A file is renamed over the old one (atomic on POSIX). A folder cannot be, so the old folder
     is first moved to ``<final>.old``, the new one moved in, then the old one deleted;
-    ``find_resume_checkpoint`` falls back to ``.old`` if a crash hits between the two renames.
+    ``vlmtrain.models.run_checkpoint.find_resume_checkpoint`` falls back to ``.old`` if a crash hits between the two renames.
     """
     if tmp.is_file():
         _fsync_file(tmp)
@@ -100,25 +100,6 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         self._save_checkpoint(trainer, str(path))
         self.last_model_path = str(path)
         return path
-
-
-def find_resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """``resume``: None (start fresh), ``auto`` (run_dir/checkpoints/last.ckpt if there is one, else
-    start fresh: what a requeued Slurm job uses) or a path to a checkpoint or run directory."""
-    if not resume:
-        return None
-    if resume == "auto":
-        ckpt_dir = run_dir / "checkpoints"
-        for candidate in (ckpt_dir / LAST, ckpt_dir / (LAST + ".old")):
-            if candidate.exists():
-                return candidate
-        return None
-    p = Path(resume).expanduser()
-    if p.is_dir() and (p / "checkpoints" / LAST).exists():
-        p = p / "checkpoints" / LAST
-    if not p.exists():
-        raise FileNotFoundError(f"resume: no checkpoint at {p}")
-    return p
 
 
 class Preemption(Callback):

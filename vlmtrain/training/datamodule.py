@@ -17,6 +17,7 @@ from vlmtrain.config import DataConfig
 from vlmtrain.data.collate import Step, StepCollator
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import StepSampler
+from vlmtrain.errors import UserError
 
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class VLMDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
-            raise ValueError("the tokenizer has no pad token")
+            raise UserError("the tokenizer has no pad token")
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from vlmtrain.config import PARTS
 from vlmtrain.data.collate import Batch, Step
+from vlmtrain.errors import UserError
 from vlmtrain.models.attention import packed_kwargs
 from vlmtrain.models.internvl import multimodal_embeddings, part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
@@ -239,9 +240,9 @@ def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,
     in that order, so runs without scales keep their group layout (and resume from older checkpoints)."""
     bad = {k: v for k, v in lr_scale.items() if k not in PARTS or not float(v) > 0}
     if bad:
-        raise ValueError(f"optim.lr_scale: {bad}: keys must be parts {list(PARTS)}, values > 0")
+        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(PARTS)}, values > 0")
     if lr_scale and lr is None:
-        raise ValueError("optim.lr_scale needs optim.lr (the lr it scales)")
+        raise UserError("optim.lr_scale needs optim.lr (the lr it scales)")
     split: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
+from vlmtrain.errors import UserError
+
 log = logging.getLogger("vlmtrain")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
@@ -66,7 +68,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     ):
         for name, dt in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if dt not in DTYPES:
-                raise ValueError(f"hardware.strategy.{name}: {dt!r} is not one of {sorted(k for k in DTYPES if k)}")
+                raise UserError(f"hardware.strategy.{name}: {dt!r} is not one of {sorted(k for k in DTYPES if k)}")
         super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.block_names = set(block_names)
         self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
@@ -123,7 +125,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             return model
         blocks = [m for m in model.modules() if type(m).__name__ in self.block_names]
         if not blocks:
-            raise ValueError(
+            raise UserError(
                 f"hardware.strategy.block_names {sorted(self.block_names)} match no module of the model; "
                 f"its block classes include {sorted(_block_class_candidates(model))}"
             )

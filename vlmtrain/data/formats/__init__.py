@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from vlmtrain.errors import UserError
+
 FORMATS = {
     "wds": "vlmtrain.data.formats.wds",
     "cogvlm": "vlmtrain.data.formats.cogvlm",
@@ -24,7 +26,7 @@ META = "meta"
 
 def reader(name: str):
     if name not in FORMATS:
-        raise ValueError(f"unknown data format {name!r}; known: {', '.join(sorted([*FORMATS, META]))}")
+        raise UserError(f"unknown data format {name!r}; known: {', '.join(sorted([*FORMATS, META]))}")
     return importlib.import_module(FORMATS[name])
 
 
@@ -37,6 +39,6 @@ def guess_format(path: str | Path) -> str:
     for name in FORMATS:
         if reader(name).claims(Path(path)):
             return name
-    raise ValueError(
+    raise UserError(
         f"cannot guess the format of {path}: set format to one of {', '.join([*FORMATS, META])}"
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.formats.source import Record
+from vlmtrain.errors import MissingPathError
 
 CAPTION_PROMPT = "Describe this image in detail."
 """The question a caption-only label is trained as the answer to."""
@@ -41,7 +42,7 @@ def claims(path: Path) -> bool:
 def read(path: Path) -> list[Record]:
     labels = Path(path) / "labels"
     if not labels.is_dir():
-        raise FileNotFoundError(f"{path}: a CogVLM-SFT folder needs labels/ (and images/)")
+        raise MissingPathError(f"{path}: a CogVLM-SFT folder needs labels/ (and images/)")
     return [LabelRecord(str(p), 1, "") for p in sorted(labels.glob("*.json"))]
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmtrain.data.conversation import SampleError
+from vlmtrain.errors import MissingPathError, UserError
 
 
 @dataclass
@@ -33,14 +34,14 @@ class Record:
 def read_json_records(path: Path) -> list[Record]:
     """Lines of a .jsonl file, or the elements of a .json list (line = element index + 1)."""
     if not path.exists():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise MissingPathError(f"annotation file not found: {path}")
     if path.suffix == ".json":
         try:
             items = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+            raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of samples")
+            raise UserError(f"{path}: expected a JSON list of samples")
         return [Record(str(path), i + 1, json.dumps(item, ensure_ascii=False)) for i, item in enumerate(items)]
     records = []
     with path.open(encoding="utf-8") as f:

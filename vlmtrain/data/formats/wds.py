@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats.source import Record
+from vlmtrain.errors import MissingPathError
 
 
 def shard_paths(path: str | Path) -> list[Path]:
@@ -32,12 +33,12 @@ def shard_paths(path: str | Path) -> list[Path]:
     elif Path(p).expanduser().is_dir():
         paths = sorted(Path(p).expanduser().glob("*.tar"))
         if not paths:
-            raise FileNotFoundError(f"no *.tar shards in {p}")
+            raise MissingPathError(f"no *.tar shards in {p}")
     else:
         paths = [Path(p).expanduser()]
     missing = [str(x) for x in paths if not x.is_file()]
     if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise MissingPathError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return paths
 
 

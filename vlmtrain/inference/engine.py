@@ -22,6 +22,7 @@ from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vlmtrain.data.images import load_image, to_pixel_values
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.tiling import tile_image, tiles_per_image
+from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import tokens_per_tile
 
 
@@ -49,6 +50,13 @@ class Prompt:
     system: str | None = None
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when visible, else cpu), or any torch device name (cpu, cuda, cuda:1, ...)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def video_frames(path, num_frames: int):
     """``num_frames`` RGB frames at the centres of equal segments of the video (the data side's
     evaluation sampling, so a model sees video at inference as it was evaluated in training)."""
@@ -58,7 +66,7 @@ def video_frames(path, num_frames: int):
     try:
         return read_frames(path, num_frames, num_frames, rng=None)
     except SampleError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
 
 
 class InferenceEngine:
@@ -89,7 +97,7 @@ class InferenceEngine:
         text += t.user.format(content=prompt.query)
         n_img, n_vid = text.count(IMAGE_PLACEHOLDER), text.count(VIDEO_PLACEHOLDER)
         if n_img != len(prompt.images) or n_vid != len(prompt.videos):
-            raise ValueError(
+            raise UserError(
                 f"{n_img} <image> / {n_vid} <video> placeholders for {len(prompt.images)} images / "
                 f"{len(prompt.videos)} videos"
             )

@@ -1,4 +1,7 @@
-"""Compose -> build -> fit. The entry point only wires parts together; the parts own the work."""
+"""A training run: build the model, data, module and trainer from a composed config, then fit.
+
+``vlmtrain train`` (``vlmtrain.cli.train``) composes the config and calls ``train``; this module
+only wires the parts together, the parts own the work."""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
-from vlmtrain.models.build import apply_stage, build_model, load_tokenizer, load_weights
+from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile
-from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption, find_resume_checkpoint
+from vlmtrain.models.lora import save_adapter
+from vlmtrain.models.run_checkpoint import find_checkpoint, find_resume_checkpoint, load_strict, read_weights
+from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption
 from vlmtrain.training.datamodule import VLMDataModule
 from vlmtrain.training.flops import InternVLDims, tile_cost_in_tokens
 from vlmtrain.training.module import VLMTrainingModule
@@ -22,37 +27,10 @@ from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_rec
 log = logging.getLogger("vlmtrain")
 
 
-def find_checkpoint(path: str) -> Path:
-    """A run directory (its checkpoints/last.ckpt) or a checkpoint (a .ckpt file, or the folder
-    DeepSpeed writes)."""
-    p = Path(path).expanduser()
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        p = p / "checkpoints" / "last.ckpt"
-    if not p.exists():
-        raise FileNotFoundError(f"init_from: no checkpoint at {p}")
-    return p
-
-
-def read_weights(ckpt: Path) -> dict:
-    """The full-precision model state of a checkpoint file or a DeepSpeed checkpoint folder."""
-    if ckpt.is_dir():
-        if not (ckpt / "latest").is_file():
-            raise ValueError(f"init_from: {ckpt} is a folder but not a DeepSpeed checkpoint (no 'latest' file)")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # gathers ZeRO partitions
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-
-
 def init_weights_from(model: torch.nn.Module, path: str) -> None:
-    ckpt = find_checkpoint(path)
-    state = read_weights(ckpt)
-    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    if any("lora_" in k for k in state):  # a LoRA run: start from its merged weights
-        from vlmtrain.models.checkpoint import load_trained
-
-        state = load_trained(ckpt).model.state_dict()
-    load_weights(model, state, str(ckpt))
+    """Start from another run's weights (``init_from``; a LoRA run's come merged)."""
+    ckpt = find_checkpoint(path, "init_from")
+    load_strict(model, read_weights(ckpt, "init_from"), str(ckpt))
     log.info("initialised weights from %s", ckpt)
 
 
@@ -120,8 +98,6 @@ def train(cfg: DictConfig) -> Path:
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.stage.lora is not None:
-        from vlmtrain.models.lora import save_adapter
-
         # every rank: FSDP2 / ZeRO-3 gather the adapter tensors collectively; rank 0 writes
         save_adapter(model, run_dir / "adapter", cfg.stage.lora, list(cfg.stage.trainable),
                      write=trainer.is_global_zero)

@@ -1,0 +1,34 @@
+"""`vlmtrain plan model=<...> stage=<...> hardware=<...>`: parameters and memory per GPU before you
+submit, computed on a meta-device model (``vlmtrain.training.plan``).
+
+    vlmtrain plan model=internvl2_5_8b stage=instruction_tuning hardware=gpu \\
+        hardware.devices=8 hardware.strategy=deepspeed_stage_1 plan.gpu_memory_gb=80
+    vlmtrain plan model=internvl2_5_2b stage=lora
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmtrain.cli import Command, start
+from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig
+from vlmtrain.training.plan import PlanOptions, plan, report
+
+
+@dataclass
+class PlanConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+
+
+def print_plan(cfg) -> None:
+    print(report(cfg, plan(cfg)))
+
+
+COMMAND = Command("plan", print_plan, config_name="plan", schema=PlanConfig, schema_name="vlmtrain_plan_schema")
+
+
+def main() -> None:
+    start(COMMAND)
