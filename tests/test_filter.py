@@ -16,10 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, compose_config
-from vlmtrain.conf import CONFIG_DIR
+from vlmtrain.cli import CONFIG_DIR, command, use_schema
 from vlmtrain.config import register_schemas
-from vlmtrain.data_tool import use_schema
-from vlmtrain.filter import FilterAppConfig
 from vlmtrain.filtering import llm, text
 from vlmtrain.filtering.defects import evaluate, make_defect_dataset
 from vlmtrain.filtering.pipeline import run
@@ -29,7 +27,7 @@ QUIET = ["filter.progress=false"]
 
 def compose_filter(overrides):
     """The config `python -m vlmtrain.filter` composes (its root includes the training tree)."""
-    use_schema(FilterAppConfig)
+    use_schema(command("filter"))
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name="filter", overrides=[*QUIET, *overrides])
@@ -126,7 +124,7 @@ def _records(path: Path, fmt: str) -> list:
 
 
 def test_kept_plus_rejected_is_the_input_for_every_format(defects, tmp_path):
-    from vlmtrain.shard import write_shards
+    from vlmtrain.data.shard import write_shards
     from vlmtrain.config import DataConfig
 
     data, root = defects
@@ -198,7 +196,7 @@ def test_kept_plus_rejected_is_the_input_for_every_format(defects, tmp_path):
     # the data config keeps every dataset's settings and trains: every kept sample reads back
     conf = (out / "data" / "filtered.yaml").read_text()
     assert conf.startswith("# Kept data written by `python -m vlmtrain.filter`")
-    from vlmtrain.data_tool import build_mixture
+    from vlmtrain.data.mixture import build_mixture
     cfg = compose_config([f"hydra.searchpath=[file://{out}]", "data=filtered"])
     mixture, _ = build_mixture(cfg)
     assert {s.name: len(s.records) for s in mixture.sources} == {n: d["kept"] for n, d in by_name.items()}

@@ -28,6 +28,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Sequence
 
+from vlmtrain.errors import MissingPathError
 from vlmtrain.filtering.rules import Finding, Rule, Sample
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class Scorer:
         self.tiny = path is None
         self.path = Path(path).expanduser() if path else ensure_tiny_scorer(tiny or {})
         if not self.path.is_dir():
-            raise FileNotFoundError(f"filter.scorer.path: {self.path} is not a model directory")
+            raise MissingPathError(f"filter.scorer.path: {self.path} is not a model directory")
         self.backend = backend if backend != "auto" else ("vllm" if _vllm_usable() else "transformers")
         self.batch_size, self.max_new_tokens, self.max_sample_chars = batch_size, max_new_tokens, max_sample_chars
         self.device, self.dtype, self.cache_dir = device, dtype, cache

@@ -32,6 +32,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from vlmtrain.data.conversation import SampleError
+from vlmtrain.errors import MissingPathError, UserError
 from vlmtrain.filtering.records import UNREADABLE, source_object
 from vlmtrain.filtering.rules import Sample
 
@@ -47,9 +48,9 @@ def parse_slice(value) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in str(value).split("/"))
     except ValueError:
-        raise ValueError(f"filter.slice must be i/n (e.g. 0/8), got {value!r}") from None
+        raise UserError(f"filter.slice must be i/n (e.g. 0/8), got {value!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"filter.slice={value}: need 0 <= i < n")
+        raise UserError(f"filter.slice={value}: need 0 <= i < n")
     return i, n
 
 
@@ -64,13 +65,13 @@ def build_rules(filter_cfg) -> list:
         if spec is None:
             continue
         if "_target_" not in spec:
-            raise ValueError(f"filter.rules.{name} has no _target_ (a rule class, e.g. "
+            raise UserError(f"filter.rules.{name} has no _target_ (a rule class, e.g. "
                              "vlmtrain.filtering.rules.NgramRepetition)")
         try:
             rules.append(instantiate(spec, name=name, _convert_="all"))
-        except (InstantiationException, ValueError, TypeError) as e:
+        except (InstantiationException, ValueError, TypeError) as e:  # a rule's own check
             cause = e.__cause__ or e
-            raise ValueError(f"filter.rules.{name}: {str(cause).splitlines()[0]}") from None
+            raise UserError(f"filter.rules.{name}: {str(cause).splitlines()[0]}") from None
     return rules
 
 
@@ -79,14 +80,14 @@ def build_scorer(filter_cfg):
     from hydra.utils import instantiate
 
     if filter_cfg.scorer is None:
-        raise ValueError("an LLM rule is configured but filter.scorer is not: use filter=llm")
+        raise UserError("an LLM rule is configured but filter.scorer is not: use filter=llm")
     try:
         return instantiate(filter_cfg.scorer, _convert_="all")
-    except (InstantiationException, ValueError, TypeError) as e:
+    except (InstantiationException, ValueError, TypeError) as e:  # the Scorer's own checks
         cause = e.__cause__ or e
         if isinstance(cause, FileNotFoundError):
-            raise cause from None
-        raise ValueError(f"filter.scorer: {str(cause).splitlines()[0]}") from None
+            raise MissingPathError(str(cause)) from None
+        raise UserError(f"filter.scorer: {str(cause).splitlines()[0]}") from None
 
 
 def fingerprint(cfg, mixture) -> str:
@@ -110,7 +111,7 @@ def fingerprint(cfg, mixture) -> str:
 
 
 def build_data(cfg):
-    from vlmtrain.data_tool import build_mixture
+    from vlmtrain.data.mixture import build_mixture
 
     with open_dict(cfg):
         cfg.data.on_error = "skip"  # the filter records bad lines; it never stops at one
@@ -256,7 +257,7 @@ def read_verdicts(out: Path, n: int, k: int, count: int, name: str) -> list[dict
             rows += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
     rows.sort(key=lambda v: v["i"])
     if [v["i"] for v in rows] != list(range(count)):
-        raise ValueError(f"{out}/slices: the verdicts of dataset {name} do not cover its {count} records once "
+        raise UserError(f"{out}/slices: the verdicts of dataset {name} do not cover its {count} records once "
                          "each (slices of another run?): re-run the slices")
     return rows
 
@@ -374,7 +375,7 @@ def merge(cfg, out: Path, n: int) -> dict:
     done = slices_done(out, n, fp)
     missing = sorted(set(range(n)) - set(done))
     if missing:
-        raise ValueError(f"{out}/slices: slice(s) {', '.join(f'{i}/{n}' for i in missing[:8])} not done with this "
+        raise UserError(f"{out}/slices: slice(s) {', '.join(f'{i}/{n}' for i in missing[:8])} not done with this "
                          "config: run them (filter.slice=i/n) before merging")
     slice_info = [json.loads((slice_dir(out, i, n) / "done.json").read_text()) for i in range(n)]
     verdicts = [read_verdicts(out, n, k, len(s.records), s.name) for k, s in enumerate(mixture.sources)]
@@ -419,7 +420,7 @@ def merge(cfg, out: Path, n: int) -> dict:
         else:
             log.warning("%s: every record was rejected; the kept data config leaves it out", source.name)
     if not entries:
-        raise ValueError(f"no record of any dataset was kept (see {out}/*/rejected.jsonl): no data config written")
+        raise UserError(f"no record of any dataset was kept (see {out}/*/rejected.jsonl): no data config written")
     conf = out / "data" / "filtered.yaml"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(f"# Kept data written by `python -m vlmtrain.filter`: "
@@ -445,12 +446,12 @@ def run(cfg) -> dict | None:
     merge when every slice of n is done (``filter.merge``: ``auto``; ``only``: just merge;
     ``never``)."""
     if OmegaConf.is_missing(cfg, "out"):
-        raise ValueError("out is not set: out=DIR names the folder for the kept and rejected data")
+        raise UserError("out is not set: out=DIR names the folder for the kept and rejected data")
     out = Path(cfg.out).expanduser()
     i, n = parse_slice(cfg.filter.slice)
     mode = cfg.filter.merge
     if mode not in ("auto", "only", "never"):
-        raise ValueError(f"filter.merge must be auto, only or never, got {mode!r}")
+        raise UserError(f"filter.merge must be auto, only or never, got {mode!r}")
     if mode == "only":
         return merge(cfg, out, n)
     done = run_slice(cfg, out, i, n)
