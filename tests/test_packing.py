@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from vlmtrain.data.collate import StepCollator, pad_batch
+from vlmtrain.data.collate import Step, StepCollator, pad_batch
 from vlmtrain.data.encode import EncodedSample
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.packing import PackedStepCollator, plan_buffers
@@ -16,6 +16,7 @@ from vlmtrain.models.build import build_model, load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.loss import IGNORE_INDEX, PowerWeighting
 from vlmtrain.training.module import VLMTrainingModule
+from vlmtrain.training.objective import CrossEntropyObjective
 
 # fp32 on the CPU; packed and one-by-one runs sum the same terms in another order
 RTOL, ATOL = 1e-4, 1e-6
@@ -78,11 +79,10 @@ def tiny():
 
 def _loss_and_grads(module, batches):
     module.model.zero_grad(set_to_none=True)
-    num, den = 0.0, 0.0
+    num = 0.0
     for mb in batches:
-        n, w = module.loss_terms(mb)
-        num, den = num + n, den + w
-    loss = num / den
+        num = num + module.objective(module.model, mb).total
+    loss = num / module.objective.step_weight(Step(micro_batches=list(batches)))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -91,7 +91,7 @@ def _loss_and_grads(module, batches):
 @pytest.mark.parametrize("power", [0.0, 1.0, 0.5], ids=["token", "sample", "square"])
 def test_packed_equals_one_by_one(tiny, power):
     cfg, tok, model, samples = tiny
-    module = VLMTrainingModule(model, PowerWeighting(power), cfg.optim, cfg.stage)
+    module = VLMTrainingModule(model, CrossEntropyObjective(PowerWeighting(power)), cfg.optim, cfg.stage)
     ref_loss, ref_grads = _loss_and_grads(
         module, [pad_batch([s], tok.pad_token_id, cfg.data.tile_size) for s in samples]
     )
@@ -127,7 +127,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny):
         model = build_model(ckpt_cfg.model, tok, seed=0)  # train mode: transformers checkpoints only then
         assert model.model.language_model.is_gradient_checkpointing == bool(parts)
         assert model.model.vision_tower.is_gradient_checkpointing == bool(parts)
-        module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
+        module = VLMTrainingModule(model, CrossEntropyObjective(PowerWeighting(0.5)), cfg.optim, cfg.stage)
         results.append(_loss_and_grads(module, step.micro_batches))
     (loss, grads), (ckpt_loss, ckpt_grads) = results
     torch.testing.assert_close(ckpt_loss, loss, rtol=RTOL, atol=ATOL)
@@ -144,7 +144,8 @@ def test_partial_checkpointing_checkpoints_a_share_of_the_blocks_and_keeps_gradi
                             tok, seed=0)
         flags = {name: [b.gradient_checkpointing for b in blocks] for name, blocks in
                  (("vit", model.model.vision_tower.encoder.layer), ("llm", model.model.language_model.layers))}
-        results.append(_loss_and_grads(VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage),
+        module = VLMTrainingModule(model, CrossEntropyObjective(PowerWeighting(0.5)), cfg.optim, cfg.stage)
+        results.append(_loss_and_grads(module,
                                        step.micro_batches))
     n_vit, n_llm = len(flags["vit"]), len(flags["llm"])
     assert sum(flags["vit"]) == n_vit // 2 and flags["vit"][:2] == [False, True]  # every other layer
@@ -208,7 +209,7 @@ def test_compiled_blocks_keep_loss_and_gradients(tiny):
     for parts in ((), ("vision_tower", "language_model")):
         model = build_model(compose_config(["model.attention=sdpa", f"model.compile=[{','.join(parts)}]"]).model,
                             tok, seed=0)
-        module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
+        module = VLMTrainingModule(model, CrossEntropyObjective(PowerWeighting(0.5)), cfg.optim, cfg.stage)
         results[parts] = [_loss_and_grads(module, step.micro_batches) for step in steps]
     assert counters["stats"]["unique_graphs"] >= 2  # the ViT block and the LLM block were compiled
     for (loss, grads), (compiled_loss, compiled_grads) in zip(*results.values()):
@@ -234,7 +235,7 @@ def test_compiled_packed_decoder_compiles_once(tiny, monkeypatch):
     torch._dynamo.reset()
     counters.clear()  # process-wide totals: earlier tests compiled too
     model = build_model(compose_config(["model.compile=[language_model]"]).model, tok, seed=0)
-    module = VLMTrainingModule(model, PowerWeighting(0.5), cfg.optim, cfg.stage)
+    module = VLMTrainingModule(model, CrossEntropyObjective(PowerWeighting(0.5)), cfg.optim, cfg.stage)
     for _ in range(2):
         _loss_and_grads(module, step.micro_batches)
         assert counters["stats"]["unique_graphs"] == 1

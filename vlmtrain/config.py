@@ -215,6 +215,9 @@ class StageConfig:
     max_epochs: int = 1
     lora: Optional[LoraConfig] = None
     """Adapters on frozen parts; ``trainable`` parts (e.g. the projector) still train fully."""
+    objective: Any = None
+    """The step's loss, a component (``_target_``, ``vlmtrain.training.objective``); None: SFT's
+    cross-entropy, reweighted by the ``loss`` group."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ loader workers do ahead of the GPU; the timed loop copies them to the GPU and tr
 
 - vlmtrain: the step's samples packed (data.collate: 16384 tokens / 48 tiles per buffer), packed
   varlen attention (model.attention), the loss on supervised positions only (chunked, no full
-  logits), whole-step normalisation, fused AdamW: ``VLMTrainingModule.loss_terms`` exactly as training.
+  logits), whole-step normalisation, fused AdamW: the stage's objective (``vlmtrain.training.objective``) exactly as training.
 - baseline: what a user writes by hand: transformers' ``InternVLForConditionalGeneration`` with SDPA,
   padded micro-batches of ``--baseline-batch`` samples, ``model(..., labels=...)`` (full logits),
   loss / micro-batches, ``torch.optim.AdamW`` defaults.
@@ -44,13 +44,14 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from vlmtrain.cli import CONFIG_DIR, register  # noqa: E402
-from vlmtrain.data.collate import pad_batch  # noqa: E402
+from vlmtrain.data.collate import Step, pad_batch  # noqa: E402
 from vlmtrain.data.encode import EncodedSample  # noqa: E402
 from vlmtrain.data.images import normalize_pixels  # noqa: E402
 from vlmtrain.models.build import build_model, load_tokenizer  # noqa: E402
 from vlmtrain.models.internvl import build_from_config, tokens_per_tile  # noqa: E402
 from vlmtrain.training.loss import IGNORE_INDEX  # noqa: E402
 from vlmtrain.training.module import VLMTrainingModule  # noqa: E402
+from vlmtrain.training.objective import build_objective  # noqa: E402
 
 
 def make_samples(n, rng, tile, tpt, img_start, img_end, img_ctx, vocab, max_tiles=13, text=(50, 1500)):
@@ -105,7 +106,7 @@ def pinned(batch, device):
 
 def run_vlmtrain(cfg, tokenizer, steps, device, warmup, profile=False):
     model = build_model(cfg.model, tokenizer, cfg.seed).to(device).train()
-    module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage)
+    module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     collate = instantiate(cfg.data.collate, pad_id=tokenizer.pad_token_id, tile_size=cfg.data.tile_size)
     rows = []
@@ -116,11 +117,12 @@ def run_vlmtrain(cfg, tokenizer, steps, device, warmup, profile=False):
         return [pinned(mb, device) for mb in packed.micro_batches]
 
     def step(mbs):
+        # from the host copy of the counts, as training does
+        w_total = module.objective.step_weight(Step(micro_batches=list(mbs))).to(device, non_blocking=True)
         mbs = [mb.to(device) for mb in mbs]
-        w_total = sum((module.weighting(mb.num_supervised) * mb.num_supervised).sum() for mb in mbs)
         for mb in mbs:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                num, _ = module.loss_terms(mb)
+                num = module.objective(model, mb).total
             (num / w_total).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -42,6 +42,7 @@ VERBS = {
     "preview": "vlmtrain.cli.preview",
     "stats": "vlmtrain.cli.stats",
     "shard": "vlmtrain.cli.shard",
+    "filter": "vlmtrain.cli.filter",
 }
 """verb -> the module that defines its ``COMMAND``."""
 

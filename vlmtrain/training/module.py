@@ -1,9 +1,10 @@
 """The LightningModule: one optimizer step per loader item, loss normalised over the whole step.
 
-Manual optimisation, because the recipe's loss is sum(w * CE) / sum(w) over every supervised token
-of the step on every rank: the step's total weight is all-reduced first, then each micro-batch's
-backward is scaled by it, so gradient accumulation and data parallelism give exactly the gradient
-of the one big batch.
+Manual optimisation, because the recipe's loss is normalised over the whole step on every rank
+(SFT: sum(w * CE) / sum(w) over every supervised token): the step's total weight, which the
+objective (``vlmtrain.training.objective``) knows from the data, is all-reduced first, then each
+micro-batch's backward is scaled by it, so gradient accumulation and data parallelism give
+exactly the gradient of the one big batch.
 """
 
 from __future__ import annotations
@@ -18,20 +19,19 @@ from hydra.utils import instantiate
 from vlmtrain.config import PARTS
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.errors import UserError
-from vlmtrain.models.attention import packed_kwargs
-from vlmtrain.models.internvl import multimodal_embeddings, part_of
+from vlmtrain.models.internvl import part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
-from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
 from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, deepspeed_next_micro_batch, is_deepspeed
 
 
 class VLMTrainingModule(pl.LightningModule):
-    def __init__(self, model, weighting, optim_cfg, stage_cfg, peak_tflops: float | None = None):
+    def __init__(self, model, objective, optim_cfg, stage_cfg, peak_tflops: float | None = None):
         super().__init__()
         self.model = model
-        self.weighting = weighting
+        self.objective = objective
+        """The step's loss (``vlmtrain.training.objective.Objective``)."""
         self.optim_cfg = optim_cfg
         self.stage_cfg = stage_cfg
         self.automatic_optimization = False
@@ -50,53 +50,13 @@ class VLMTrainingModule(pl.LightningModule):
                 module.eval()
         return self
 
-    # -- loss ---------------------------------------------------------------------------------------
-    def loss_terms(self, mb: Batch, per_sample: bool = False):
-        """(sum of w * CE, sum of w) over this micro-batch's supervised tokens.
-
-        With ``per_sample`` also a detached (num_samples, 4) tensor of each sample's (sum w * CE,
-        sum w, sum CE, supervised positions) from the same forward pass, for the per-dataset loss
-        (``vlmtrain.training.loss.per_sample_loss_sums``).
-        """
-        model = self.model
-        embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
-        if mb.packed:
-            # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
-            hidden = model.model.language_model(
-                inputs_embeds=embeds, position_ids=mb.position_ids, use_cache=False,
-                **packed_kwargs(mb.cu_seq_lens, mb.max_length),
-            ).last_hidden_state
-        else:
-            hidden = model.model.language_model(
-                inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
-            ).last_hidden_state
-        pos = mb.supervised_positions  # position t predicts token t + 1 (same row)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[pos]
-        targets = mb.labels.reshape(-1)[pos + 1]
-        samples = mb.sample_index.reshape(-1)[pos + 1]
-        w = self.weighting(mb.num_supervised)[samples]
-        if per_sample:
-            num, ce = weighted_cross_entropy(hidden, model.lm_head, targets, w, return_token_ce=True)
-            sums = per_sample_loss_sums(ce, w, samples, len(mb.num_supervised))
-            return num, w.sum(), sums
-        num = weighted_cross_entropy(hidden, model.lm_head, targets, w)
-        return num, w.sum()
-
-    def step_weight(self, step: Step) -> torch.Tensor:
-        """This rank's total loss weight for the step (known from the data before any forward),
-        computed where the step's counts are (the host, before the step moves to the device)."""
-        total = torch.zeros((), dtype=torch.float32)
-        for mb in step.micro_batches:
-            counts = mb.num_supervised
-            total += (self.weighting(counts) * counts.clamp(min=0)).sum().to(total.device, torch.float32)
-        return total
-
     def training_step(self, step: Step, batch_idx: int):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         strategy = self.trainer.strategy
         deepspeed = is_deepspeed(strategy)
-        w_local = self.step_weight(step)
+        objective = self.objective
+        w_local = objective.step_weight(step)
         w_total = strategy.reduce(w_local.to(self.device), reduce_op="sum")
         world = self.trainer.world_size
         # whether to step: on one process from the host copy, so the host never waits for the device
@@ -111,6 +71,7 @@ class VLMTrainingModule(pl.LightningModule):
         n = len(step.micro_batches)
         # per-dataset loss only on logging steps: it costs a host sync per micro-batch
         dataset_loss = DatasetLoss() if self._should_log() else None
+        stats: dict[str, torch.Tensor] = {}
         for i, mb in enumerate(step.micro_batches):
             last = i == n - 1
             if deepspeed:
@@ -120,16 +81,18 @@ class VLMTrainingModule(pl.LightningModule):
                 strategy.model.set_gradient_accumulation_boundary(last)
             sync = last or deepspeed or not hasattr(strategy, "block_backward_sync")
             with nullcontext() if sync else strategy.block_backward_sync():
-                if dataset_loss is not None and not mb.zero_weight:
-                    num, _, per_sample = self.loss_terms(mb.to(self.device), per_sample=True)
-                    dataset_loss.add(mb.datasets, per_sample)
-                else:
-                    num, _ = self.loss_terms(mb.to(self.device))
+                terms = objective(self.model, mb.to(self.device),
+                                  per_sample=dataset_loss is not None and not mb.zero_weight)
+                if terms.per_sample is not None:
+                    dataset_loss.add(mb.datasets, terms.per_sample)
+                num = terms.total
                 if mb.zero_weight:  # a filler: forward and backward run (collectives), nothing counts
                     num = num * 0.0
                 # DDP/FSDP/ZeRO average gradients over ranks, hence x world
                 self.manual_backward(num * (world / w_total.clamp(min=1e-12)))
             num_total += num.detach()
+            for k, v in terms.stats.items():
+                stats[k] = stats[k] + v if k in stats else v
         if deepspeed:
             opt.step()  # the engine clips (config gradient_clipping) and steps at the boundary
             grad_norm = deepspeed_grad_norm(strategy)
@@ -140,7 +103,14 @@ class VLMTrainingModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
         loss = strategy.reduce(num_total, reduce_op="sum") / w_total.clamp(min=1e-12)
-        self._log_step(step, loss, grad_norm, dataset_loss)
+        extra = {}
+        if stats:  # the objective's own sums, over all ranks (one small all-reduce)
+            names = sorted(stats)
+            summed = strategy.reduce(torch.stack([stats[k].float() for k in names]), reduce_op="sum")
+            stats = dict(zip(names, summed.unbind()))
+            objective.end_step(stats)
+            extra = {f"train/{k}": v for k, v in objective.metrics(stats, w_total).items()}
+        self._log_step(step, loss, grad_norm, dataset_loss, extra)
 
     def _clip(self, opt) -> torch.Tensor:
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -170,11 +140,11 @@ class VLMTrainingModule(pl.LightningModule):
         return [obj]
 
     def _log_step(self, step: Step, loss: torch.Tensor, grad_norm: torch.Tensor,
-                  dataset_loss: DatasetLoss | None = None) -> None:
+                  dataset_loss: DatasetLoss | None = None, extra: dict | None = None) -> None:
         samples = sum(len(mb.datasets) for mb in step.micro_batches)
         for s in step.skipped:
             self.skipped[s.reason] += 1
-        metrics = {"train/loss": loss, "train/grad_norm": grad_norm}
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, **(extra or {})}
         for i, g in enumerate(self.optimizers().param_groups):
             metrics[f"train/lr/{g.get('name', f'group{i}')}"] = g["lr"]
         self.truncated += getattr(step, "truncated", 0)
@@ -213,9 +183,14 @@ class VLMTrainingModule(pl.LightningModule):
         checkpoint["rng_states"] = gather_rng_states()
         if self.meter is not None:
             checkpoint["vlmtrain_metrics"] = self.meter.state_dict()
+        state = self.objective.state_dict()
+        if state:  # e.g. BCO's running reward mean: a resumed run continues it
+            checkpoint["vlmtrain_objective"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._meter_state = checkpoint.get("vlmtrain_metrics")  # resumed: the summary covers the whole run
+        if "vlmtrain_objective" in checkpoint:
+            self.objective.load_state_dict(checkpoint["vlmtrain_objective"])
         states = checkpoint.get("rng_states")
         if states:
             set_rng_state(states[self.global_rank % len(states)])

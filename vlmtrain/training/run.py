@@ -22,6 +22,7 @@ from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption
 from vlmtrain.training.datamodule import VLMDataModule
 from vlmtrain.training.flops import InternVLDims, tile_cost_in_tokens
 from vlmtrain.training.module import VLMTrainingModule
+from vlmtrain.training.objective import build_objective
 from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_records
 
 log = logging.getLogger("vlmtrain")
@@ -93,7 +94,8 @@ def train(cfg: DictConfig) -> Path:
         cfg.stage.global_batch_size, cfg.seed,
         tile_cost=tile_cost_in_tokens(InternVLDims.from_hf_config(model.config)),
     )
-    module = VLMTrainingModule(model, instantiate(cfg.loss), cfg.optim, cfg.stage, peak_tflops=cfg.trainer.peak_tflops)
+    module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
+                               peak_tflops=cfg.trainer.peak_tflops)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
