@@ -57,44 +57,116 @@ IMG = "<img>" + "<IMG_CONTEXT>" * TPT + "</img>"
 
 
 # -- swift ------------------------------------------------------------------------------------------
-def test_swift_placeholders_history_system_and_text_only(tmp_path, tok):
+def test_swift2_placeholders_history_system_and_text_only(tmp_path, tok):
     image(tmp_path / "a.png")
     image(tmp_path / "b.png")
     path = write_jsonl(tmp_path / "s.jsonl", [
         {"query": "<image>What is it?", "response": "red", "images": ["a.png"], "system": "Be brief."},
-        # no placeholder: both images before the last query
+        # no placeholder: both images before the first query (ms-swift's _add_default_tags)
         {"query": "Compare.", "response": "same", "history": [["Hi", "Hello"]], "images": ["a.png", "b.png"]},
         {"query": "2+2?", "response": "4"},  # text only
-        # inline <img>path</img> between listed placeholders keeps reading order
-        {"query": "<image> and <img>b.png</img>?", "response": "two", "images": ["a.png"]},
+        # ms-swift's inline form, when no images are listed
+        {"query": "<img>a.png</img> and <img>b.png</img>?", "response": "two"},
+        {"query": "<image> and <img>b.png</img>?", "response": "two", "images": ["a.png"]},  # both: rejected
     ])
     assert guess_format(path) == "swift"
     ds = mixture(tok, {"s": DatasetConfig(path=str(path), n_max=1, jpeg_augment=False)})
-    s0, s1, s2, s3 = (ds[(i, 0)] for i in range(4))
+    s0, s1, s2, s3, s4 = (ds[(i, 0)] for i in range(5))
     text0 = decoded(tok, s0.input_ids)
     assert text0.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert f"<|im_start|>user\n{IMG}What is it?<|im_end|>" in text0
+    assert f"<|im_start|>user\n{IMG}\nWhat is it?<|im_end|>" in text0  # swift: <img>...</img>\n
     assert supervised(tok, s0) == "red<|im_end|>"
 
     text1 = decoded(tok, s1.input_ids)
-    assert "<|im_start|>user\nHi<|im_end|>" in text1  # the history turn has no image
-    assert f"<|im_start|>user\n{IMG}{IMG}Compare.<|im_end|>" in text1
+    assert f"<|im_start|>user\n{IMG}\n{IMG}\nHi<|im_end|>" in text1
+    assert "<|im_start|>user\nCompare.<|im_end|>" in text1
     assert supervised(tok, s1) == "Hello<|im_end|>same<|im_end|>"
     assert s1.num_tiles == [1, 1]
 
     assert s2.pixel_values is None and s2.num_tiles == [] and supervised(tok, s2) == "4<|im_end|>"
-    assert s3.num_tiles == [1, 1] and f"{IMG} and {IMG}?" in decoded(tok, s3.input_ids)
+    assert s3.num_tiles == [1, 1] and f"{IMG}\n and {IMG}\n?" in decoded(tok, s3.input_ids)
+    assert isinstance(s4, Skipped) and s4.reason == "bad_media"
 
 
 def test_swift_inline_image_order(tmp_path):
+    conv = swift.to_conversation({"query": "<img>b.png</img> vs <img>a.png</img>", "response": "x"}, tmp_path)
+    assert conv.images == [str(tmp_path / "b.png"), str(tmp_path / "a.png")]
+    assert conv.turns[0][0] == "<image>\n vs <image>\n"
+
+
+def test_swift4_messages_media_and_guessing(tmp_path, tok):
     image(tmp_path / "a.png")
     image(tmp_path / "b.png")
-    conv = swift.to_conversation({"query": "<img>b.png</img> vs <image>", "response": "x", "images": ["a.png"]}, tmp_path)
-    assert conv.images == [str(tmp_path / "b.png"), str(tmp_path / "a.png")]
-    assert conv.turns[0][0] == "<image> vs <image>"
+    import av  # noqa: F401  (videos below)
+    from test_data_processing import make_video
+
+    make_video(tmp_path / "v.mp4", num_frames=12)
+    lines = [
+        {"messages": [{"role": "system", "content": "You see."}, {"role": "user", "content": "What is it?"},
+                      {"role": "assistant", "content": "red"}, {"role": "user", "content": "<image>And this?"},
+                      {"role": "assistant", "content": "also red"}], "images": ["a.png", "b.png"]},
+        {"messages": [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "grey"}],
+         "videos": ["v.mp4"]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Colour?"}]},
+                      {"role": "assistant", "content": "red"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "Hi"}]},
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", lines)
+    assert guess_format(path) == "swift"
+    ds = mixture(tok, {"m": DatasetConfig(path=str(path), n_max=1, jpeg_augment=False)}, min_frames=3, max_frames=3)
+    s0, s1, s2, s3, s4 = (ds[(i, 0)] for i in range(5))
+    text0 = decoded(tok, s0.input_ids)
+    # 2 images, 1 tag: the missing tag goes first, so the first image opens the first query
+    assert text0.startswith("<|im_start|>system\nYou see.<|im_end|>\n")
+    assert f"<|im_start|>user\n{IMG}\nWhat is it?<|im_end|>" in text0
+    assert f"<|im_start|>user\n{IMG}\nAnd this?<|im_end|>" in text0
+    assert supervised(tok, s0) == "red<|im_end|>also red<|im_end|>"
+    frames = "".join(f"Frame-{k + 1}: {IMG}\n" for k in range(3))
+    assert f"<|im_start|>user\n{frames}What happens?<|im_end|>" in decoded(tok, s1.input_ids)
+    assert f"<|im_start|>user\n{IMG}\nColour?<|im_end|>" in decoded(tok, s2.input_ids)
+    assert (s3.reason, s4.reason) == ("bad_message", "bad_message")
 
 
-def test_swift_grounding_boxes(tmp_path):
+def test_swift4_grounding_boxes_by_ms_swift_4s_rule(tmp_path):
+    """Numbers by ms-swift 4's normalize_bbox: int(round(x / width * 1000)), Python's rounding."""
+    image(tmp_path / "a.png", size=(240, 120))
+    image(tmp_path / "b.png", size=(2000, 1000))
+    line = {"messages": [
+        {"role": "user", "content": "<image><image>Find <ref-object> and <ref-object>."},
+        {"role": "assistant", "content": "<bbox> and <bbox>, and <bbox>"}],
+        "images": ["a.png", "b.png"],
+        "objects": {"ref": ["a cat", "a dog"], "bbox": [[23.4, 33.3, 148.2, 60], [3, 0.5, 1, 999.5], [70.2, 0, 240, 119.9]],
+                    "image_id": [0, 1]}}
+    conv = swift.to_conversation(line, tmp_path)
+    assert conv.turns[0][0] == "<image>\n<image>\nFind <ref>a cat</ref> and <ref>a dog</ref>."
+    # 23.4 / 240 * 1000 = 97.4999.. -> 97 (x * 1000 / w would give 98); 33.3 / 120 -> 277.5.. -> 277
+    # image 1 (2000 x 1000): x1 3 > x2 1 swapped; 1 / 2000 * 1000 = 0.5 -> 0 and 1.5 -> 2 (half to even)
+    # the third box has no image_id: image 0
+    assert conv.turns[0][1] == ("<box>[[97, 277, 617, 500]]</box> and <box>[[0, 0, 2, 1000]]</box>, and "
+                                "<box>[[293, 0, 1000, 999]]</box>")
+    norm = {**line, "objects": {"ref": ["a cat", "a dog"], "bbox": [[0.0005, 0.0015, 0.1234, 0.25], [0, 0, 1, 1],
+                                                                     [0.5, 0.5, 0.5, 0.5]], "bbox_type": "norm1"}}
+    assert swift.to_conversation(norm, tmp_path).turns[0][1] == (
+        "<box>[[0, 2, 123, 250]]</box> and <box>[[0, 0, 1000, 1000]]</box>, and <box>[[500, 500, 500, 500]]</box>")
+    point = {"messages": [{"role": "user", "content": "<image>Click Chrome"}, {"role": "assistant", "content": "<bbox>"}],
+             "images": ["b.png"], "objects": {"ref": [], "bbox": [[615, 226]]}}
+    assert swift.to_conversation(point, tmp_path).turns[0][1] == "<box>[[308, 226]]</box>"
+
+
+@pytest.mark.parametrize("bbox_type,expected", [(None, 50), ("", 50), ("real", 50), ("norm1", 10000),
+                                                ("norm_1", 10000), ("norm1000", 10), ("norm_1000", 10)])
+def test_swift_bbox_type_spellings(bbox_type, expected):
+    if expected > 1000:
+        with pytest.raises(SampleError):
+            swift.box_thousandths([10, 10, 10, 10], bbox_type, (200, 200))
+    else:
+        assert swift.box_thousandths([10, 10, 10, 10], bbox_type, (200, 200)) == [expected] * 4
+    with pytest.raises(SampleError, match="bbox_type must be one of"):
+        swift.box_thousandths([1, 1, 1, 1], "pixels", (200, 200))
+
+
+def test_swift2_grounding_boxes(tmp_path):
     image(tmp_path / "a.png", size=(200, 100))
     objects = [
         {"caption": "red car", "bbox": [20, 10, 100, 50], "bbox_type": "real", "image": 0},
@@ -104,14 +176,14 @@ def test_swift_grounding_boxes(tmp_path):
     line = {"query": "<image>Find <ref-object>, <ref-object> and <ref-object>.",
             "response": "<bbox> <bbox> <bbox>", "images": ["a.png"], "objects": json.dumps(objects)}
     conv = swift.to_conversation(line, tmp_path)
-    assert conv.turns[0][0] == "<image>Find <ref>red car</ref>, <ref>tree</ref> and <ref>sky</ref>."
+    assert conv.turns[0][0] == "<image>\nFind <ref>red car</ref>, <ref>tree</ref> and <ref>sky</ref>."
     assert conv.turns[0][1] == (
         "<box>[[100, 100, 500, 500]]</box> <box>[[100, 200, 300, 400]]</box> <box>[[0, 0, 500, 250]]</box>"
     )
 
 
 @pytest.mark.parametrize("bbox,bbox_type", [([20, 10, 250, 50], "real"), ([0, 0, 1200, 10], "norm_1000"),
-                                           ([0.5, 0.2, 0.1, 0.3], "norm_1"), ([1, 2, 3], "real")])
+                                           ([0.5, 0.2, 1.1, 0.3], "norm_1"), ([1, 2, 3], "real")])
 def test_swift_bad_box_is_an_error_for_that_line(tmp_path, tok, bbox, bbox_type):
     image(tmp_path / "a.png", size=(200, 100))
     objs = [{"caption": "c", "bbox": bbox, "bbox_type": bbox_type, "image": 0}]

@@ -32,8 +32,13 @@ def run(module, *args, cwd):
     return p
 
 
-@pytest.fixture()
-def source(tmp_path):
+def _messages(*pairs):
+    return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
+
+
+@pytest.fixture(params=["swift2", "swift4"])
+def source(tmp_path, request):
+    """The same lines in ms-swift 2.x's query/response form and ms-swift 3/4's messages form."""
     image(tmp_path / "a.png", size=(400, 100))
     image(tmp_path / "b.png", size=(100, 100))
     lines = [
@@ -42,6 +47,9 @@ def source(tmp_path):
         {"query": "<image>Broken", "response": "x", "images": ["missing.png"]},
         {"query": "<image><image>Same?", "response": "no", "images": ["a.png", "b.png"]},
     ]
+    if request.param == "swift4":
+        lines = [{"messages": _messages(*(line.get("history") or []), (line["query"], line["response"])),
+                  **({"images": line["images"]} if "images" in line else {})} for line in lines]
     return write_jsonl(tmp_path / "train.jsonl", lines)
 
 

@@ -61,7 +61,7 @@ def _gradient(width, height, mode="RGB"):
 
 def test_tile_image_grid_thumbnail_and_row_major_order():
     image = _gradient(1000, 450)  # -> 2x1 grid with max 6
-    tiles = tile_image(image, 1, 6, tile_size=64)
+    tiles = tile_image(image, 1, 6, tile_size=64, exact=True)
     assert choose_grid(1000, 450, 1, 6, tile_size=64) == (2, 1)
     assert len(tiles) == 3
     assert all(t.size == (64, 64) and t.mode == "RGB" for t in tiles)
@@ -81,13 +81,41 @@ def test_tile_image_rows_are_row_major():
 
 
 def test_single_tile_has_no_thumbnail_and_converts_to_rgb():
-    tiles = tile_image(_gradient(200, 210, mode="RGBA"), 1, 12)
-    assert len(tiles) == 1
-    assert tiles[0].size == (448, 448) and tiles[0].mode == "RGB"
+    for exact in (True, False):
+        tiles = tile_image(_gradient(200, 210, mode="RGBA"), 1, 12, exact=exact)
+        assert len(tiles) == 1
+        assert np.asarray(tiles[0]).shape == (448, 448, 3)
 
 
 def test_thumbnail_can_be_disabled():
     assert len(tile_image(_gradient(900, 450), 1, 6, use_thumbnail=False)) == 2
+
+
+def test_tie_order_is_transformers_and_matches_internvl_when_min_tiles_is_1():
+    """Same-count grids are tried in transformers' order (cols ascending); InternVL sorts a Python
+    set, whose order within a tile count differs, but only changes the choice when min_tiles > 1
+    (nothing closer allowed, so two same-count grids can tie exactly)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    def internvl(w, h, lo, hi, size=448):  # InternVL's find_closest_aspect_ratio over its set order
+        ratios = sorted({(i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                         if lo <= i * j <= hi}, key=lambda r: r[0] * r[1])
+        best, best_diff = (1, 1), float("inf")
+        for r in ratios:
+            diff = abs(w / h - r[0] / r[1])
+            if diff < best_diff:
+                best, best_diff = r, diff
+            elif diff == best_diff and w * h > 0.5 * size * size * r[0] * r[1]:
+                best = r
+        return best
+
+    sizes = [(w, h) for w in range(1, 200, 3) for h in (12, 13, 50, 77, 150)]
+    for hi in range(1, 13):
+        for w, h in sizes:
+            assert choose_grid(w, h, 1, hi) == internvl(w, h, 1, hi) == get_optimal_tiled_canvas((h, w), (448, 448), 1, hi)
+    # min_tiles 4 = max 4 and a 5:2 image: 2x2 and 4x1 tie; transformers and vlmtrain keep 2x2
+    assert choose_grid(30, 12, 4, 4) == get_optimal_tiled_canvas((12, 30), (448, 448), 4, 4) == (2, 2)
+    assert internvl(30, 12, 4, 4) == (4, 1)
 
 
 def test_tiles_per_image():

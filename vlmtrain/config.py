@@ -148,10 +148,10 @@ class DataConfig:
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
     use_thumbnail: bool = True
-    fast_resize: bool = True
-    """Decode JPEGs at the smallest DCT scale that covers the tile grid and resize with torch's
-    uint8 antialiased bicubic (PIL's filter, within +-2 levels): several times faster on photos.
-    False: the reference's full decode + PIL bicubic resize, pixel for pixel."""
+    fast_resize: bool = False
+    """Opt-in approximate pixels: decode JPEGs at the smallest DCT scale that covers the tile grid
+    and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels
+    off the reference (README "Pixels"). False: within 2 levels of InternVL's PIL path."""
     max_seq_len: int = 16384
     too_long: str = "skip"
     """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""

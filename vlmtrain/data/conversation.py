@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+_MEDIA = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
 
 
 class SampleError(Exception):
@@ -20,12 +22,15 @@ class SampleError(Exception):
 class Conversation:
     """A multi-turn conversation with media.
 
-    ``turns`` alternate user / assistant, starting with the user; media go where the text holds
-    ``<image>`` / ``<video>`` placeholders, in order. ``images`` and ``videos`` are paths (already
-    resolved against the dataset root) or in-memory bytes.
+    ``turns`` are (user, answer) pairs; media go where the text holds ``<image>`` / ``<video>``
+    placeholders, in order (``vlmtrain.data.placeholders`` puts them there when the data does not).
+    ``images`` and ``videos`` are paths (already resolved against the dataset root), in-memory bytes
+    or PIL images. The last answer may be None: a prompt whose answer is to be generated.
+    ``system``: the data's own system message ("" is an empty system block); None: the config's
+    or the template's.
     """
 
-    turns: list[tuple[str, str]]
+    turns: list[tuple[str, str | None]]
     system: str | None = None
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
@@ -34,9 +39,21 @@ class Conversation:
         if not self.turns:
             raise SampleError("no_turns", "conversation has no user/assistant turn")
         for user, answer in self.turns:
-            if not answer.strip():
+            if not answer or not answer.strip():
                 raise SampleError("empty_answer", "an assistant answer is empty")
-        text = "".join(u + a for u, a in self.turns)
+        self.check_media()
+
+    def media(self) -> list[tuple[str, object]]:
+        """("image" | "video", source) in the order their placeholders appear."""
+        images, videos, out = iter(self.images), iter(self.videos), []
+        for user, answer in self.turns:
+            for m in _MEDIA.finditer(user + (answer or "")):
+                out.append(("image", next(images)) if m.group(0) == IMAGE_PLACEHOLDER else ("video", next(videos)))
+        return out
+
+    def check_media(self) -> None:
+        """One placeholder per image and per video."""
+        text = "".join(u + (a or "") for u, a in self.turns)
         n_img, n_vid = text.count(IMAGE_PLACEHOLDER), text.count(VIDEO_PLACEHOLDER)
         if n_img != len(self.images) or n_vid != len(self.videos):
             raise SampleError(

@@ -1,9 +1,8 @@
-"""Conversation + tile counts -> token ids and labels.
+"""Conversation + tile counts -> the training sample's token ids and labels.
 
-``<image>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile x tiles) + ``</img>``; the
-template lays out the turns; labels are the token ids on answers and each turn's end marker and
--100 elsewhere. A sample longer than max_seq_len is never cut inside an image: it is skipped, or
-(``truncate_text``) its last turns are dropped while at least one turn remains.
+The layout is ``vlmtrain.data.render``'s (the renderer chat, evaluation and export share). A sample
+longer than max_seq_len is never cut inside an image: it is skipped, or (``truncate_text``) its
+last turns are dropped while at least one turn remains.
 """
 
 from __future__ import annotations
@@ -12,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.conversation import Conversation, SampleError
+from vlmtrain.data.render import Renderer
 from vlmtrain.data.templates import ChatTemplate
 from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
@@ -42,52 +42,29 @@ class EncodedSample:
 
 
 class ConversationEncoder:
+    """Training's use of the renderer: ids and labels as tensors, and the max_seq_len policy."""
+
     def __init__(self, tokenizer, tokens_per_tile: int, max_seq_len: int, too_long: str = "skip"):
         if too_long not in ("skip", "truncate_text"):
             raise UserError(f"data.too_long must be skip or truncate_text, got {too_long!r}")
+        self.renderer = Renderer(tokenizer, tokens_per_tile)
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile
         self.max_seq_len = max_seq_len
         self.too_long = too_long
-        ids = tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-            raise UserError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
-        self.img_start, self.img_end, self.img_context = ids
+        self.img_context = self.renderer.img_context
 
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def _with_images(self, text: str, tiles: list[int]) -> list[int]:
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        ids = self._text(pieces[0])
-        for piece in pieces[1:]:
-            n = tiles.pop(0)
-            ids += [self.img_start] + [self.img_context] * (self.tokens_per_tile * n) + [self.img_end]
-            ids += self._text(piece)
-        return ids
-
-    def encode(self, conv: Conversation, template: ChatTemplate, num_tiles: list[int], system: str | None):
-        """Returns (input_ids, labels) as int64 tensors. num_tiles: tiles per <image>, in order.
+    def encode(self, conv: Conversation, template: ChatTemplate, num_tiles: list[int], system: str | None,
+               frames: list[int] = ()):
+        """Returns (input_ids, labels) as int64 tensors. num_tiles: tiles per <image> once videos
+        are expanded, in order; frames: frames per <video>.
 
         ``self.last_truncated`` tells whether trailing turns were dropped (data.too_long)."""
         self.last_truncated = False
-        tiles = list(num_tiles)
-        ids = self._text(template.render_system(conv.system if conv.system is not None else system))
-        labels = [IGNORE_INDEX] * len(ids)
-        turn_ends = []
-        for user, answer in conv.turns:
-            u = self._with_images(template.user.format(content=user), tiles)
-            a = self._with_images(answer, tiles) + self._text(template.answer_end)
-            s = self._text(template.turn_sep)
-            ids += u + a + s
-            # an image inside an answer is input, never a target
-            a_labels = [IGNORE_INDEX if t in (self.img_start, self.img_context, self.img_end) else t for t in a]
-            labels += [IGNORE_INDEX] * len(u) + a_labels + [IGNORE_INDEX] * len(s)
-            turn_ends.append(len(ids))
-        if tiles:
-            raise SampleError("placeholder_mismatch", f"{len(tiles)} images have no <image> placeholder")
+        r = self.renderer.render(conv, template, num_tiles, frames, system)
+        ids, labels = r.input_ids, r.labels
         if len(ids) > self.max_seq_len:
-            ids, labels = self._fit(ids, labels, turn_ends)
+            ids, labels = self._fit(ids, labels, r.turn_ends)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
     def _fit(self, ids, labels, turn_ends):

@@ -35,7 +35,7 @@ def load_image(src, draft_size: tuple[int, int] | None = None) -> Image.Image:
         raise SampleError("missing_media", f"image not found: {src}") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise SampleError("corrupt_media", f"cannot decode image {src if not isinstance(src, bytes) else '<bytes>'}: {e}") from None
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def image_size(src) -> tuple[int, int]:
@@ -62,16 +62,35 @@ def jpeg_reencode(img, rng: random.Random) -> Image.Image:
     return out if out.mode == "RGB" else out.convert("RGB")
 
 
+def rgb_array(img: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as a read-only (H, W, 3) uint8 array, in one copy: ``np.asarray``
+    goes through ``Image.tobytes``, which packs the image in 64 KB pieces and joins them (two
+    copies, and most of the conversion's time for a photo)."""
+    if img.mode != "RGB":
+        return np.asarray(img.convert("RGB"))
+    img.load()
+    w, h = img.size
+    encoder = Image._getencoder("RGB", "raw", "RGB")
+    try:
+        encoder.setimage(img.im, (0, 0, w, h))
+        _, status, data = encoder.encode(w * h * 3)
+    finally:
+        encoder.cleanup()
+    if status != 1 or len(data) != w * h * 3:  # not in one piece: Pillow's own way
+        return np.asarray(img)
+    return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+
+
 def to_pixel_bytes(tiles) -> torch.Tensor:
     """Tiles of equal size (PIL images or (S, S, 3) uint8 arrays/tensors) -> (N, 3, S, S) uint8.
 
     This is what the data loader ships: a quarter of float32's bytes through worker shared memory,
     pinning and the host-to-device copy (a 224 px tile is 150 KB, not 600 KB). The model normalises
     on the device (``normalize_pixels``, called by ``vlmtrain.models.internvl.encode_images``)."""
-    first = np.asarray(tiles[0])
-    out = np.empty((len(tiles), 3, first.shape[0], first.shape[1]), dtype=np.uint8)
-    for i, t in enumerate(tiles):
-        a = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.uint8)
+    arrays = [t.numpy() if isinstance(t, torch.Tensor) else rgb_array(t) if isinstance(t, Image.Image)
+              else np.asarray(t, dtype=np.uint8) for t in tiles]
+    out = np.empty((len(arrays), 3, arrays[0].shape[0], arrays[0].shape[1]), dtype=np.uint8)
+    for i, a in enumerate(arrays):
         out[i] = a.transpose(2, 0, 1)
     return torch.from_numpy(out)
 

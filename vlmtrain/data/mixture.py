@@ -9,29 +9,24 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
-from PIL import Image
 
 from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.conversation import SampleError
 from vlmtrain.data.encode import ConversationEncoder, EncodedSample
 from vlmtrain.data.formats import META, guess_format, reader
 from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_bytes
 from vlmtrain.data.meta import expand_meta
+from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
-from vlmtrain.data.video import count_frames, frame_placeholders, read_frames
+from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
-
-_PLACEHOLDER = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
-_VIDEO = re.compile(re.escape(VIDEO_PLACEHOLDER))
-
 
 @dataclass
 class Skipped:
@@ -94,37 +89,6 @@ class SourceDataset:
         self.records = self.reader.read(path)
         # each dataset draws its own repeat subset: seeded by the run seed and the dataset's name
         self.indices = repeat_indices(len(self.records), cfg.repeat, [seed, zlib.crc32(name.encode())])
-
-
-@dataclass
-class Media:
-    """Where the placeholders of a conversation get their pixels from, in text order."""
-
-    kind: str  # image | video
-    src: object
-
-
-def media_in_order(conv: Conversation) -> list[Media]:
-    """The conversation's images and videos in the order their placeholders appear."""
-    images, videos, out = iter(conv.images), iter(conv.videos), []
-    for user, answer in conv.turns:
-        for m in _PLACEHOLDER.finditer(user + answer):
-            if m.group(0) == IMAGE_PLACEHOLDER:
-                out.append(Media("image", next(images)))
-            else:
-                out.append(Media("video", next(videos)))
-    return out
-
-
-def expand_videos(conv: Conversation, frames: list[int]) -> Conversation:
-    """Each ``<video>`` (in order) becomes ``Frame-1: <image>\\n...`` with its frame count."""
-    counts = iter(frames)
-
-    def sub(text: str) -> str:
-        return _VIDEO.sub(lambda _: frame_placeholders(next(counts)), text)
-
-    turns = [(sub(u), sub(a)) for u, a in conv.turns]
-    return Conversation(turns=turns, system=conv.system)
 
 
 class MixtureDataset:
@@ -192,53 +156,56 @@ class MixtureDataset:
 
     def _build(self, source: SourceDataset, record, rng: random.Random, pixels: bool = True) -> EncodedSample:
         d = source.cfg
+        frames_seed = rng.getrandbits(64)  # each video's own draws, equal with and without pixels
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
-        media = media_in_order(conv)
+        media = conv.media()
         per_image = tiles_per_image(len(conv.images), d.n_max) if conv.images else 0
         size = self.cfg.tile_size
-        frame_rng = rng if self.training else None
+        # JPEG re-encoding is training's augmentation: on for images, off for video, per dataset
+        jpeg_images = self.training and d.jpeg_augment is not False
+        jpeg_frames = self.training and d.jpeg_augment is True
         tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
-        for m in media:
-            if m.kind == "image":
+        for kind, src in media:
+            if kind == "image":
                 if not pixels:
-                    w, h = image_size(m.src)
+                    w, h = image_size(src)
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
                     num_tiles.append(cols * rows + (1 if self.cfg.use_thumbnail and cols * rows > 1 else 0))
                     continue
                 if self.cfg.fast_resize:
                     # grid from the header's size, decode no larger than the grid needs, torch resize
-                    w, h = image_size(m.src)
+                    w, h = image_size(src)
                     grid = choose_grid(w, h, d.min_tiles, per_image, size)
-                    img = load_image(m.src, draft_size=(grid[0] * size, grid[1] * size))
+                    img = load_image(src, draft_size=(grid[0] * size, grid[1] * size))
                     img_tiles = tile_image_fast(img, grid, size, self.cfg.use_thumbnail)
                 else:
-                    img_tiles = tile_image(load_image(m.src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
-                if d.jpeg_augment is not False:  # on for images unless the dataset turns it off
+                    img_tiles = tile_image(load_image(src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
+                if jpeg_images:
                     img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
                 tiles += img_tiles
                 num_tiles.append(len(img_tiles))
             else:
                 lo, hi = self._frames(d)
+                video_rng = random.Random(frames_seed + len(frames_per_video)) if self.training else None
                 if pixels:
-                    frames = read_frames(m.src, lo, hi, frame_rng)
+                    frames = read_frames(src, lo, hi, video_rng)
+                    if jpeg_frames:  # as the reference: the whole frame re-encoded, then resized
+                        frames = [jpeg_reencode(f, rng) for f in frames]
                     if self.cfg.fast_resize:
                         frame_tiles = [tile_image_fast(f, (1, 1), size, False)[0] for f in frames]
                     else:
-                        frame_tiles = [f.resize((size, size), Image.Resampling.BICUBIC) for f in frames]
-                    if d.jpeg_augment is True:  # off for video unless the dataset turns it on
-                        frame_tiles = [jpeg_reencode(t, rng) for t in frame_tiles]
+                        frame_tiles = [resize_bicubic(f, (size, size)) for f in frames]
                     tiles += frame_tiles
                     n = len(frame_tiles)
                 else:
-                    n = min(hi, count_frames(m.src))
+                    count_frames(src)  # the video must open, as with pixels
+                    n = video_rng.randint(lo, hi) if video_rng is not None else hi
                 frames_per_video.append(n)
                 num_tiles += [1] * n
-        if conv.videos:
-            conv = expand_videos(conv, frames_per_video)
         template = get_template(d.template or self.cfg.template)
         system = d.system if d.system is not None else self.cfg.system
-        input_ids, labels = self.encoder.encode(conv, template, num_tiles, system)
+        input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,

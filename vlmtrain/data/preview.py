@@ -29,7 +29,8 @@ class PreviewOptions:
     epoch: int = 0
     """Epoch whose random draws (JPEG quality, video frames) are shown."""
     eval: bool = False
-    """Evaluation-time sampling (video segment centres) instead of training's random draws."""
+    """Evaluation-time sampling (video frames by the model card's rule, no JPEG re-encoding) instead of
+    training's random draws."""
 
 
 def _runs(values: list) -> list[tuple[object, int, int]]:

@@ -1,104 +1,135 @@
 """Chat templates as data: how a conversation is laid out in text and which parts carry loss.
 
-Each turn renders as ``user`` (no loss) then the answer followed by ``answer_end`` (loss on both)
-then ``turn_sep`` (no loss). Every marker is a special token of the tokenizer, so rendering turn
-by turn tokenizes exactly like rendering the whole text at once.
+A conversation renders (``vlmtrain.data.render``) as
+
+    [tokenizer BOS] prefix system  ( user  assistant ANSWER answer_end  turn_sep )*
+
+where ``system`` and ``user`` are formats with one ``{content}``; only ANSWER and ``answer_end``
+carry loss (the end marker is learnt so the model stops). At inference the last turn stops after
+``assistant``, the header generation continues from. Adding a template is one entry in
+``TEMPLATES``; the exported Jinja chat template (``vlmtrain.models.export``) is derived from the
+same fields.
+
+The InternVL layouts are those of InternVL's own training code (``internvl_chat``:
+``preprocess_internvl2_5`` and the ``Conversation`` templates in ``conversation.py``), checked token
+for token against its outputs (``tests/test_reference_goldens.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
+CONTENT = "{content}"
 
 from vlmtrain.errors import UserError
 
 INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    name: str
-    prefix: str
-    """Text before everything (e.g. a BOS token)."""
-    system: str
-    """Format of the system block, with {content}; empty string: the template has none."""
-    user: str
-    """Format of a user turn, with {content}, including the assistant header that follows."""
-    answer_end: str
-    """End-of-turn marker after an answer; it carries loss so the model learns to stop."""
-    turn_sep: str
-    """Text after answer_end, before the next turn (no loss)."""
-    default_system: str = ""
-    stop: str = ""
-
-    def render_system(self, system: str | None) -> str:
-        text = self.default_system if system is None else system
-        return self.prefix + (self.system.format(content=text) if self.system and text else "")
-
+"""System text of InternVL 2.5 (template ``internvl2_5``)."""
 
 INTERNVL2_SYSTEM = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
 """System text the InternVL 2 / 1.5 checkpoints were trained with (internlm2-chat, phi3-chat, Hermes-2)."""
 
-_CHATML = dict(
-    system="<|im_start|>system\n{content}<|im_end|>\n",
-    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-    answer_end="<|im_end|>",
-    turn_sep="\n",
-    stop="<|im_end|>",
-)
 
-# InternVL 1.5 / 2 render internlm2-chat, Hermes-2 and phi3-chat in its "MPT" style: the end marker
-# is the whole separator, with no newline after it (unlike the LLMs' own HF chat templates). We keep
-# that layout, because fine-tuning a released InternVL checkpoint on another layout shifts its inputs.
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    system: str
+    """Format of the system block, with {content}; "" when the template has no system block."""
+    user: str
+    """Format of a user turn, with {content} (no loss)."""
+    assistant: str
+    """Header before an answer (no loss); generation starts after it."""
+    answer_end: str
+    """End-of-turn marker after an answer; it carries loss so the model learns to stop."""
+    turn_sep: str = ""
+    """Text after answer_end, before the next turn (no loss)."""
+    default_system: Optional[str] = None
+    """System text when neither the data nor the config gives one; None: no system block then."""
+    strip: bool = False
+    """Strip leading/trailing whitespace of every message (InternVL's internlm2-chat does)."""
+    bos: bool = True
+    """Start with the tokenizer's BOS when the tokenizer adds one (``tokenizer_adds_bos``), as
+    InternVL's training code does: InternLM2 and Phi-3 tokenizers add ``<s>``, Qwen2.5's has none."""
+    prefix: str = ""
+    """Literal text before everything else (after the BOS)."""
+    stop: str = ""
+    """The token generation stops at (besides the tokenizer's EOS)."""
+
+    def __post_init__(self):
+        for field in ("user",) + (("system",) if self.system else ()):
+            if getattr(self, field).count(CONTENT) != 1:
+                raise ValueError(f"template {self.name}: {field} must hold {CONTENT} exactly once")
+
+    def around(self, field: str) -> tuple[str, str]:
+        """(text before, text after) the {content} of the ``system`` or ``user`` format."""
+        before, _, after = getattr(self, field).partition(CONTENT)
+        return before, after
+
+
+# InternVL 1.5 / 2 lay internlm2-chat, Hermes-2 and phi3-chat out in fastchat's "MPT" style: the end
+# marker is the whole separator, with no newline after it, and there is always a system block.
 _CHATML_MPT = dict(
     system="<|im_start|>system\n{content}<|im_end|>",
-    user="<|im_start|>user\n{content}<|im_end|><|im_start|>assistant\n",
+    user="<|im_start|>user\n{content}<|im_end|>",
+    assistant="<|im_start|>assistant\n",
     answer_end="<|im_end|>",
-    turn_sep="",
     stop="<|im_end|>",
+    default_system=INTERNVL2_SYSTEM,
 )
 
 TEMPLATES = {
     t.name: t
     for t in [
-        # InternVL 2.5: chatml with newlines (Qwen2.5 and InternLM2.5 LLMs alike)
-        ChatTemplate(name="internvl2_5", prefix="", default_system=INTERNVL_SYSTEM, **_CHATML),
-        # InternVL 1.5 / 2 with InternLM2 LLMs; the InternLM2 tokenizer starts every text with <s>
-        ChatTemplate(name="internlm2-chat", prefix="<s>", default_system=INTERNVL2_SYSTEM, **_CHATML_MPT),
-        # InternVL 2 with Nous-Hermes-2-Yi-34B (chatml; the Yi tokenizer adds no BOS)
-        ChatTemplate(name="hermes2", prefix="", default_system=INTERNVL2_SYSTEM, **_CHATML_MPT),
-        # InternVL 2 / Mini-InternVL 1.5 with Phi-3-mini (its tokenizer starts with <s>)
+        # InternVL 2.5 (preprocess_internvl2_5): chatml with a newline after every block
+        ChatTemplate(
+            name="internvl2_5",
+            system="<|im_start|>system\n{content}<|im_end|>\n",
+            user="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant="<|im_start|>assistant\n",
+            answer_end="<|im_end|>",
+            turn_sep="\n",
+            default_system=INTERNVL_SYSTEM,
+            stop="<|im_end|>",
+        ),
+        # InternVL 1.5 / 2 with InternLM2 LLMs (preprocess_internlm strips every message)
+        ChatTemplate(name="internlm2-chat", strip=True, **_CHATML_MPT),
+        # InternVL 2 with Nous-Hermes-2-Yi-34B / Qwen2 (preprocess_mpt)
+        ChatTemplate(name="hermes2", **_CHATML_MPT),
+        # InternVL 2 / Mini-InternVL 1.5 with Phi-3-mini (preprocess_phi3)
         ChatTemplate(
             name="phi3-chat",
-            prefix="<s>",
             system="<|system|>\n{content}<|end|>",
-            user="<|user|>\n{content}<|end|><|assistant|>\n",
+            user="<|user|>\n{content}<|end|>",
+            assistant="<|assistant|>\n",
             answer_end="<|end|>",
-            turn_sep="",
             default_system=INTERNVL2_SYSTEM,
             stop="<|end|>",
         ),
-        # Llama 3 instruct layout, as Meta's chat template writes it
+        # Llama 3 instruct, as Meta's chat template writes it: every message trimmed, no default
+        # system block, the BOS the tokenizer's (Meta's template writes bos_token itself)
         ChatTemplate(
             name="llama3-chat",
-            prefix="<|begin_of_text|>",
             system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-            user=(
-                "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            ),
+            user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+            assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
             answer_end="<|eot_id|>",
-            turn_sep="",
+            strip=True,
             stop="<|eot_id|>",
         ),
     ]
 }
 
+REFERENCE_NAMES = {"Hermes-2": "hermes2"}
+"""InternVL's template names that vlmtrain spells differently."""
+
 
 def get_template(name: str) -> ChatTemplate:
+    name = REFERENCE_NAMES.get(name, name)
     if name not in TEMPLATES:
         raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmtrain.data.resize import Pixels, resize_bicubic
 from vlmtrain.errors import UserError
 
 
@@ -23,10 +24,11 @@ from vlmtrain.errors import UserError
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     """All (cols, rows) with ``min_tiles <= cols * rows <= max_tiles``, fewest tiles first.
 
-    Grids with the same tile count are ordered by cols. The reference sorts a Python set, so its
-    order within one tile count is set-iteration order; the two can only differ on an exact
-    aspect-ratio tie between two grids with the same tile count and nothing closer allowed
-    (e.g. ``min_tiles == max_tiles == 6`` and a 13:12 image), which no golden case covers.
+    Grids with the same tile count are ordered by cols, as transformers' InternVL image processor
+    has them. InternVL's own code sorts a Python set, whose order within one tile count differs;
+    the choice can only differ on an exact aspect-ratio tie between two grids with the same tile
+    count and nothing closer allowed, which needs ``min_tiles > 1`` (e.g. min = max = 4 and a
+    5:2 image: 2x2 here and in transformers, 4x1 in InternVL's code; ``tests/test_tiling.py``).
     """
     if not 1 <= min_tiles <= max_tiles:
         raise UserError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
@@ -73,34 +75,47 @@ def tile_image(
     max_tiles: int,
     tile_size: int = 448,
     use_thumbnail: bool = True,
-) -> list[Image.Image]:
+    exact: bool = False,
+) -> list:
     """Cut ``image`` into the tiles the vision tower sees, row-major, thumbnail last.
 
-    One bicubic resize to the whole grid, then crops: resizing the original once per tile
-    would cost ``cols * rows`` full resamples for the same pixels. The thumbnail is a separate
-    bicubic resize of the original (not of the grid canvas) to match the reference.
+    As the reference: one bicubic resize to the whole grid, then crops; the thumbnail a bicubic
+    resize of the original. ``exact``: PIL's resize itself, pixel for pixel; default:
+    ``resize_bicubic``, within 2 grey levels of it and faster. Tiles are PIL images or (S, S, 3)
+    uint8 tensors (views of one canvas), which ``images.to_pixel_bytes`` both take.
     """
-    image = image.convert("RGB")
+    image = image if image.mode == "RGB" else image.convert("RGB")
     cols, rows = choose_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
-    canvas = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
-    tiles = [
-        canvas.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
-        for r in range(rows)
-        for c in range(cols)
-    ]
+    if exact:
+        def resize(size):
+            return image.resize(size, Image.Resampling.BICUBIC)
+    else:
+        src = Pixels(image)
+
+        def resize(size):
+            return resize_bicubic(src, size)
+    canvas = resize((tile_size * cols, tile_size * rows))
+    tiles = [_crop(canvas, c * tile_size, r * tile_size, tile_size) for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+        tiles.append(resize((tile_size, tile_size)))
     return tiles
+
+
+def _crop(canvas, x: int, y: int, size: int):
+    if isinstance(canvas, Image.Image):
+        return canvas.crop((x, y, x + size, y + size))
+    return canvas[y:y + size, x:x + size]
 
 
 def tile_image_fast(
     image: Image.Image, grid: tuple[int, int], tile_size: int = 448, use_thumbnail: bool = True
 ) -> list[torch.Tensor]:
-    """``tile_image`` with torch's antialiased bicubic on uint8 (PIL's filter, SIMD kernels): the
-    same tiles within +-2 grey levels (mean difference < 0.01), 3-5x faster than PIL's resize.
+    """The opt-in approximate path (``data.fast_resize``): one torch antialiased bicubic resize of
+    ``image``, which the caller may have decoded at a reduced JPEG scale (``load_image(draft_size=)``);
+    ``grid`` is (cols, rows), chosen from the original image size. Not the reference's pixels:
+    README "Pixels" gives the measured deviation.
 
-    Returns (S, S, 3) uint8 tiles (views of one canvas), row-major, then the thumbnail. ``grid``
-    is (cols, rows), chosen from the original image size (``image`` may be a reduced-scale decode).
+    Returns (S, S, 3) uint8 tiles (views of one canvas), row-major, then the thumbnail.
     """
     cols, rows = grid
     x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]  # channels-last strides

@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from vlmtrain.data.placeholders import leading_images
 from vlmtrain.errors import MissingPathError, UserError
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
 from vlmtrain.models.checkpoint import load_trained
@@ -141,8 +142,10 @@ def chat(cfg) -> str | None:
         query, images, videos = resolve_media(cfg.chat.query, take)
         if queues["video"]:
             raise UserError(f"{len(queues['video'])} chat.videos have no <video> placeholder in chat.query")
-        leading = [_existing(p) for p in queues["image"]]  # images without a placeholder go first
-        answer = session.ask(_place_leading(query, len(leading)), leading + images, videos, write)
+        # images without a placeholder go before the query, as the data formats place them
+        leading = [_existing(p) for p in queues["image"]]
+        query = leading_images(len(leading)) + query if leading else query
+        answer = session.ask(query, leading + images, videos, write)
         write("\n")
         return answer
     write(f"vlmtrain chat ({trained.source}). 'clear' resets the conversation, 'exit' quits.\n")
@@ -155,11 +158,3 @@ def chat(cfg) -> str | None:
 
     run_console(session, read, write)
     return None
-
-
-def _place_leading(query: str, n: int) -> str:
-    """Images given without a placeholder go before the query (one: ``<image>\\n``, several:
-    ``Image-1: <image>\\n`` ...), as the training data places them."""
-    if n == 1:
-        return f"{IMAGE_PLACEHOLDER}\n{query}"
-    return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n)) + query

@@ -1,28 +1,22 @@
 """Prompts with media -> generated text, for a trained model (what eval and chat share).
 
-A prompt is rendered with the model's chat template exactly as training renders a conversation
-(system block, earlier turns with their answers, then the new user turn and the assistant
-header); each ``<image>`` expands to ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles) +
-``</img>`` and a ``<video>`` to ``Frame-1: <image>\\nFrame-2: <image>...`` with one tile per
-frame at segment centres. Generation is transformers' ``generate`` on the native InternVL model,
-batched with left padding.
+A prompt is rendered by ``vlmtrain.data.prompt.PromptEncoder``: the renderer training uses, with
+the last answer left open, so the model reads exactly the prefix training showed it for the same
+conversation; images tile by training's pixel path (no augmentation) and a video gives
+``num_frames`` frames by the model card's rule. Generation is transformers' ``generate`` on the
+native InternVL model, batched with left padding.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from threading import Thread
 
 import torch
-from PIL import Image
 from transformers import TextIteratorStreamer
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from vlmtrain.data.images import load_image, to_pixel_values
+from vlmtrain.data.prompt import Prompt, PromptEncoder
 from vlmtrain.data.templates import get_template
-from vlmtrain.data.tiling import tile_image, tiles_per_image
-from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import tokens_per_tile
 
 
@@ -39,34 +33,11 @@ class GenerationConfig:
     seed: int = 0
 
 
-@dataclass
-class Prompt:
-    query: str
-    images: list = field(default_factory=list)
-    """Paths or PIL images, one per ``<image>`` in query and history (in order)."""
-    videos: list = field(default_factory=list)
-    history: list[tuple[str, str]] = field(default_factory=list)
-    """Earlier (user, assistant) turns; their media come first in ``images``."""
-    system: str | None = None
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` (cuda when visible, else cpu), or any torch device name (cpu, cuda, cuda:1, ...)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def video_frames(path, num_frames: int):
-    """``num_frames`` RGB frames at the centres of equal segments of the video (the data side's
-    evaluation sampling, so a model sees video at inference as it was evaluated in training)."""
-    from vlmtrain.data.conversation import SampleError
-    from vlmtrain.data.video import read_frames
-
-    try:
-        return read_frames(path, num_frames, num_frames, rng=None)
-    except SampleError as e:
-        raise UserError(f"{path}: {e}") from None
 
 
 class InferenceEngine:
@@ -80,6 +51,8 @@ class InferenceEngine:
         self.tile_size = cfg.vision.image_size
         self.tokens_per_tile = tokens_per_tile(cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio)
         self.max_tiles, self.num_frames = max_tiles, num_frames
+        self.prompts = PromptEncoder(self.tokenizer, self.tokens_per_tile, self.template, self.tile_size,
+                                     max_tiles, num_frames, system)
         self.device = torch.device(device)
         stop = [self.tokenizer.convert_tokens_to_ids(self.template.stop)] if self.template.stop else []
         if self.tokenizer.eos_token_id is not None:
@@ -90,41 +63,8 @@ class InferenceEngine:
     # -- prompt ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> tuple[list[int], torch.Tensor | None]:
         """Token ids of the prompt (ending with the assistant header) and its tiles, in order."""
-        t = self.template
-        text = t.render_system(prompt.system if prompt.system is not None else self.system)
-        for user, answer in prompt.history:
-            text += t.user.format(content=user) + answer + t.answer_end + t.turn_sep
-        text += t.user.format(content=prompt.query)
-        n_img, n_vid = text.count(IMAGE_PLACEHOLDER), text.count(VIDEO_PLACEHOLDER)
-        if n_img != len(prompt.images) or n_vid != len(prompt.videos):
-            raise UserError(
-                f"{n_img} <image> / {n_vid} <video> placeholders for {len(prompt.images)} images / "
-                f"{len(prompt.videos)} videos"
-            )
-        images, videos = iter(prompt.images), iter(prompt.videos)
-        per_image = tiles_per_image(max(1, n_img), self.max_tiles)
-        groups: list[list] = []
-
-        def media(m: re.Match) -> str:
-            if m.group(0) == IMAGE_PLACEHOLDER:
-                src = next(images)
-                img = src.convert("RGB") if hasattr(src, "convert") else load_image(src)
-                tiles = tile_image(img, 1, per_image, self.tile_size, True)
-                groups.append(tiles)
-                return self._image_text(len(tiles))
-            lines = []
-            for i, frame in enumerate(video_frames(next(videos), self.num_frames)):
-                groups.append([frame.convert("RGB").resize((self.tile_size, self.tile_size), Image.BICUBIC)])
-                lines.append(f"Frame-{i + 1}: {self._image_text(1)}")
-            return "\n".join(lines)
-
-        text = re.sub(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}", media, text)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        pixels = to_pixel_values([tile for g in groups for tile in g]) if groups else None
-        return ids, pixels
-
-    def _image_text(self, n_tiles: int) -> str:
-        return "<img>" + "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles) + "</img>"
+        rendered, pixels = self.prompts.encode(prompt)
+        return rendered.input_ids, pixels
 
     # -- generation -----------------------------------------------------------------------------
     def _inputs(self, prompts: list[Prompt]) -> dict:

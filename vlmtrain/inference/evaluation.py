@@ -186,7 +186,9 @@ def evaluate(cfg: DictConfig) -> dict:
     with open(out_dir / "predictions.jsonl", "w") as f:
         for name, dcfg in data.datasets.items():
             dcfg = dataset_config(name, dcfg)
-            engine = InferenceEngine(trained, max_tiles=dcfg.n_max, num_frames=data.min_frames,
+            # video as in validation: the model card's frame rule over max_frames frames
+            frames = dcfg.max_frames if dcfg.max_frames is not None else data.max_frames
+            engine = InferenceEngine(trained, max_tiles=dcfg.n_max, num_frames=frames,
                                      template=dcfg.template or data.template, system=data.system,
                                      device=resolve_device(cfg.device))
             qs = questions(name, dcfg, None, cfg.eval.limit, skipped, cfg.eval.group_by)

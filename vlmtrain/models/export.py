@@ -9,7 +9,8 @@ The directory holds: ``model.safetensors`` (LoRA adapters merged into their base
 fully trained part, ViT and projector included, as trained) and ``config.json``
 (``architectures: [InternVLForConditionalGeneration]``); ``generation_config.json`` stopping at
 the template's end-of-turn token; the tokenizer with a Jinja chat template that renders exactly
-what vlmtrain trained on and the InternVL image tokens declared for ``InternVLProcessor``; the
+what vlmtrain trained on (``vlmtrain.data.chat_template``) and the InternVL image tokens declared
+for ``InternVLProcessor``; the
 processor configs (``processor_config.json``, ``preprocessor_config.json`` for the dynamic-tiling
 image processor with vlmtrain's tile size, budget and normalisation, ``video_preprocessor_config.json``);
 and ``vlmtrain_model.yaml`` (the ModelConfig, so vlmtrain's eval and chat reload the same template).
@@ -25,9 +26,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
+from vlmtrain.data.chat_template import chat_template_jinja
 from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vlmtrain.data.render import tokenizer_adds_bos
 from vlmtrain.data.templates import ChatTemplate, get_template
-from vlmtrain.errors import UserError
 from vlmtrain.models.checkpoint import MODEL_CONFIG_FILE, load_trained
 from vlmtrain.models.internvl import tokens_per_tile
 
@@ -41,53 +43,13 @@ IMAGE_TOKENS_FOR_PROCESSOR = {
 placeholder the processor expands into frames; it never reaches the model."""
 
 
-def chat_template_jinja(t: ChatTemplate) -> str:
-    """A Jinja chat template that renders messages exactly as ``vlmtrain.data`` lays them out.
-
-    Message content may be a string or a list of parts ({"type": "text" | "image" | "video"});
-    an image renders as ``<IMG_CONTEXT>\\n`` and a video as ``<video>\\n`` (the placeholders
-    InternVLProcessor expands, followed by the newline vlmtrain puts after a leading ``<image>``).
-    """
-    before, sep, after = t.user.partition("{content}")
-    if not sep or not after.startswith(t.answer_end + t.turn_sep):
-        raise UserError(f"template {t.name}: user format does not end with answer_end + turn_sep + header")
-    user_end = t.answer_end + t.turn_sep
-    header = after[len(user_end):]
-    sys_before, _, sys_after = t.system.partition("{content}")
-
-    def lit(s: str) -> str:
-        return json.dumps(s, ensure_ascii=False)
-
-    return (
-        "{%- macro render(content) -%}"
-        "{%- if content is string -%}{{ content }}"
-        "{%- else -%}{%- for part in content -%}"
-        "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
-        "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
-        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
-        "{%- endmacro -%}"
-        f"{{{{- {lit(t.prefix)} -}}}}"
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set system = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
-        f"{{%- else -%}}{{%- set system = {lit(t.default_system)} -%}}{{%- set loop_messages = messages -%}}"
-        "{%- endif -%}"
-        + (f"{{%- if system -%}}{{{{- {lit(sys_before)} + system + {lit(sys_after)} -}}}}{{%- endif -%}}" if t.system else "")
-        + "{%- for message in loop_messages -%}"
-        f"{{%- if message['role'] == 'user' -%}}{{{{- {lit(before)} + render(message['content']) + {lit(user_end)} -}}}}"
-        f"{{%- elif message['role'] == 'assistant' -%}}"
-        f"{{{{- {lit(header)} + render(message['content']) + {lit(t.answer_end + t.turn_sep)} -}}}}"
-        "{%- endif -%}{%- endfor -%}"
-        f"{{%- if add_generation_prompt -%}}{{{{- {lit(header)} -}}}}{{%- endif -%}}"
-    )
-
-
 def export_tokenizer(tokenizer, template: ChatTemplate, out: Path):
     """Save the tokenizer with the chat template and the processor's image-token attributes."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, extra_special_tokens=IMAGE_TOKENS_FOR_PROCESSOR)
-    tok.chat_template = chat_template_jinja(template)
+    # engines tokenise a rendered template without special tokens: the BOS is the template's to write
+    tok.chat_template = chat_template_jinja(template, tok.bos_token if tokenizer_adds_bos(tok) else None)
     tok.save_pretrained(out)
     cfg_file = out / "tokenizer_config.json"
     saved = json.loads(cfg_file.read_text())

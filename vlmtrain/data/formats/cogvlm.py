@@ -2,8 +2,8 @@
 
 A label holds ``captions`` [{role: caption, content}] (a detailed-description sample: the user asks
 ``CAPTION_PROMPT``, the caption is the answer) or ``conversations`` [{role: user|assistant,
-content}]. The image goes before the first query. Point ``path`` at the folder holding ``images/``
-and ``labels/``.
+content}]. Without a placeholder the image goes before the first query (``placeholders.place_media``).
+Point ``path`` at the folder holding ``images/`` and ``labels/``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats.source import Record
+from vlmtrain.data.placeholders import place_media
 from vlmtrain.errors import MissingPathError
 
 CAPTION_PROMPT = "Describe this image in detail."
@@ -85,6 +86,4 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
     if not turns:
         raise SampleError("no_turns", "label has no user/assistant pair")
     image = _image(root, stem)
-    if IMAGE_PLACEHOLDER not in "".join(q + a for q, a in turns):
-        turns[0] = (f"{IMAGE_PLACEHOLDER}\n{turns[0][0]}", turns[0][1])
-    return Conversation(turns=turns, images=[image])
+    return Conversation(turns=place_media(turns, 1, 0), images=[image])

@@ -1,5 +1,6 @@
 """InternVL's own format: jsonl lines with ``conversations`` [{from: human|gpt|system, value}],
 optional ``image`` (a path or a list of paths) and ``video``; paths relative to the dataset root.
+Media without placeholders are placed by ``vlmtrain.data.placeholders.place_media``.
 (The meta-file side, name -> {root, annotation, ...}, is read by ``vlmtrain.data.meta``.)
 """
 
@@ -7,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats.source import Record, first_object, read_json_records
+from vlmtrain.data.placeholders import place_media
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -24,9 +26,11 @@ def read(path: Path) -> list[Record]:
 
 def _media(obj, key: str, root: Path) -> list:
     value = obj.get(key)
-    if value is None:
+    if value is None or value == "" or value == []:  # the reference treats these as no media
         return []
-    paths = [value] if isinstance(value, str) else list(value)
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise SampleError("bad_media", f"'{key}' must be a path or a list of paths, got {value!r}")
     return [str(root / p) for p in paths]
 
 
@@ -36,8 +40,8 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
         raise SampleError("no_turns", "missing or empty 'conversations'")
     system, turns, pending = None, [], None
     for m in messages:
-        role = ROLES.get(m.get("from"))
-        value = m.get("value")
+        role = ROLES.get(m.get("from")) if isinstance(m, dict) else None
+        value = m.get("value") if isinstance(m, dict) else None
         if role is None or not isinstance(value, str):
             raise SampleError("bad_message", f"message needs from in {sorted(ROLES)} and a string value")
         if role == "system":
@@ -52,19 +56,5 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
             turns.append((pending, value))
             pending = None
     images, videos = _media(obj, "image", root), _media(obj, "video", root)
-    turns = _place_media(turns, len(images), len(videos))
+    turns = place_media(turns, len(images), len(videos))
     return Conversation(turns=turns, system=system, images=images, videos=videos)
-
-
-def _place_media(turns, n_images: int, n_videos: int):
-    """A sample with one image or video and no placeholder gets it before its first query."""
-    if not turns:
-        return turns
-    text = "".join(u for u, _ in turns)
-    first_user, first_answer = turns[0]
-    if n_images == 1 and IMAGE_PLACEHOLDER not in text:
-        turns = [(f"{IMAGE_PLACEHOLDER}\n{first_user}", first_answer)] + turns[1:]
-    if n_videos == 1 and VIDEO_PLACEHOLDER not in text:
-        first_user, first_answer = turns[0]
-        turns = [(f"{VIDEO_PLACEHOLDER}\n{first_user}", first_answer)] + turns[1:]
-    return turns

@@ -1,0 +1,70 @@
+"""The Jinja chat template an export carries: a ChatTemplate's layout for serving engines.
+
+``chat_template_jinja`` renders OpenAI-style messages (``content`` a string or a list of parts
+``{"type": "text" | "image" | "video"}``) as ``vlmtrain.data.render`` renders the same
+conversation, with the placeholders transformers' ``InternVLProcessor`` expands: an image part is
+``<IMG_CONTEXT>\\n`` (a leading ``<image>\\n``); a video part with ``num_frames`` is training's
+frame lines ``Frame-1: <IMG_CONTEXT>\\n...`` (pass its frames as images); a video part without it
+is ``<video>\\n``, which the processor expands itself (sampling frames, and labelling them
+``Frame1:`` like the model card's chat code, not training's ``Frame-1:``). The BOS is written when
+the tokenizer adds one, since engines tokenise a rendered template without special tokens.
+``tests/test_render.py`` holds the template to the renderer.
+"""
+
+from __future__ import annotations
+
+import json
+
+from vlmtrain.data.templates import ChatTemplate
+
+_RENDER_CONTENT = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
+    "{%- elif part['type'] == 'video' and part.get('num_frames') -%}"
+    "{%- for i in range(part['num_frames']) -%}{{ 'Frame-' ~ (i + 1) ~ ': <IMG_CONTEXT>\\n' }}{%- endfor -%}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
+def chat_template_jinja(t: ChatTemplate, bos_token: str | None = None) -> str:
+    """The Jinja template of ``t``; ``bos_token``: the BOS to start with (None: none)."""
+
+    def lit(s: str | None) -> str:
+        return "none" if s is None else json.dumps(s, ensure_ascii=False)
+
+    def content(expr: str) -> str:
+        return f"(render({expr}) | trim)" if t.strip else f"render({expr})"
+
+    user_before, user_after = t.around("user")
+    first, each = content("messages[0]['content']"), content("message['content']")
+    out = _RENDER_CONTENT
+    if t.bos and bos_token:
+        out += f"{{{{- {lit(bos_token)} -}}}}"
+    if t.prefix:
+        out += f"{{{{- {lit(t.prefix)} -}}}}"
+    out += (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        f"{{%- set system = {first} -%}}"
+        "{%- set loop_messages = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {lit(t.default_system)} -%}}{{%- set loop_messages = messages -%}}"
+        "{%- endif -%}"
+    )
+    if t.system:
+        before, after = t.around("system")
+        out += f"{{%- if system is not none -%}}{{{{- {lit(before)} + system + {lit(after)} -}}}}{{%- endif -%}}"
+    out += (
+        "{%- for message in loop_messages -%}"
+        f"{{%- if message['role'] == 'user' -%}}"
+        f"{{{{- {lit(user_before)} + {each} + {lit(user_after)} -}}}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{- {lit(t.assistant)} + {each} + "
+        f"{lit(t.answer_end + t.turn_sep)} -}}}}"
+        "{%- endif -%}{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {lit(t.assistant)} -}}}}{{%- endif -%}}"
+    )
+    return out

@@ -1,0 +1,82 @@
+"""Where media placeholders go, in one place: every input format, the chat console and evaluation
+use these rules, so a sample renders the same whichever way it arrives.
+
+InternVL's rule (its training code, ``internvl_chat_finetune.py``): one image with no ``<image>``
+gets ``<image>\\n`` before the first query, one video with no ``<video>`` gets ``<video>\\n``; a
+``<video>`` then becomes one ``Frame-i: <image>\\n`` line per frame (``expand_videos``).
+vlmtrain's extensions: the placeholder may be in any turn (the reference looks at the first
+message only); several images with no placeholder get ``Image-1: <image>\\n...`` before the first
+query (the InternVL model card's multi-image prompt; the reference rejects the sample); a
+``<video>`` not followed by a newline expands too (the reference leaves it as text or rejects it).
+
+ms-swift's rule (``Template._add_default_tags`` and its InternVL templates, ms-swift 3/4): media
+without a tag get one tag each at the start of the first message, and every tag renders followed
+by a newline (``<img>...</img>\\n``), see ``swift_tags``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError
+
+_VIDEO_WITH_NEWLINE = re.compile(re.escape(VIDEO_PLACEHOLDER) + r"\n?")
+
+
+def leading_images(n: int) -> str:
+    """The text that puts ``n`` images before a query."""
+    if n == 1:
+        return f"{IMAGE_PLACEHOLDER}\n"
+    return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n))
+
+
+def place_media(turns: list, n_images: int, n_videos: int) -> list:
+    """InternVL's placement: images (then a video) with no placeholder anywhere go before the
+    first query. A sample with some but not all placeholders is left as it is (``Conversation.check``
+    rejects it: which image goes where would be a guess)."""
+    if not turns:
+        return turns
+    text = "".join(u + (a or "") for u, a in turns)
+    lead = ""
+    if n_videos == 1 and VIDEO_PLACEHOLDER not in text:
+        lead += f"{VIDEO_PLACEHOLDER}\n"
+    if n_images and IMAGE_PLACEHOLDER not in text:
+        lead += leading_images(n_images)
+    if not lead:
+        return turns
+    first_user, first_answer = turns[0]
+    return [(lead + first_user, first_answer)] + list(turns[1:])
+
+
+def swift_tags(turns: list, system: str | None, n_images: int, n_videos: int) -> list:
+    """ms-swift's placement and layout: missing tags (media minus tags, counted over the system and
+    every message) go at the start of the first message, then every tag gets the newline swift's
+    InternVL templates put after it. More tags than media is an error (swift would leave the extra
+    tags in the text)."""
+    text = (system or "") + "".join(u + a for u, a in turns)
+    missing = {}
+    for tag, n in ((IMAGE_PLACEHOLDER, n_images), (VIDEO_PLACEHOLDER, n_videos)):
+        have = text.count(tag)
+        if have > n:
+            raise SampleError("placeholder_mismatch", f"{have} {tag} tags for {n} listed media")
+        missing[tag] = n - have
+    if turns:
+        # swift adds image tags, then video tags, each at the very front: videos end up first
+        lead = VIDEO_PLACEHOLDER * missing[VIDEO_PLACEHOLDER] + IMAGE_PLACEHOLDER * missing[IMAGE_PLACEHOLDER]
+        turns = [(lead + turns[0][0], turns[0][1])] + list(turns[1:])
+
+    def newline(s: str) -> str:
+        return s.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + "\n").replace(VIDEO_PLACEHOLDER, VIDEO_PLACEHOLDER + "\n")
+
+    return [(newline(u), newline(a)) for u, a in turns]
+
+
+def frame_lines(num_frames: int) -> str:
+    """What a ``<video>`` of ``num_frames`` frames becomes: one tile per frame, each on its line."""
+    return "".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_frames))
+
+
+def expand_videos(text: str, frames) -> str:
+    """Each ``<video>`` (and the newline after it, if any) -> ``frame_lines`` of its frame count;
+    ``frames`` is an iterator of counts, consumed in order."""
+    return _VIDEO_WITH_NEWLINE.sub(lambda _: frame_lines(next(frames)), text)

@@ -1,0 +1,180 @@
+"""The one renderer: a conversation, its chat template and its media -> text, token ids and labels.
+
+Training (``vlmtrain.data.encode``), chat and evaluation (``vlmtrain.inference``, with the last
+answer left open) all lay a conversation out here, and the exported Jinja chat template is tested
+against it, so a checkpoint sees the same string wherever it runs.
+
+Rules, each as InternVL's training code has them (``tests/test_reference_goldens.py`` holds them
+to its outputs):
+
+- BOS: the tokenizer's BOS starts the sequence when the tokenizer adds one (``tokenizer_adds_bos``);
+  ``text`` then starts with the BOS token's string.
+- ``<video>`` (and the newline after it) -> ``Frame-1: <image>\\n...Frame-N: <image>\\n``, one tile
+  per frame (``placeholders.expand_videos``), then templates that strip (internlm2-chat) strip
+  every message, then each ``<image>`` -> ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles)
+  + ``</img>``.
+- Token ids are those of the whole text tokenised at once (image tokens are special tokens, so
+  the text between them is tokenised on its own, which is the same); a token carries loss when
+  it starts inside an answer or its end marker, and image tokens never do.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.placeholders import expand_videos
+from vlmtrain.data.templates import ChatTemplate
+from vlmtrain.errors import UserError
+from vlmtrain.training.loss import IGNORE_INDEX
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with its BOS token: InternLM2's and Phi-3's do,
+    Qwen2.5's has none. InternVL's training code reads ``tokenizer.add_bos_token``; transformers
+    5 does not always set that flag, so the tokenizer's own output decides too."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if getattr(tokenizer, "add_bos_token", False):
+        return True
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+@dataclass
+class Rendered:
+    """A rendered conversation. ``text`` decodes from ``input_ids`` (image tokens spelled out)."""
+
+    text: str
+    input_ids: list[int]
+    labels: list[int]
+    turn_ends: list[int] = field(default_factory=list)
+    """Token count after each complete turn (answer, end marker and separator): where a sample
+    may be cut without cutting a turn."""
+
+
+@dataclass
+class _Piece:
+    text: str
+    loss: bool = False
+    tiles: int = 0
+    """> 0: an image of that many tiles (text is unused)."""
+
+
+class Renderer:
+    """Renders conversations for one tokenizer and one number of image tokens per tile."""
+
+    def __init__(self, tokenizer, tokens_per_tile: int):
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError("vlmtrain renders with a fast tokenizer (tokenizer.json): it needs token offsets")
+        ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT])
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids or None in ids:
+            raise UserError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
+        self.tokenizer = tokenizer
+        self.tokens_per_tile = tokens_per_tile
+        self.img_start, self.img_end, self.img_context = ids
+        self.bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
+
+    def image_text(self, tiles: int) -> str:
+        return IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles) + IMG_END
+
+    def render(self, conv: Conversation, template: ChatTemplate, num_tiles=(), frames=(),
+               system: str | None = None) -> Rendered:
+        """``num_tiles``: tiles per ``<image>`` in text order once videos are expanded (a frame is
+        one); ``frames``: frame count per ``<video>``. ``system`` applies when the conversation has
+        none of its own; None: the template's default. A last answer of None renders the prompt
+        up to the assistant header."""
+        counts = iter(frames)
+        try:
+            turns = [(expand_videos(u, counts), None if a is None else expand_videos(a, counts))
+                     for u, a in conv.turns]
+        except StopIteration:
+            raise SampleError("placeholder_mismatch", "more <video> placeholders than videos") from None
+        if next(counts, None) is not None:
+            raise SampleError("placeholder_mismatch", "more videos than <video> placeholders")
+        if any(a is None for _, a in turns[:-1]):
+            raise ValueError("only the last answer of a conversation may be left open")
+        strip = str.strip if template.strip else (lambda s: s)
+        pieces: list[_Piece] = [_Piece(template.prefix)]
+        text = conv.system if conv.system is not None else system
+        if not template.system and text is not None:
+            if conv.system is not None:
+                raise SampleError("bad_message", f"a system message, and template {template.name} has no system block")
+            raise UserError(f"a system prompt is set, and template {template.name} has no system block")
+        text = template.default_system if text is None else text
+        if template.system and text is not None:
+            before, after = template.around("system")
+            pieces.append(_Piece(before + strip(text) + after))
+        ends = []  # piece index after each complete turn
+        for user, answer in turns:
+            before, after = template.around("user")
+            pieces += [_Piece(before), *self._content(strip(user), False), _Piece(after + template.assistant)]
+            if answer is None:
+                break
+            pieces += [*self._content(strip(answer), True), _Piece(template.answer_end, loss=True),
+                       _Piece(template.turn_sep)]
+            ends.append(len(pieces))
+        tiles = [p.tiles for p in pieces if p.tiles]
+        if len(tiles) != len(num_tiles):
+            raise SampleError("placeholder_mismatch",
+                              f"{len(tiles)} <image> placeholders (frames included) for {len(num_tiles)} images")
+        for p, n in zip((p for p in pieces if p.tiles), num_tiles):
+            if n < 1:
+                raise ValueError(f"an image has {n} tiles")
+            p.tiles = n
+        return self._tokenize(pieces, ends, self.bos if template.bos else None)
+
+    def _content(self, text: str, loss: bool) -> list[_Piece]:
+        out = []
+        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k:
+                out.append(_Piece("", tiles=-1))  # tile count filled in by render
+            out.append(_Piece(part, loss))
+        return out
+
+    def _tokenize(self, pieces: list[_Piece], ends: list[int], bos: str | None) -> Rendered:
+        ids, labels, texts, turn_ends = [], [], [], []
+        if bos is not None:
+            ids.append(self.tokenizer.bos_token_id)
+            labels.append(IGNORE_INDEX)
+            texts.append(bos)
+        run: list[_Piece] = []
+        run_ends: list[int] = []  # character offsets in the run where a turn ends
+
+        def flush():
+            chunk = "".join(p.text for p in run)
+            starts = [0]  # character offset where each piece of the run starts
+            for p in run:
+                starts.append(starts[-1] + len(p.text))
+            offsets = []
+            if chunk:
+                enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                offsets = [start for start, _ in enc["offset_mapping"]]
+                for tok, start in zip(enc["input_ids"], offsets):
+                    piece = run[min(bisect.bisect_right(starts, start) - 1, len(run) - 1)]
+                    ids.append(tok)
+                    labels.append(tok if piece.loss else IGNORE_INDEX)
+                texts.append(chunk)
+            base = len(ids) - len(offsets)
+            turn_ends.extend(base + bisect.bisect_left(offsets, pos) for pos in run_ends)
+            run.clear()
+            run_ends.clear()
+
+        end_marks = set(ends)
+        for i, p in enumerate(pieces):
+            if p.tiles:
+                flush()
+                n = self.tokens_per_tile * p.tiles
+                ids += [self.img_start] + [self.img_context] * n + [self.img_end]
+                labels += [IGNORE_INDEX] * (n + 2)
+                texts.append(self.image_text(p.tiles))
+            elif p.text:
+                run.append(p)
+            if i + 1 in end_marks:
+                run_ends.append(sum(len(q.text) for q in run))
+        flush()
+        return Rendered("".join(texts), ids, labels, turn_ends)
