@@ -22,10 +22,10 @@ def _isolated_cache(tmp_path_factory):
     register()
 
 
-def compose_config(overrides=(), run_dir: Path | None = None):
+def compose_config(overrides=(), run_dir: Path | None = None, config_name: str = "config"):
     """The real config, composed as `python -m vlmtrain` would, with run_dir set."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
     if run_dir is not None:
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)

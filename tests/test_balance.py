@@ -21,7 +21,7 @@ def test_balanced_share_covers_the_step_and_evens_the_load(world):
     costs = rng.lognormal(7, 0.8, size=4096)  # long-tailed, like tiles x tokens
     per_step = 24 * world
     balanced, round_robin = [], []
-    for step in range(30):
+    for _ in range(30):
         chunk = rng.permutation(len(costs))[:per_step]
         shares = [balanced_share(chunk, costs, r, world) for r in range(world)]
         assert sorted(np.concatenate(shares).tolist()) == sorted(chunk.tolist())  # every sample once

@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
+from model_fixtures import make_run_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from model_fixtures import make_run_dir
 from vlmtrain.inference.chat import ChatSession, chat, resolve_media, run_console
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt
 from vlmtrain.models.checkpoint import load_trained

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
 import vlmtrain.cli as cli
+from conftest import REPO
 
 
 def python(*args, code: str | None = None, env=None, cwd=None):

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_config
-from vlmtrain.cli import CONFIG_DIR
+from conftest import compose_config
+from vlmtrain.cli import CONFIG_DIR, command, use_schema
+from vlmtrain.config import register_schemas
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 OPTIONS = [
@@ -25,9 +25,21 @@ def test_groups_exist():
     assert {"model", "data", "stage", "optim", "hardware", "logger", "experiment"} <= set(GROUPS)
 
 
+# groups that only another verb's root config names in its defaults (conf/<verb>.yaml)
+VERB_OF_GROUP = {"filter": "filter"}
+
+
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_targets_bind(group, option, tmp_path):
-    cfg = compose_config([f"{group}={option}"], run_dir=tmp_path)
+    if group in VERB_OF_GROUP:
+        cmd = command(VERB_OF_GROUP[group])
+        use_schema(cmd)  # the verb's extended root schema, as its start-up stores it
+        try:
+            cfg = compose_config([f"{group}={option}", "out=x"], config_name=cmd.config_name)
+        finally:
+            register_schemas()
+    else:
+        cfg = compose_config([f"{group}={option}"], run_dir=tmp_path)
     from hydra._internal.utils import _locate
 
     def visit(node):

@@ -9,8 +9,7 @@ from PIL import Image
 from conftest import compose_config
 from vlmtrain.config import DataConfig, DatasetConfig
 from vlmtrain.data.conversation import SampleError
-from vlmtrain.data.formats import guess_format
-from vlmtrain.data.formats import swift
+from vlmtrain.data.formats import guess_format, swift
 from vlmtrain.data.mixture import MixtureDataset, Skipped, dataset_configs
 from vlmtrain.models.build import load_tokenizer
 from vlmtrain.training.loss import IGNORE_INDEX

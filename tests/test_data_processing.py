@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data_formats import IMG, TPT, data_cfg, decoded, image, mixture, supervised, write_jsonl
 
 from conftest import compose_config
-from test_data_formats import IMG, TPT, data_cfg, decoded, image, mixture, supervised, write_jsonl
 from vlmtrain.config import DatasetConfig
 from vlmtrain.data.conversation import Conversation
 from vlmtrain.data.encode import ConversationEncoder
@@ -211,9 +211,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_template_layouts_and_bos_by_tokenizer(tok, name, bos):
     """No template writes a BOS itself: it is the tokenizer's, when the tokenizer adds one."""
-    from transformers import AutoTokenizer
-
     from test_reference_goldens import GOLDENS
+    from transformers import AutoTokenizer
 
     if bos:
         tok = AutoTokenizer.from_pretrained(str(GOLDENS / "tokenizers" / "bos"), local_files_only=True)

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from test_data_formats import image, write_jsonl
+from test_data_processing import make_video
 from torch.utils.data import DataLoader
 
 from conftest import compose_config
-from test_data_formats import image, write_jsonl
-from test_data_processing import make_video
 from vlmtrain.data.mixture import MixtureDataset, Skipped
 from vlmtrain.data.sampler import StepSampler
-from vlmtrain.models.build import load_tokenizer
 from vlmtrain.data.shard import write_shards
+from vlmtrain.models.build import load_tokenizer
 
 TPT = 4
 

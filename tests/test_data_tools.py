@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from test_data_formats import image, write_jsonl
 
 from conftest import REPO, compose_config
-from test_data_formats import image, write_jsonl
-from vlmtrain.config import register_schemas
 from vlmtrain.cli import command, use_schema
+from vlmtrain.config import register_schemas
 from vlmtrain.data.preview import preview
 from vlmtrain.training.run import train
 

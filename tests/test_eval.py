@@ -6,8 +6,8 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
-
 from model_fixtures import make_run_dir
+
 from vlmtrain.cli import CONFIG_DIR
 from vlmtrain.inference.evaluation import anls, evaluate, levenshtein, relaxed, score
 

@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
+from model_fixtures import make_run_dir
 from peft import PeftModel
+from test_loading import logits, sample
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from conftest import compose_config
-from model_fixtures import make_run_dir
-from test_loading import logits, sample
-from vlmtrain.models.export import export
 from vlmtrain.inference.engine import InferenceEngine, Prompt
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.checkpoint import load_trained
+from vlmtrain.models.export import export
 from vlmtrain.models.lora import save_adapter
 
 
@@ -55,7 +55,7 @@ def test_adapter_saves_in_peft_format(tmp_path):
     apply_stage(model, cfg.stage)
     model.eval()  # after injection: new adapter layers (their dropout) start in train mode
     with torch.no_grad():  # adapters and the fully trained projector move away from their init
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     out = save_adapter(model, tmp_path / "adapter", cfg.stage.lora, list(cfg.stage.trainable))

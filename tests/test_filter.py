@@ -124,8 +124,8 @@ def _records(path: Path, fmt: str) -> list:
 
 
 def test_kept_plus_rejected_is_the_input_for_every_format(defects, tmp_path):
-    from vlmtrain.data.shard import write_shards
     from vlmtrain.config import DataConfig
+    from vlmtrain.data.shard import write_shards
 
     data, root = defects
     lines = data.read_text().splitlines()
@@ -359,12 +359,13 @@ def test_academic_datasets_are_exempt_from_repetition_rules(tmp_path):
 
 
 def test_duplicate_images_exact_near_and_distinct():
+    import io
+
     from PIL import Image, ImageDraw
 
     from vlmtrain.data.conversation import Conversation
     from vlmtrain.filtering.media import DuplicateImages
     from vlmtrain.filtering.rules import Sample
-    import io
 
     def picture(seed):
         img = Image.new("RGB", (320, 240), (240, 240, 240))

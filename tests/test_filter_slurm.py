@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import REPO
 from test_filter import _outputs, filter_data
 from test_slurm import _wait, cluster  # noqa: F401  (the module-scoped cluster fixture)
+
+from conftest import REPO
 from vlmtrain.filtering.defects import make_defect_dataset
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -15,8 +15,8 @@ from vlmtrain.training.flops import (
     pass_factors,
     peak_flops_per_device,
     projector_flops_per_tile,
-    training_flops,
     trainable_states,
+    training_flops,
     vit_flops_per_tile,
 )
 

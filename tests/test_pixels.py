@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_data_formats import data_cfg, tok, write_jsonl  # noqa: F401  (tok: fixture)
+
 from vlmtrain.config import DatasetConfig
 from vlmtrain.data.images import load_image, to_pixel_bytes
 from vlmtrain.data.mixture import MixtureDataset
@@ -75,7 +75,7 @@ def test_resize_follows_pils_pass_order_on_noise():
         assert max_diff(resize_bicubic(Pixels(img), size), img.resize(size, Image.Resampling.BICUBIC)) <= 2
 
 
-def test_mixture_default_path_and_fast_opt_in(tmp_path, tok):
+def test_mixture_default_path_and_fast_opt_in(tmp_path, tok):  # noqa: F811  (tok: fixture)
     """What training ships (JPEG augmentation off) is the default path; fast_resize is the opt-in."""
     rng = np.random.default_rng(3)
     (tmp_path / "p.jpg").write_bytes(encoded(photo(3600, 2400, rng), "JPEG"))  # fast: decoded at half scale

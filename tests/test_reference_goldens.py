@@ -25,7 +25,7 @@ import json
 import math
 import os
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,7 @@ OWN_REJECTIONS = {"empty_answer", "placeholder_mismatch"}
 """Why vlmtrain may reject a line the reference trains on (counted as bad input)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def tokenizer(bos: bool):
     from transformers import AutoTokenizer
 

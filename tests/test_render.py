@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_reference_goldens import tokenizer
+
 from vlmtrain.data.chat_template import chat_template_jinja
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats import internvl
@@ -142,11 +142,11 @@ def test_training_chat_eval_and_export_render_the_same_string(tmp_path):
     """One conversation with a system message, an image and a video, through every path: the
     training sample, each evaluation question, the chat console's turns and the exported
     tokenizer's chat template (with its image placeholders expanded) are the same text."""
-    from omegaconf import OmegaConf
-
     from model_fixtures import make_run_dir
+    from omegaconf import OmegaConf
     from test_data_formats import image, write_jsonl
     from test_data_processing import make_video
+
     from vlmtrain.config import DataConfig, DatasetConfig
     from vlmtrain.data.images import normalize_pixels
     from vlmtrain.data.mixture import MixtureDataset

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-
 from model_fixtures import make_run_dir
+
 from vlmtrain.errors import MissingPathError, UserError
 from vlmtrain.models.lora import merge_lora
 from vlmtrain.models.run_checkpoint import (

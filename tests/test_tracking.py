@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
+from wandb_records import read_run
 
 from conftest import compose_config
 from vlmtrain.config import DatasetConfig
@@ -21,7 +22,6 @@ from vlmtrain.training.tracking import (
     secret_env_values,
     wandb_run_id,
 )
-from wandb_records import read_run
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, like a real key
 FAKE_HF_TOKEN = "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42"

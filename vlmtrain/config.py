@@ -12,7 +12,7 @@ Groups whose options are whole components (optim, loss, logger, hardware.strateg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -44,24 +44,24 @@ class VisionConfig:
     """Random init only: start the learned position embeddings at fixed 2D sin-cos values (as MAE
     does) instead of transformers' zeros, so a ViT trained from scratch knows where each patch is
     from its first step. A loaded checkpoint overwrites them either way."""
-    path: Optional[str] = None
+    path: str | None = None
     """Load the vision tower from a local ViT or whole-VLM checkpoint (progressive scaling)."""
 
 
 @dataclass
 class LLMConfig:
-    config: Dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     """Any transformers causal-LM config as keyword arguments; ``model_type`` picks the class."""
-    path: Optional[str] = None
+    path: str | None = None
     """Load the language model from a local causal-LM checkpoint."""
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    path: Optional[str] = None
+    path: str | None = None
     """A local InternVL checkpoint (HF-native or OpenGVLab layout). None: random init."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """A local tokenizer directory. None: the checkpoint's, else the one vlmtrain ships."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -69,18 +69,18 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
     template: str = "internvl2_5"
-    image_token_id: Optional[int] = None
+    image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
     allow_pickle: bool = False
     """Permit loading pickle ``.bin`` weights (they can run code); safetensors never need it."""
-    gradient_checkpointing: List[str] = field(default_factory=list)
+    gradient_checkpointing: list[str] = field(default_factory=list)
     """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]; ``part:f``
     checkpoints a fraction f of the part's blocks (``vision_tower:0.5``: every other layer)."""
-    compile: List[str] = field(default_factory=list)
+    compile: list[str] = field(default_factory=list)
     """Parts whose transformer blocks run through ``torch.compile`` (regional, dynamic shapes), e.g.
     [vision_tower, language_model]. Worth it on GPUs; the first steps pay the compilation."""
-    init_dtype: Optional[str] = None
+    init_dtype: str | None = None
     """Round the initial weights to this dtype (``bfloat16``), as a bf16 checkpoint holds them.
     DeepSpeed's bf16 mode keeps bf16 weights and starts its fp32 master copy from them, FSDP2
     mixed precision starts from the fp32 weights: rounded, both start from the same values."""
@@ -95,22 +95,22 @@ class DatasetConfig:
 
     path: str = MISSING
     """A jsonl/json annotation file, meta file or folder."""
-    format: Optional[str] = None
+    format: str | None = None
     """Reader name (internvl, swift, llava, cogvlm, wds); guessed from the path when None."""
-    root: Optional[str] = None
+    root: str | None = None
     """Folder that relative media paths are resolved against (default: the annotation's folder)."""
     n_max: int = 6
     """Max tiles per sample (split across the images of a multi-image sample)."""
     min_tiles: int = 1
     repeat: float = 1.0
     """r < 1: a seeded random subset of round(N*r) lines; r > 1: floor(r) copies plus a fraction."""
-    jpeg_augment: Optional[bool] = None
+    jpeg_augment: bool | None = None
     """Random JPEG re-encoding; None: on for image datasets, off for video."""
-    template: Optional[str] = None
-    system: Optional[str] = None
-    min_frames: Optional[int] = None
+    template: str | None = None
+    system: str | None = None
+    min_frames: int | None = None
     """Video frames drawn per video in training (None: data.min_frames)."""
-    max_frames: Optional[int] = None
+    max_frames: int | None = None
     """Upper bound of that draw, and the frame count at evaluation (None: data.max_frames)."""
 
 
@@ -139,12 +139,12 @@ def dataset_config(name: str, entry) -> DatasetConfig:
 
 @dataclass
 class DataConfig:
-    datasets: Dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)
     """name -> the fields of a DatasetConfig. Untyped here so that a dataset can be added from the
     command line (``+data.datasets.NAME.path=...``: OmegaConf cannot add an entry to a dict of
     dataclasses); ``dataset_config`` checks each entry against DatasetConfig when it is used."""
     template: str = "${model.template}"
-    system: Optional[str] = None
+    system: str | None = None
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
     use_thumbnail: bool = True
@@ -166,7 +166,7 @@ class DataConfig:
     persistent_workers: bool = False
     """Keep the loader's worker processes between epochs (only with num_workers > 0): saves their
     start-up and first step at every epoch of a many-epoch run."""
-    prefetch_factor: Optional[int] = None
+    prefetch_factor: int | None = None
     """Steps each worker builds ahead (None: PyTorch's default, 2; only with num_workers > 0)."""
     balance_ranks: bool = False
     """With several ranks: split each optimizer step's samples over the ranks by estimated compute
@@ -175,9 +175,9 @@ class DataConfig:
     text is tokenized, no pixel is decoded, and each rank measures 1/world of the data."""
     min_frames: int = 8
     max_frames: int = 32
-    path: Optional[str] = None
+    path: str | None = None
     """One-off dataset for ``data=single`` (a jsonl, json, meta.json, folder or shard pattern)."""
-    format: Optional[str] = None
+    format: str | None = None
     """Its format for ``data=single`` (guessed when None)."""
 
 
@@ -185,10 +185,10 @@ class DataConfig:
 class LoraConfig:
     """Low-rank adapters (peft LoRA) on top of the frozen weights of some parts."""
 
-    targets: List[str] = field(default_factory=lambda: ["llm_attention"])
+    targets: list[str] = field(default_factory=lambda: ["llm_attention"])
     """Which linear layers get adapters: any of llm_attention, llm_mlp, vit (see
     ``vlmtrain.models.lora.TARGETS``)."""
-    target_modules: Optional[str] = None
+    target_modules: str | None = None
     """A regex over full module names; replaces ``targets`` when set."""
     r: int = 16
     alpha: int = 32
@@ -200,7 +200,7 @@ class StageConfig:
     """One stage of the InternVL 2.5 recipe: what trains and with which hyperparameters."""
 
     name: str = MISSING
-    trainable: List[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
     """Parts that train fully: any of vision_tower, multi_modal_projector, language_model."""
     lr: float = MISSING
     weight_decay: float = 0.05
@@ -213,7 +213,7 @@ class StageConfig:
     """Samples per optimizer step over all ranks; gradient accumulation makes up the rest."""
     max_steps: int = -1
     max_epochs: int = 1
-    lora: Optional[LoraConfig] = None
+    lora: LoraConfig | None = None
     """Adapters on frozen parts; ``trainable`` parts (e.g. the projector) still train fully."""
     objective: Any = None
     """The step's loss, a component (``_target_``, ``vlmtrain.training.objective``); None: SFT's
@@ -237,10 +237,10 @@ class TrainerConfig:
     checkpoint: bool = True
     """False: write no checkpoint at all (benchmarks; preemption then cannot save either)."""
     enable_progress_bar: bool = True
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device, for the logged MFU estimate. None: looked up from the GPU's
     name (bf16 dense peak; vlmtrain.training.flops.PEAK_BF16_FLOPS); no MFU on a CPU unless set."""
-    max_time: Optional[str] = None
+    max_time: str | None = None
     """Stop training after this wall time (Lightning's ``DD:HH:MM:SS``), then save and return as at
     the end of the run: a safety limit for time-boxed runs. None: no limit."""
 
@@ -249,9 +249,9 @@ class TrainerConfig:
 class TrainConfig:
     seed: int = 0
     run_dir: str = "${hydra:runtime.output_dir}"
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
-    resume: Optional[str] = None
+    resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
     ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
     model: ModelConfig = field(default_factory=ModelConfig)

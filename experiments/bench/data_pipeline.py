@@ -155,7 +155,6 @@ def pixel_deviation(ds, ref: ReferencePipeline, lines: list) -> tuple[int, float
 
 def stage_times(ds, lines: list, root: Path, rounds: int) -> dict[str, float]:
     """ms per sample of each stage of vlmtrain's default path, run on its own (best of rounds)."""
-    from vlmtrain.data.conversation import Conversation
     from vlmtrain.data.images import jpeg_reencode, load_image, to_pixel_bytes
     from vlmtrain.data.templates import get_template
     from vlmtrain.data.tiling import tile_image
@@ -187,10 +186,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from vlmtrain.models.build import load_tokenizer
-    from vlmtrain.cli import register
     from hydra import compose, initialize_config_dir
-    from vlmtrain.cli import CONFIG_DIR
+
+    from vlmtrain.cli import CONFIG_DIR, register
+    from vlmtrain.models.build import load_tokenizer
 
     register()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import gc
+import json
 import os
 import shutil
 import subprocess

@@ -9,7 +9,6 @@ answers streamed token by token (``vlmtrain.inference.chat``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from omegaconf import MISSING
 
@@ -22,7 +21,7 @@ from vlmtrain.inference.engine import GenerationConfig
 class ChatConfig:
     ckpt: str = MISSING
     device: str = "auto"
-    dtype: Optional[str] = None
+    dtype: str | None = None
     chat: ChatOptions = field(default_factory=ChatOptions)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

@@ -9,7 +9,7 @@ and score it (``vlmtrain.inference.evaluation``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -23,11 +23,11 @@ from vlmtrain.inference.evaluation import EvalOptions, evaluate
 class EvalConfig:
     ckpt: str = MISSING
     """A run directory, a .ckpt, or an exported / HF-native InternVL directory."""
-    out: Optional[str] = None
+    out: str | None = None
     """Where predictions.jsonl and metrics.json go (default: <ckpt dir>/eval)."""
     device: str = "auto"
     """auto (cuda when visible), cpu, cuda, cuda:1, ..."""
-    dtype: Optional[str] = None
+    dtype: str | None = None
     """float32 / bfloat16 / float16; None keeps the checkpoint's."""
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)

@@ -9,7 +9,6 @@ directory, what serving engines and ``transformers.AutoModelForImageTextToText``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import MISSING
 
@@ -22,7 +21,7 @@ class ExportConfig:
     ckpt: str = MISSING
     """A run directory or a .ckpt inside one (or an HF / OpenGVLab directory, to re-export it)."""
     out: str = MISSING
-    dtype: Optional[str] = None
+    dtype: str | None = None
     """Cast the weights (bfloat16, float16, float32); None keeps the trained dtype."""
     max_tiles: int = 12
     """The image processor's tile budget (max_patches)."""

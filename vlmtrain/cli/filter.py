@@ -17,7 +17,7 @@ is the same command.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -28,14 +28,14 @@ from vlmtrain.filtering.pipeline import run
 
 @dataclass
 class FilterOptions:
-    rules: Dict[str, Any] = field(default_factory=dict)
+    rules: dict[str, Any] = field(default_factory=dict)
     """name -> a rule component (``_target_`` and its parameters); null switches one off."""
-    scorer: Optional[Any] = None
+    scorer: Any | None = None
     """The LLM behind the LLM rules (``filter=llm``): ``vlmtrain.filtering.llm.Scorer`` settings."""
-    academic: List[str] = field(default_factory=list)
+    academic: list[str] = field(default_factory=list)
     """Dataset names (fnmatch patterns) exempt from repetition detection (the report exempts
     academic, high-quality sets); the repetition rules' ``exempt`` lists default to this."""
-    slice: Optional[str] = None
+    slice: str | None = None
     """``i/n``: filter only the i-th of n equal parts of the records (None: all, as 0/1)."""
     merge: str = "auto"
     """auto: merge once every slice of n is done (the last slice to finish does it); only: just

@@ -38,7 +38,7 @@ class Conversation:
     def check(self) -> None:
         if not self.turns:
             raise SampleError("no_turns", "conversation has no user/assistant turn")
-        for user, answer in self.turns:
+        for _user, answer in self.turns:
             if not answer or not answer.strip():
                 raise SampleError("empty_answer", "an assistant answer is empty")
         self.check_media()

@@ -28,6 +28,7 @@ from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
 
+
 @dataclass
 class Skipped:
     """A sample that was left out, with the reason it is counted under."""

@@ -57,7 +57,7 @@ class StepSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     @property
-    def sampler(self) -> "StepSampler":
+    def sampler(self) -> StepSampler:
         """Lightning calls ``loader.batch_sampler.sampler.set_epoch(epoch)`` at every epoch start;
         without this the order (and the epoch in every sample key) would never change."""
         return self

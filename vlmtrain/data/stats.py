@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -26,9 +25,9 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass
 class StatsOptions:
-    plot: Optional[str] = None
+    plot: str | None = None
     """Save a figure of tile and token-length distributions to this .png."""
-    max_lines: Optional[int] = None
+    max_lines: int | None = None
     """Look at only the first N lines of each dataset (None: all)."""
 
 

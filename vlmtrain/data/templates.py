@@ -18,11 +18,10 @@ for token against its outputs (``tests/test_reference_goldens.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
-CONTENT = "{content}"
 
 from vlmtrain.errors import UserError
+
+CONTENT = "{content}"
 
 INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -48,7 +47,7 @@ class ChatTemplate:
     """End-of-turn marker after an answer; it carries loss so the model learns to stop."""
     turn_sep: str = ""
     """Text after answer_end, before the next turn (no loss)."""
-    default_system: Optional[str] = None
+    default_system: str | None = None
     """System text when neither the data nor the config gives one; None: no system block then."""
     strip: bool = False
     """Strip leading/trailing whitespace of every message (InternVL's internlm2-chat does)."""

@@ -24,9 +24,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Sequence
 
 from vlmtrain.errors import MissingPathError
 from vlmtrain.filtering.rules import Finding, Rule, Sample

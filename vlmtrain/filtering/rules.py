@@ -17,9 +17,9 @@ repetition detection) it does not look at. Text rules look at the assistant answ
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import Sequence
 
 from vlmtrain.data.conversation import Conversation
 from vlmtrain.filtering import text as T
@@ -207,7 +207,7 @@ class CharRun(TextRule):
                  markup: str = " \t-=_*#~.|", max_markup_run: int = 120):
         super().__init__(name, exempt, fields)
         self.max_run, self.markup, self.max_markup_run = max_run, set(markup), max_markup_run
-        self._run = re.compile(r"(.)\1{%d,}" % max(0, min(max_run, max_markup_run)), re.DOTALL)
+        self._run = re.compile(rf"(.)\1{{{max(0, min(max_run, max_markup_run))},}}", re.DOTALL)
 
     def measure(self, text: str) -> Finding:
         runs = [(len(m.group(0)) > (self.max_markup_run if m.group(1) in self.markup else self.max_run),

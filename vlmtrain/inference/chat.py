@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -33,11 +33,11 @@ PROMPT = "<<< "
 
 @dataclass
 class ChatOptions:
-    query: Optional[str] = None
+    query: str | None = None
     """Answer this once and exit (with ``images`` / ``videos`` for its placeholders)."""
-    images: List[str] = field(default_factory=list)
-    videos: List[str] = field(default_factory=list)
-    system: Optional[str] = None
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    system: str | None = None
     """System prompt; None: the template's default."""
     max_tiles: int = 12
     num_frames: int = 8

@@ -28,7 +28,7 @@ import logging
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -47,10 +47,10 @@ log = logging.getLogger("vlmtrain")
 class EvalOptions:
     batch_size: int = 8
     """Questions generated together (left-padded)."""
-    limit: Optional[int] = None
+    limit: int | None = None
     """Evaluate only the first N questions of each dataset."""
     anls_threshold: float = 0.5
-    group_by: Optional[str] = None
+    group_by: str | None = None
     """An annotation key to break the metrics down by (a string per line, or a list with one
     value per assistant turn)."""
 
@@ -111,7 +111,7 @@ class Question:
     turn: int
     prompt: Any
     reference: str
-    group: Optional[str] = None
+    group: str | None = None
 
 
 NO_GROUP = "(none)"

@@ -12,8 +12,8 @@ from vlmtrain.models.internvl import (
     IMAGE_TOKENS,
     add_drop_path,
     build_from_config,
-    part_of,
     compile_blocks,
+    part_of,
     set_activation_checkpointing,
 )
 from vlmtrain.models.loading import load_pretrained

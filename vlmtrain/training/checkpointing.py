@@ -70,7 +70,7 @@ def publish(tmp: Path, final: Path) -> None:
     _remove(old)
 
 
-def save_atomically(trainer: "pl.Trainer", filepath: str | os.PathLike, weights_only: bool = False) -> None:
+def save_atomically(trainer: pl.Trainer, filepath: str | os.PathLike, weights_only: bool = False) -> None:
     """``trainer.save_checkpoint`` to ``<filepath>.tmp``, then rename into place (all ranks call)."""
     final = Path(filepath)
     tmp = final.with_name(final.name + ".tmp")
@@ -87,7 +87,7 @@ def save_atomically(trainer: "pl.Trainer", filepath: str | os.PathLike, weights_
 class AtomicModelCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, writing through ``save_atomically``."""
 
-    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         save_atomically(trainer, filepath, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -95,7 +95,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def save_last_now(self, trainer: "pl.Trainer") -> Path:
+    def save_last_now(self, trainer: pl.Trainer) -> Path:
         path = Path(self.dirpath) / LAST
         self._save_checkpoint(trainer, str(path))
         self.last_model_path = str(path)

@@ -19,7 +19,6 @@ from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import StepSampler
 from vlmtrain.errors import UserError
 
-
 log = logging.getLogger(__name__)
 
 # Lightning cannot see that our loader resumes mid-epoch (its position lives in this module's

@@ -20,8 +20,8 @@ trains (a frozen ViT in front of a trained projector runs forward only, under no
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from vlmtrain.config import PARTS
 
@@ -75,7 +75,7 @@ class InternVLDims:
     llm_mlp_matrices: int = 3
 
     @classmethod
-    def from_hf_config(cls, config) -> "InternVLDims":
+    def from_hf_config(cls, config) -> InternVLDims:
         """From an ``InternVLConfig`` (``model.config`` of InternVLForConditionalGeneration)."""
         v, t = config.vision_config, config.text_config
         size = v.image_size[0] if isinstance(v.image_size, (list, tuple)) else v.image_size

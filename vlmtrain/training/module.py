@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 
 from vlmtrain.config import PARTS
-from vlmtrain.data.collate import Batch, Step
+from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states

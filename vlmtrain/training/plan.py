@@ -22,7 +22,6 @@ Frozen parameters cost their weight bytes only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from vlmtrain.config import PARTS
 from vlmtrain.errors import UserError
@@ -38,7 +37,7 @@ class PlanOptions:
     """Memory of one GPU (GiB), to say whether the run fits."""
     headroom_gb: float = 10.0
     """Kept free for activations, CUDA context and fragmentation when judging fit."""
-    zero_stage: Optional[int] = None
+    zero_stage: int | None = None
     """Override the sharding read from hardware.strategy (0 = none, 1 optimizer, 2 + gradients,
     3 + weights)."""
     optimizer_offload: bool = False

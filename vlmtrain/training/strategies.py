@@ -16,8 +16,8 @@ keeps the all-gathers on the fast intra-node links.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from typing import Iterable, Optional, Sequence
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
@@ -56,12 +56,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
         block_names: Sequence[str],
-        param_dtype: Optional[str] = "bfloat16",
-        reduce_dtype: Optional[str] = "float32",
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
         reshard_after_forward: bool = True,
         activation_checkpointing: bool = True,
         accumulate_unsharded: bool = False,
-        hybrid: Optional[bool] = None,
+        hybrid: bool | None = None,
         save_distributed_checkpoint: bool = False,
         cpu_offload: bool = False,
         **kwargs,
@@ -171,7 +171,7 @@ def _block_class_candidates(model: nn.Module) -> set[str]:
 
 
 # -- gradient clipping that is right under every strategy -------------------------------------------------
-def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
+def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Clip the gradients of ``params`` to ``max_norm`` (None or <= 0: only measure) and return
     the total norm before clipping, over the whole model on every rank.
 

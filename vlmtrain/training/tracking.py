@@ -16,8 +16,9 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger

@@ -28,7 +28,7 @@ import json
 import re
 from pathlib import Path
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
 from vlmtrain.data.formats.source import Record, first_object, read_json_records
 from vlmtrain.data.images import image_size
 from vlmtrain.data.placeholders import swift_tags
