@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from vlmtrain.config import Choice, choice
 from vlmtrain.data.mixture import Skipped, build_mixture
 from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.loss import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    PreviewFormat = Choice
+else:
+    PreviewFormat = choice("PreviewFormat", ["text", "json"], __name__)
+
 
 @dataclass
 class PreviewOptions:
-    format: str = "text"
+    format: PreviewFormat = PreviewFormat["text"]
     """``text`` (for reading) or ``json`` (one object, for scripts)."""
     epoch: int = 0
     """Epoch whose random draws (JPEG quality, video frames) are shown."""
