@@ -9,6 +9,7 @@ submit, computed on a meta-device model (``vlmtrain.training.plan``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlmtrain.cli import Command, start
 from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig
@@ -21,6 +22,9 @@ class PlanConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanOptions = field(default_factory=PlanOptions)
+    optim: Any = None
+    """The training's optim group: the strategy (built to ask what it shards) may read it
+    (DeepSpeed's ``gradient_clipping: ${optim.grad_clip}``)."""
 
 
 def print_plan(cfg) -> None:
