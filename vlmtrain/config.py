@@ -33,7 +33,7 @@ PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 
 class Choice(str, Enum):
     """A closed set of strings. Members are named by their values (OmegaConf converts a YAML or
-    command-line string by member name) and are strings: ``OnError["skip"] == "skip"``, f-strings and
+    command-line string by member name) and are strings: ``OnError("skip") == "skip"``, f-strings and
     ``str()`` give the bare value, dictionaries keyed by the strings find them."""
 
     def __str__(self) -> str:
@@ -59,7 +59,17 @@ def plain(value):
 
 
 if TYPE_CHECKING:  # mypy cannot follow the functional API with computed members: the fields are strs
-    Part = NormType = Attention = DType = Template = DataFormat = TooLong = OnError = LoraTarget = Accelerator = Precision = Choice
+    Part = Choice
+    NormType = Choice
+    Attention = Choice
+    DType = Choice
+    Template = Choice
+    DataFormat = Choice
+    TooLong = Choice
+    OnError = Choice
+    LoraTarget = Choice
+    Accelerator = Choice
+    Precision = Choice
 else:
     Part = choice("Part", PARTS)
     """The model's three parts (stage.trainable, model.compile)."""
@@ -205,7 +215,7 @@ class VisionConfig:
     image_size: int = 448
     """Tile side in pixels; tiles are cut at this size and the ViT sees exactly one tile."""
     patch_size: int = 14
-    norm_type: NormType = NormType["layer_norm"]
+    norm_type: NormType = NormType("layer_norm")
     """``layer_norm`` (InternViT-300M) or ``rms_norm`` (InternViT-6B)."""
     use_qk_norm: bool = False
     attention_bias: bool = True
@@ -240,7 +250,7 @@ class ModelConfig:
     downsample_ratio: float = 0.5
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
-    template: Template = Template["internvl2_5"]
+    template: Template = Template("internvl2_5")
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -256,7 +266,7 @@ class ModelConfig:
     """Round the initial weights to this dtype (``bfloat16``), as a bf16 checkpoint holds them.
     DeepSpeed's bf16 mode keeps bf16 weights and starts its fp32 master copy from them, FSDP2
     mixed precision starts from the fp32 weights: rounded, both start from the same values."""
-    attention: Attention = Attention["auto"]
+    attention: Attention = Attention("auto")
     """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
     else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""
 
@@ -337,9 +347,9 @@ class DataConfig(Checked):
     and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels
     off the reference (README "Pixels"). False: within 2 levels of InternVL's PIL path."""
     max_seq_len: int = 16384
-    too_long: TooLong = TooLong["skip"]
+    too_long: TooLong = TooLong("skip")
     """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""
-    on_error: OnError = OnError["skip"]
+    on_error: OnError = OnError("skip")
     """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
     micro_batch_size: int = 1
     collate: Any = None
@@ -371,7 +381,7 @@ class LoraConfig(Checked):
 
     KEY: ClassVar[str] = 'stage.lora.'
 
-    targets: list[LoraTarget] = field(default_factory=lambda: [LoraTarget["llm_attention"]])
+    targets: list[LoraTarget] = field(default_factory=lambda: [LoraTarget("llm_attention")])
     """Which linear layers get adapters: any of llm_attention, llm_mlp, vit (see
     ``vlmtrain.models.lora.TARGETS``)."""
     target_modules: str | None = None
@@ -412,11 +422,11 @@ class StageConfig(Checked):
 class HardwareConfig(Checked):
     KEY: ClassVar[str] = 'hardware.'
 
-    accelerator: Accelerator = Accelerator["cpu"]
+    accelerator: Accelerator = Accelerator("cpu")
     devices: Any = 1
     num_nodes: int = 1
     strategy: Any = "auto"
-    precision: Precision = Precision["32-true"]
+    precision: Precision = Precision("32-true")
 
 
 @dataclass
@@ -452,6 +462,47 @@ class TrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def components_as_nodes(obj) -> None:
+    """In a config converted to the dataclasses, turn every untyped (``Any``) mapping back into a
+    DictConfig, in place: the ``_target_`` components (optim, loss, logger, hardware.strategy,
+    data.collate, stage.objective) stay instantiable and read by attribute. Typed dict fields
+    (``data.datasets``, ``model.llm.config``) stay plain dicts."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            components_as_nodes(value)
+        elif hints.get(f.name) is Any and isinstance(value, (dict, list)):
+            setattr(obj, f.name, OmegaConf.create(value))
+
+
+def typed(cfg, schema: type = None):  # type: ignore[assignment]
+    """A composed config (a DictConfig on a schema, TrainConfig by default) as its dataclasses, once,
+    at the entry point: every interpolation resolved, every choice an Enum, every range checked
+    (``__post_init__``); ``_target_`` components stay DictConfig nodes (``components_as_nodes``).
+    A dataclass passes through."""
+    import dataclasses
+
+    from omegaconf import MissingMandatoryValue, OmegaConf
+
+    schema = schema or TrainConfig
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return cfg
+    if OmegaConf.get_type(cfg) is not schema:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    try:
+        out = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise UserError(f"{e.full_key} is required: add {e.full_key}=... to the command") from None
+    components_as_nodes(out)
+    return out
 
 
 def schema_node(cls):

@@ -179,11 +179,11 @@ def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
     out = []
     for key in node.keys():
         if OmegaConf.is_missing(node, key):
-            out.append(f"{prefix}{key}")
+            out.append(f"{prefix}{key!s}")
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_none():
-            out += missing_keys(child, f"{prefix}{key}.")
+            out += missing_keys(child, f"{prefix}{key!s}.")
     return out
 
 

@@ -42,7 +42,7 @@ class FilterOptions:
     academic, high-quality sets); the repetition rules' ``exempt`` lists default to this."""
     slice: str | None = None
     """``i/n``: filter only the i-th of n equal parts of the records (None: all, as 0/1)."""
-    merge: Merge = Merge["auto"]
+    merge: Merge = Merge("auto")
     """auto: merge once every slice of n is done (the last slice to finish does it); only: just
     merge (slices already done); never: leave it to a later ``merge=only``."""
     score_rejected: bool = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlmtrain.config import Choice, choice
 from vlmtrain.data.mixture import Skipped, build_mixture
@@ -31,7 +31,7 @@ else:
 
 @dataclass
 class PreviewOptions:
-    format: PreviewFormat = PreviewFormat["text"]
+    format: PreviewFormat = PreviewFormat("text")
     """``text`` (for reading) or ``json`` (one object, for scripts)."""
     epoch: int = 0
     """Epoch whose random draws (JPEG quality, video frames) are shown."""
@@ -40,7 +40,7 @@ class PreviewOptions:
     training's random draws."""
 
 
-def _runs(values: list) -> list[tuple[object, int, int]]:
+def _runs(values: list) -> list[tuple[Any, int, int]]:
     """(value, start, end) for each run of equal values."""
     out, start = [], 0
     for i in range(1, len(values) + 1):

@@ -14,19 +14,24 @@ from collections import Counter
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from vlmtrain.config import PARTS
+from vlmtrain.config import PARTS, StageConfig
 from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
+from vlmtrain.training.objective import Objective
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
 from vlmtrain.training.strategies import step_protocol
 
 
 class VLMTrainingModule(pl.LightningModule):
-    def __init__(self, model, objective, optim_cfg, stage_cfg, peak_tflops: float | None = None):
+    def __init__(self, model: torch.nn.Module, objective: Objective, optim_cfg: DictConfig, stage_cfg: StageConfig,
+                 peak_tflops: float | None = None):
+        """``optim_cfg``: the optim group (a component node: optimizer, scheduler, grad_clip, ...);
+        ``stage_cfg``: the stage (its warmup)."""
         super().__init__()
         self.model = model
         self.objective = objective

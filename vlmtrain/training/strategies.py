@@ -185,7 +185,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """transformers' own per-layer checkpointing (non-reentrant) on the ViT and the LLM: the
     recomputation goes through each block's __call__, so FSDP2 gathers the block again for it."""
     for part in (model.model.vision_tower, model.model.language_model):
-        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
 
 
 def _block_class_candidates(model: nn.Module) -> set[str]:
@@ -242,7 +242,7 @@ def sharding(strategy: Strategy | str | None, num_nodes: int, per_node: int) -> 
     if callable(own):
         return own(num_nodes, per_node)
     if isinstance(strategy, DeepSpeedStrategy):
-        return deepspeed_sharding(strategy.config, world)
+        return deepspeed_sharding(strategy.config or {}, world)
     if isinstance(strategy, FSDPStrategy):
         name = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy)).upper()
         offload = bool(getattr(strategy.cpu_offload, "offload_params", False))
