@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtrain.cli import Command, start
-from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig
+from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig, typed
 from vlmtrain.training.plan import PlanOptions, plan, report
 
 
@@ -28,7 +28,8 @@ class PlanConfig:
 
 
 def print_plan(cfg) -> None:
-    print(report(cfg, plan(cfg)))
+    typed_cfg = typed(cfg, PlanConfig)  # once: resolved, choices as Enums, ranges checked
+    print(report(typed_cfg, plan(typed_cfg)))
 
 
 COMMAND = Command("plan", print_plan, config_name="plan", schema=PlanConfig, schema_name="vlmtrain_plan_schema")

@@ -165,14 +165,16 @@ def report(cfg, result: dict) -> str:
     budget = cfg.plan.gpu_memory_gb - cfg.plan.headroom_gb
     world = sh.shard_ranks
     lines = [f"model {cfg.model.name}, stage {cfg.stage.name}"
-             + (f" (LoRA r={cfg.stage.lora.r} on {cfg.stage.lora.target_modules or list(cfg.stage.lora.targets)})"
+             + (f" (LoRA r={cfg.stage.lora.r} on {cfg.stage.lora.target_modules or [plain(t) for t in cfg.stage.lora.targets]})"
                 if cfg.stage.lora else ""),
              f"{'part':<24}{'total':>16}{'trainable':>16}"]
     for part, c in counts.items():
         lines.append(f"{part:<24}{c.total:>16,}{c.trainable:>16,}")
     lines.append(f"{'all':<24}{result['total']:>16,}{result['trainable']:>16,}")
     lines.append("")
-    lines.append(f"strategy {cfg.hardware.strategy!s} -> ZeRO-{sh.zero_stage} over {world} ranks"
+    spec = cfg.hardware.strategy
+    name = str(spec.get("_target_", spec)).rsplit(".", 1)[-1] if isinstance(spec, DictConfig) else str(spec)
+    lines.append(f"strategy {name} -> ZeRO-{sh.zero_stage} over {world} ranks"
                  f"{' (optimizer offloaded to CPU)' if sh.optimizer_offload and not sh.param_offload else ''}"
                  f"{' (weights and optimizer offloaded to CPU)' if sh.param_offload else ''}; precision "
                  f"{cfg.hardware.precision}: {b.weight} B/weight, {b.grad} B/grad, {b.optim} B/param optimizer state")
