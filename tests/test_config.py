@@ -271,6 +271,8 @@ BAD_VALUES = [
     ("stage.lr=-1e-5", "stage.lr=-1e-05 must be a finite number > 0"),
     ("stage=lora stage.lora.r=0", "stage.lora.r=0 must be an integer >= 1"),
     ("hardware.num_nodes=0", "hardware.num_nodes=0 must be an integer >= 1"),
+    ("model.vision.hidden_act=gelux", "model.vision.hidden_act='gelux' is not one of transformers' activations ["),
+    ("model.projector_hidden_act=relu5", "model.projector_hidden_act='relu5' is not one of transformers' activations ["),
     ("hardware=ddp hardware.devices=3 stage.global_batch_size=8",
      "stage.global_batch_size=8 must be divisible by the 3 ranks"),
     ("hardware=ddp hardware.devices=2 hardware.num_nodes=3 stage.global_batch_size=8",

@@ -191,6 +191,16 @@ def check_values(cfg) -> None:
                 errors.append(f"data.datasets.{name}.{_omegaconf_error(e)}")
                 continue
             errors += range_errors("DatasetConfig", entry.__getitem__, f"data.datasets.{name}.")
+    for key in ("model.vision.hidden_act", "model.projector_hidden_act"):  # transformers' activations
+        try:
+            act = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:
+            continue
+        if isinstance(act, str):
+            from transformers.activations import ACT2FN
+
+            if act not in ACT2FN:
+                errors.append(f"{key}={act!r} is not one of transformers' activations [{', '.join(sorted(ACT2FN))}]")
     stage, hw = node("stage"), node("hardware")
     try:
         batch = stage.global_batch_size if stage is not None else None
