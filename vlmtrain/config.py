@@ -106,6 +106,9 @@ class DatasetConfig:
     """r < 1: a seeded random subset of round(N*r) lines; r > 1: floor(r) copies plus a fraction."""
     jpeg_augment: bool | None = None
     """Random JPEG re-encoding; None: on for image datasets, off for video."""
+    tile_cache: str | None = None
+    """A folder of pre-tiled images (``vlmtrain.data.tile_cache.build_tile_cache``): their tiles are
+    read from it instead of decoded and resized (the JPEG augmentation still runs per sample)."""
     template: str | None = None
     system: str | None = None
     min_frames: int | None = None
