@@ -105,7 +105,7 @@ def main():
     runs = plan(args.claims, args.tiny, {"claim1": 1 if args.tiny else 4, "small": 1 if args.tiny else 2})
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only}
-    work = Path(args.work) if args.work else scratch_dir(0.2 * (args.train + args.train_describe) / 1000 + 5)
+    work = Path(args.work) if args.work else scratch_dir(0.17 * (args.train + args.train_describe) / 1000 + 4 * len(runs))
     work.mkdir(parents=True, exist_ok=True)
 
     from run import make_data
@@ -128,7 +128,7 @@ def main():
                "--data", str(data[r["data"]]), "--budget", f"{left:.0f}", "--eval-reserve", f"{args.eval_reserve:.0f}",
                "--heldout", str(args.heldout), "--gen-procs", str(cores), *r["args"], *extra]
         cmd += ["--train", str(gen[r["data"]][0])] + (["--describe", str(args.describe)] if r["data"] == "describe" else [])
-        cmd += ["--startup", "5", "--eval-batch", "16"] if args.tiny else []
+        cmd += ["--prune-checkpoints", "--startup", "5"] + (["--eval-batch", "16"] if args.tiny else [])
         cmd += r["overrides"] + (TINY_MODEL + CPU if args.tiny else [])
         (out / name).mkdir(parents=True, exist_ok=True)
         log = open(out / name / "run.log", "w")

@@ -287,6 +287,8 @@ def main():
                          "not cut by the time limit on a slow host; its step count is then only a cap")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="of the evaluation (default: cuda if available; "
                     "training's is the hardware group's, e.g. hardware=cpu)")
+    ap.add_argument("--prune-checkpoints", action="store_true",
+                    help="delete a stage's checkpoints once the next stage has loaded them (scratch space)")
     ap.add_argument("--warmup2", type=int, default=100, help="stage 2's warmup steps when --time-boxed")
     ap.add_argument("--max-new-tokens", type=int, default=4, help="generation limit of the evaluation")
     ap.add_argument("--degraded", type=int, nargs=2, metavar=("QMIN", "QMAX"),
@@ -347,6 +349,8 @@ def main():
             rate = rates[stage] = measured
         print(f"{stage}: {done}/{steps} steps in {times[stage]:.0f}s, loss {curves[stage]['loss'][:1]} .. "
               f"{curves[stage]['loss'][-1:]}", flush=True)
+        if args.prune_checkpoints and prev is not None:
+            shutil.rmtree(prev / "checkpoints", ignore_errors=True)  # the next stage has started from it
         prev = run_dir
 
     t = time.time()
