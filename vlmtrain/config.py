@@ -254,6 +254,10 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
+    init_parts: list[str] | None = None
+    """Parts of the model that ``init_from`` loads (of vision_tower, multi_modal_projector,
+    language_model; lm_head goes with language_model); None: all. The others keep their
+    initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
     resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
     ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
