@@ -289,6 +289,11 @@ def main():
                     "training's is the hardware group's, e.g. hardware=cpu)")
     ap.add_argument("--prune-checkpoints", action="store_true",
                     help="delete a stage's checkpoints once the next stage has loaded them (scratch space)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                    help="the stages to run, in the recipe's order (e.g. mlp_warmup instruction_tuning)")
+    ap.add_argument("--init-from", help="the first stage starts from this run's weights (--init-parts of them)")
+    ap.add_argument("--init-parts", nargs="+", default=["vision_tower"],
+                    help="parts --init-from loads (init_parts; default the ViT: progressive scaling)")
     ap.add_argument("--warmup2", type=int, default=100, help="stage 2's warmup steps when --time-boxed")
     ap.add_argument("--max-new-tokens", type=int, default=4, help="generation limit of the evaluation")
     ap.add_argument("--degraded", type=int, nargs=2, metavar=("QMIN", "QMAX"),
@@ -320,6 +325,8 @@ def main():
     register()
     prev, curves, steps_run, steps_done, rates, rate = None, {}, {}, {}, {}, None
     for stage, lr, steps in zip(STAGES, args.lr, args.steps):
+        if stage not in args.stages:
+            continue
         t = time.time()
         run_dir = work / stage
         left = args.budget - (t - t0) - args.eval_reserve
@@ -331,6 +338,8 @@ def main():
                   flush=True)
         steps_run[stage] = steps
         init = [f"init_from={prev}"] if prev else []
+        if prev is None and args.init_from:  # the first stage run starts from another run's parts
+            init = [f"init_from={Path(args.init_from).resolve()}", f"init_parts=[{','.join(args.init_parts)}]"]
         if args.time_boxed and stage == STAGES[-1]:
             init += [f"+optim.scheduler.seconds={max(1.0, left - args.startup):.0f}", f"stage.warmup_steps={args.warmup2}"]
         cfg = compose_cfg([f"stage={stage}", "stage.max_epochs=-1", f"stage.max_steps={steps}", f"stage.lr={lr}", *init,
@@ -384,6 +393,8 @@ def main():
         "steps_done": steps_done,
         "steps_per_s": rates,
         "lr": dict(zip(STAGES, args.lr)),
+        "stages": args.stages,
+        "init_from": args.init_from and {"run": str(args.init_from), "parts": args.init_parts},
         "side_range": args.side_range,
         "overrides": overrides,
         "train_lines": args.train,

@@ -144,6 +144,31 @@ def claim4(out: Path, proofs: dict) -> list[str]:
     return md
 
 
+def claim2(out: Path, proofs: dict) -> list[str]:
+    names = [n for n in ("small_llm", "large_scratch", "large_progressive") if n in proofs["runs"]]
+    md = ["### Claim 2: progressive scaling (the small model's ViT onto a larger LLM: MLP warmup + stage 2, "
+          "half the steps, reaches the larger model's from-scratch accuracy)", ""]
+    md += failed(out, proofs, names)
+    md += ["| run | LLM | stages | stage 2 steps done / planned | image questions | text |", "|---|---|---|---|---|---|"]
+    acc = {}
+    for n in names:
+        r = load(out, n)
+        if r is None:
+            continue
+        llm = "768 x 12" if n.startswith("large") else "512 x 8"
+        done, _ = stage2(r)
+        acc[n] = (r["accuracy"]["image_questions"]["exact_match"], r["steps_done"].get("instruction_tuning"))
+        md.append(f"| {n} | {llm} | {' + '.join(r.get('stages', []))} | {done} | "
+                  f"**{pct(acc[n][0])}** | {pct(r['accuracy'].get('text', {}).get('exact_match'))} |")
+    if "large_scratch" in acc and "large_progressive" in acc:
+        (a_s, n_s), (a_p, n_p) = acc["large_scratch"], acc["large_progressive"]
+        held = a_p >= a_s and n_p is not None and n_s is not None and 2 * n_p <= n_s
+        md += ["", f"Progressive {pct(a_p)}% in {n_p} stage-2 steps against from scratch {pct(a_s)}% in {n_s}: "
+                   f"the claim **{'holds' if held else 'does not hold'}** in this run (the small model's own steps "
+                   f"are not counted, as in the recipe)."]
+    return md
+
+
 def per_kind_degraded(out: Path) -> list[str]:
     rows = defaultdict(dict)
     for n in ("square", "nojpeg"):
@@ -181,6 +206,8 @@ def main():
     claims = proofs["claims"]
     if 1 in claims:
         md += claim1(out, proofs) + [""]
+    if 2 in claims:
+        md += claim2(out, proofs) + [""]
     if 3 in claims:
         md += claim3(out, proofs) + [""]
     if 4 in claims:
