@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from vlmtrain.config import TrainConfig, plain, typed
+from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.models.lora import save_adapter
@@ -33,11 +34,24 @@ from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_rec
 log = logging.getLogger("vlmtrain")
 
 
-def init_weights_from(model: torch.nn.Module, path: str) -> None:
-    """Start from another run's weights (``init_from``; a LoRA run's come merged)."""
+PART_PREFIXES = {"vision_tower": ("model.vision_tower.",), "multi_modal_projector": ("model.multi_modal_projector.",),
+                 "language_model": ("model.language_model.", "lm_head.")}
+
+
+def init_weights_from(model: torch.nn.Module, path: str, parts=None) -> None:
+    """Start from another run's weights (``init_from``; a LoRA run's come merged); ``parts``
+    (``init_parts``): only those parts' weights, the rest as initialised."""
     ckpt = find_checkpoint(path, "init_from")
-    load_strict(model, read_weights(ckpt, "init_from"), str(ckpt))
-    log.info("initialised weights from %s", ckpt)
+    state = read_weights(ckpt, "init_from")
+    if parts is None:
+        load_strict(model, state, str(ckpt))
+    else:
+        bad = [p for p in parts if p not in PART_PREFIXES]
+        if bad or not parts:
+            raise UserError(f"init_parts: {bad or parts}: must be a non-empty list of {list(PART_PREFIXES)}")
+        prefixes = tuple(x for p in parts for x in PART_PREFIXES[p])
+        load_strict(model, {k: v for k, v in state.items() if k.startswith(prefixes)}, str(ckpt), list(prefixes))
+    log.info("initialised %s from %s", "weights" if parts is None else "+".join(parts), ckpt)
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None) -> pl.Trainer:
@@ -92,7 +106,7 @@ def train(composed: DictConfig | TrainConfig) -> Path:
     if resume is not None:
         log.info("resuming from %s (model, optimizer, scheduler, RNG, data position)", resume)
     elif cfg.init_from:
-        init_weights_from(model, cfg.init_from)
+        init_weights_from(model, cfg.init_from, list(cfg.init_parts) if cfg.init_parts is not None else None)
     trainable = apply_stage(model, cfg.stage)
     log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
 
