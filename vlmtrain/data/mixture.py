@@ -112,12 +112,22 @@ class MixtureDataset:
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
+        for source in self.sources:
+            if source.reference is not None:  # precomputed reference log-probs: computed on these inputs?
+                source.reference.check(self.reference_settings(source))
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def reference_settings(self, source: SourceDataset) -> dict:
+        """The settings a preference source's log-probs depend on (``formats.preference.SETTINGS``)."""
+        d = source.cfg
+        return {"n_max": d.n_max, "min_tiles": d.min_tiles, "template": d.template or self.cfg.template,
+                "tile_size": self.cfg.tile_size, "use_thumbnail": self.cfg.use_thumbnail,
+                "max_seq_len": self.cfg.max_seq_len}
 
     def locate(self, index: int) -> tuple[SourceDataset, int]:
         if not 0 <= index < len(self):

@@ -41,7 +41,7 @@ from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
 from vlmtrain.data.collate import pad_pairs
 from vlmtrain.data.encode import PairSample
 from vlmtrain.data.formats import guess_format
-from vlmtrain.data.formats.preference import write_reference
+from vlmtrain.data.formats.preference import reference_path, write_reference
 from vlmtrain.data.mixture import MixtureDataset, Skipped
 from vlmtrain.errors import UserError
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
@@ -190,6 +190,9 @@ def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size
     one = DataConfig(**{**{k: getattr(data, k) for k in ("template", "system", "tile_size", "use_thumbnail",
                                                           "fast_resize", "max_seq_len", "min_frames", "max_frames")},
                         "datasets": {name: entry}, "too_long": "skip", "on_error": "skip"})
+    stale = reference_path(path)
+    if stale.is_file():  # computed again: the old table must not be checked against the new settings
+        stale.unlink()
     ds = MixtureDataset(one, trained.tokenizer, n_tok, training=False)
     source = ds.sources[0]
     device = next(model.parameters()).device
@@ -215,7 +218,7 @@ def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size
             flush()
     flush()
     out = write_reference(path, rows, {"ckpt": ckpt, "pairs": len(rows), "skipped": skipped,
-                                       "template": one.template, "n_max": entry["n_max"]})
+                                       "settings": ds.reference_settings(source)})
     log.info("reference log-probs of %d pairs: %s (skipped: %s)", len(rows), out, skipped or "none")
     return out
 

@@ -101,7 +101,8 @@ def line_hash(text: str) -> str:
 
 
 def write_reference(path: str | Path, rows: list[tuple[Record, float, float]], provenance: dict) -> Path:
-    """Write ``reference_path(path)``: a first line of provenance, then one line per pair."""
+    """Write ``reference_path(path)``: a first line of provenance (its ``settings``: the data settings
+    of ``SETTINGS`` the log-probs were computed with), then one line per pair."""
     out = reference_path(path)
     with open(out, "w", encoding="utf-8") as f:
         f.write(json.dumps({"provenance": provenance}, ensure_ascii=False) + "\n")
@@ -111,12 +112,32 @@ def write_reference(path: str | Path, rows: list[tuple[Record, float, float]], p
     return out
 
 
-def load_reference(path: str | Path) -> dict[int, tuple[str, float, float]] | None:
-    """line -> (sha1, chosen, rejected) from ``reference_path(path)``; None when there is none."""
+SETTINGS = ("n_max", "min_tiles", "template", "tile_size", "use_thumbnail", "max_seq_len")
+"""What the log-probs depend on beside the line: the first pass records them, training checks them."""
+
+
+class ReferenceTable:
+    """The precomputed reference log-probs of one preference file (``<name>.ref.jsonl``)."""
+
+    def __init__(self, path: Path, rows: dict[int, tuple[str, float, float]], settings: dict):
+        self.path, self.rows, self.settings = path, rows, settings
+
+    def check(self, settings: dict) -> None:
+        """The first pass's data settings must be training's (else every log-prob is off)."""
+        differ = {k: (self.settings.get(k), settings[k]) for k in SETTINGS
+                  if k in settings and k in self.settings and self.settings[k] != settings[k]}
+        if differ:
+            text = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+            raise UserError(f"{self.path}: the reference log-probs were computed with other data settings ({text}): "
+                            "compute them again with this data config (vlmtrain pairs pairs.mode=reference)")
+
+
+def load_reference(path: str | Path) -> ReferenceTable | None:
+    """The table of ``reference_path(path)``; None when there is none."""
     ref = reference_path(path)
     if not Path(path).is_file() or not ref.is_file():
         return None
-    out = {}
+    rows, settings = {}, {}
     with open(ref, encoding="utf-8") as f:
         for i, text in enumerate(f, start=1):
             if not text.strip():
@@ -126,20 +147,21 @@ def load_reference(path: str | Path) -> dict[int, tuple[str, float, float]] | No
             except json.JSONDecodeError as e:
                 raise UserError(f"{ref}:{i}: malformed JSON: {e.msg}") from None
             if "provenance" in row:
+                settings = dict(row["provenance"].get("settings") or {})
                 continue
             try:
-                out[int(row["line"])] = (str(row["sha1"]), float(row["chosen"]), float(row["rejected"]))
+                rows[int(row["line"])] = (str(row["sha1"]), float(row["chosen"]), float(row["rejected"]))
             except (KeyError, TypeError, ValueError):
                 raise UserError(f"{ref}:{i}: a reference line needs line, sha1, chosen and rejected") from None
-    return out
+    return ReferenceTable(ref, rows, settings)
 
 
-def reference_of(table: dict | None, record: Record) -> tuple[float, float] | None:
+def reference_of(table: ReferenceTable | None, record: Record) -> tuple[float, float] | None:
     """The precomputed (chosen, rejected) log-probs of ``record``; a line changed since they were
     computed is an error naming both files."""
-    if table is None or record.line not in table:
+    if table is None or record.line not in table.rows:
         return None
-    sha, chosen, rejected = table[record.line]
+    sha, chosen, rejected = table.rows[record.line]
     if sha != line_hash(record.text):
         raise UserError(f"{record.where()}: the line changed since its reference log-probs were computed "
                         f"({reference_path(record.file)}): compute them again (vlmtrain pairs pairs.mode=reference)")
