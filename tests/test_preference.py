@@ -37,6 +37,7 @@ from vlmtrain.training.preference import (
     dpo_sigmoid,
     sample_logps,
 )
+from vlmtrain.training.run import build_trainer, train
 
 BETA = 0.1
 # fixed sequence log-probs of three pairs: policy and reference, chosen and rejected
@@ -303,17 +304,13 @@ class Recorder(Callback):
 
 
 def _train(monkeypatch, overrides, run_dir, recorder):
-    from vlmtrain.training import run
-
-    real = run.build_trainer
-
     def with_recorder(cfg, rd):
-        trainer = real(cfg, rd)
+        trainer = build_trainer(cfg, rd)  # the real one, imported before any patch
         trainer.callbacks.insert(0, recorder)
         return trainer
 
     monkeypatch.setattr("vlmtrain.training.run.build_trainer", with_recorder)
-    return run.train(compose_config(overrides, run_dir=run_dir))
+    return train(compose_config(overrides, run_dir=run_dir))
 
 
 @pytest.mark.slow
@@ -344,7 +341,6 @@ def test_killed_and_resumed_mpo_run_continues_delta_and_data_exactly(tmp_path, m
 @pytest.mark.slow
 def test_sft_then_pairs_then_mpo_and_dpo(tmp_path):
     from vlmtrain.cli import command
-    from vlmtrain.training.run import train
 
     common = ["data.num_workers=0", "trainer.enable_progress_bar=false", "data.datasets.shapes.n_max=1"]
     sft = train(compose_config(["stage=instruction_tuning", "stage.max_steps=4", "stage.lr=1e-3", *common],

@@ -173,13 +173,12 @@ def build_dataset_pairs(engine: InferenceEngine, name: str, dcfg, opts: PairOpti
 
 
 @torch.no_grad()
-def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size: int, ckpt: str,
-                    settings=None) -> Path:
-    """Score every pair of the preference file ``path`` with ``trained`` (eval mode, no JPEG
-    re-encoding: the pixels ``stage/reference=precomputed`` training must then see too) and write
-    ``<path>.ref.jsonl`` beside it. ``settings``: the dataset's config (tiling: n_max, min_tiles)
-    as training will read it; None: the defaults ``data=single data.path=<path>`` trains with.
-    Lines that cannot be read are skipped and counted, as training does."""
+def score_pairs(trained, data: DataConfig, path: Path, batch_size: int = 8, settings=None,
+                name: str = "pairs") -> tuple[list, dict, dict]:
+    """Every pair of the preference file ``path`` scored by ``trained``: ([(record, log-prob of
+    chosen, of rejected)], skipped counts per reason, the data settings used). Eval mode, no JPEG
+    re-encoding; ``settings``: the dataset's config (tiling: n_max, min_tiles, template) as
+    training reads it, None: the defaults ``data=single data.path=<path>`` trains with."""
     from vlmtrain.training.preference import pair_logps, sample_logps
 
     model, cfg = trained.model, trained.model_cfg
@@ -190,11 +189,9 @@ def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size
     one = DataConfig(**{**{k: getattr(data, k) for k in ("template", "system", "tile_size", "use_thumbnail",
                                                           "fast_resize", "max_seq_len", "min_frames", "max_frames")},
                         "datasets": {name: entry}, "too_long": "skip", "on_error": "skip"})
-    stale = reference_path(path)
-    if stale.is_file():  # computed again: the old table must not be checked against the new settings
-        stale.unlink()
     ds = MixtureDataset(one, trained.tokenizer, n_tok, training=False)
     source = ds.sources[0]
+    source.reference = None  # scored afresh here (a table beside the data must match the settings)
     device = next(model.parameters()).device
     model.eval()
     rows, pending, skipped = [], [], {}
@@ -217,8 +214,18 @@ def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size
         if len(pending) >= batch_size:
             flush()
     flush()
-    out = write_reference(path, rows, {"ckpt": ckpt, "pairs": len(rows), "skipped": skipped,
-                                       "settings": ds.reference_settings(source)})
+    return rows, skipped, ds.reference_settings(source)
+
+
+def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size: int, ckpt: str,
+                    settings=None) -> Path:
+    """The first pass of ``stage/reference=precomputed``: ``score_pairs`` by the reference
+    checkpoint, written to ``<path>.ref.jsonl`` beside the data with the settings it used."""
+    stale = reference_path(path)
+    if stale.is_file():  # computed again: the old table must not be checked against the new settings
+        stale.unlink()
+    rows, skipped, used = score_pairs(trained, data, path, batch_size, settings, name)
+    out = write_reference(path, rows, {"ckpt": ckpt, "pairs": len(rows), "skipped": skipped, "settings": used})
     log.info("reference log-probs of %d pairs: %s (skipped: %s)", len(rows), out, skipped or "none")
     return out
 
