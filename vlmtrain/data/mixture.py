@@ -12,6 +12,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
@@ -53,7 +54,7 @@ def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
 
 def _resolved(cfg: DictConfig) -> DataConfig:
     try:
-        return OmegaConf.to_object(cfg)
+        return cast(DataConfig, OmegaConf.to_object(cfg))
     except MissingMandatoryValue as e:
         raise UserError(f"data.{e.full_key} is not set") from None
 
@@ -231,7 +232,7 @@ class MixtureDataset:
                 else:
                     img_tiles = tile_image(load_image(src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
                 if jpeg_images:
-                    img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
+                    img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]  # type: ignore[misc]  # PIL tiles here
                 tiles += img_tiles
                 num_tiles.append(len(img_tiles))
             else:

@@ -96,8 +96,8 @@ def supervised_hidden(model, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, tor
     hidden = hidden_states(model, mb)
     pos = mb.supervised_positions
     hidden = hidden.reshape(-1, hidden.shape[-1])[pos]
-    targets = mb.labels.reshape(-1)[pos + 1]
-    samples = mb.sample_index.reshape(-1)[pos + 1]
+    targets = mb.labels.reshape(-1)[pos + 1]  # type: ignore[operator]  # collated batches carry positions
+    samples = mb.sample_index.reshape(-1)[pos + 1]  # type: ignore[operator]
     return hidden, targets, samples
 
 

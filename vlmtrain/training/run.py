@@ -1,7 +1,11 @@
 """A training run: build the model, data, module and trainer from a composed config, then fit.
 
 ``vlmtrain train`` (``vlmtrain.cli.train``) composes the config and calls ``train``; this module
-only wires the parts together, the parts own the work."""
+only wires the parts together, the parts own the work. ``train`` converts the composed config to
+the dataclasses of ``vlmtrain.config`` once (``typed``) and every build function below gets typed
+parts (``ModelConfig``, ``DataConfig``, ``StageConfig``, ...); the ``_target_`` components stay
+DictConfig nodes for ``instantiate``. The composed DictConfig itself is only recorded (the run's
+config.yaml and the logger's config)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
+from vlmtrain.config import TrainConfig, plain, typed
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.models.lora import save_adapter
@@ -35,7 +40,8 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
     log.info("initialised weights from %s", ckpt)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None) -> pl.Trainer:
+    """The Lightning Trainer of a run; ``record`` is the config the logger records (default: ``cfg``)."""
     hw = cfg.hardware
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
     checkpoint = AtomicModelCheckpoint(
@@ -51,16 +57,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         # auto-requeue would save from inside the signal handler, mid-step
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
-        accelerator=hw.accelerator,
+        accelerator=plain(hw.accelerator),
         devices=hw.devices,
         num_nodes=hw.num_nodes,
         strategy=strategy,
-        precision=hw.precision,
+        precision=plain(hw.precision),
         max_epochs=cfg.stage.max_epochs,
         max_steps=cfg.stage.max_steps,
         max_time=cfg.trainer.max_time,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(cfg, run_dir)],
+        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(record if record is not None else cfg, run_dir)],
         enable_checkpointing=cfg.trainer.checkpoint,
         plugins=plugins,
         default_root_dir=str(run_dir),
@@ -71,10 +77,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     )
 
 
-def train(cfg: DictConfig) -> Path:
+def train(composed: DictConfig | TrainConfig) -> Path:
+    cfg = typed(composed)  # once: resolved, choices as Enums, ranges checked
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")  # resolved, credentials redacted
+    record = composed if isinstance(composed, DictConfig) else None
+    save_config(record if record is not None else cfg, run_dir / "config.yaml")  # resolved, credentials redacted
     scrub_hydra_records(run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -96,7 +104,7 @@ def train(cfg: DictConfig) -> Path:
     )
     module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
                                peak_tflops=cfg.trainer.peak_tflops)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, record)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.stage.lora is not None:
