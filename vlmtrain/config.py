@@ -419,6 +419,9 @@ class StageConfig(Checked):
     objective: Any = None
     """The step's loss, a component (``_target_``, ``vlmtrain.training.objective``); None: SFT's
     cross-entropy, reweighted by the ``loss`` group."""
+    reference: Any = None
+    """Preference stages: where the reference model's log-probs come from (group ``stage/reference``:
+    copy, adapter or precomputed; ``vlmtrain.training.preference``)."""
 
 
 @dataclass

@@ -36,6 +36,12 @@ class VLMTrainingModule(pl.LightningModule):
         self.model = model
         self.objective = objective
         """The step's loss (``vlmtrain.training.objective.Objective``)."""
+        owned = objective.setup(model)
+        if owned is not None:
+            self.reference = owned
+            """The objective's own frozen module (a preference stage's reference copy): a submodule,
+            so it moves to the device and is sharded and checkpointed with the policy; it has no
+            trainable parameter, so no optimizer state."""
         self.optim_cfg = optim_cfg
         self.stage_cfg = stage_cfg
         self.automatic_optimization = False
@@ -163,6 +169,8 @@ class VLMTrainingModule(pl.LightningModule):
         shard = getattr(self.trainer.strategy, "shard_model", None)
         if shard is not None:
             shard(self.model)
+            if getattr(self, "reference", None) is not None:
+                shard(self.reference)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # every rank's RNG (drop path masks differ per rank), so a resumed run draws what the
