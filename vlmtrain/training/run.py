@@ -35,7 +35,8 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
     log.info("initialised weights from %s", ckpt)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> pl.Trainer:
+    """The configured Lightning Trainer; ``callbacks`` are added after vlmtrain's own (the bench's clock)."""
     hw = cfg.hardware
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
     checkpoint = AtomicModelCheckpoint(
@@ -60,7 +61,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         max_steps=cfg.stage.max_steps,
         max_time=cfg.trainer.max_time,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(cfg, run_dir)],
+        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(cfg, run_dir)]
+        + list(callbacks or []),
         enable_checkpointing=cfg.trainer.checkpoint,
         plugins=plugins,
         default_root_dir=str(run_dir),
@@ -71,14 +73,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     )
 
 
-def train(cfg: DictConfig) -> Path:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")  # resolved, credentials redacted
-    scrub_hydra_records(run_dir)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    resume = find_resume_checkpoint(cfg.resume, run_dir)
+def build_parts(cfg: DictConfig, resume: Path | None = None):
+    """The tokenizer, model (stage applied), data module and LightningModule of a run, as
+    ``vlmtrain train`` builds them (the bench builds them here too)."""
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     if resume is not None:
@@ -96,7 +93,19 @@ def train(cfg: DictConfig) -> Path:
     )
     module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
                                peak_tflops=cfg.trainer.peak_tflops)
-    trainer = build_trainer(cfg, run_dir)
+    return tokenizer, model, data, module
+
+
+def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")  # resolved, credentials redacted
+    scrub_hydra_records(run_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    resume = find_resume_checkpoint(cfg.resume, run_dir)
+    tokenizer, model, data, module = build_parts(cfg, resume)
+    trainer = build_trainer(cfg, run_dir, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.stage.lora is not None:
