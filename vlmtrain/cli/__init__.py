@@ -44,6 +44,7 @@ VERBS = {
     "stats": "vlmtrain.cli.stats",
     "shard": "vlmtrain.cli.shard",
     "filter": "vlmtrain.cli.filter",
+    "pairs": "vlmtrain.cli.pairs",
 }
 """verb -> the module that defines its ``COMMAND``."""
 
