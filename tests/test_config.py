@@ -183,6 +183,7 @@ BAD_CHOICES = [
     ("config", "model.init_dtype=bf16", "model.init_dtype", "DType"),
     ("config", "model.compile=[vit]", "model.compile[0]", "Part"),
     ("config", "stage.trainable=[vit]", "stage.trainable[0]", "Part"),
+    ("config", "init_parts=[vit]", "init_parts[0]", "Part"),
     ("config", "stage=lora stage.lora.targets=[attention]", "stage.lora.targets[0]", "LoraTarget"),
     ("config", "hardware.precision=bf16-mix", "hardware.precision", "Precision"),
     ("config", "hardware.accelerator=gpus", "hardware.accelerator", "Accelerator"),
