@@ -40,8 +40,8 @@ class Recorder(Callback):
 def _run(monkeypatch, overrides, run_dir, recorder):
     real = build_trainer
 
-    def with_recorder(cfg, rd):
-        trainer = real(cfg, rd)
+    def with_recorder(cfg, rd, *args, **kwargs):  # train passes the logged config and extra callbacks too
+        trainer = real(cfg, rd, *args, **kwargs)
         trainer.callbacks.insert(0, recorder)
         return trainer
 
