@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         hf_tokens = hf_out[0, batch["input_ids"].shape[1]:].tolist()
 
         # the CLI's own answer (vlmtrain chat), decoded text
-        chat = subprocess.run([sys.executable, "-m", "vlmtrain", "chat", f"ckpt={exported}", f"chat.query=<image>\n{QUERY}",
+        chat = subprocess.run([sys.executable, "-m", "vlmtrain", "chat", f"ckpt={exported}", f"chat.query='<image>\n{QUERY}'",
                                f"chat.images=[{img_path}]", f"chat.max_tiles={args.max_tiles}", f"device={args.device}",
                                f"generation.max_new_tokens={args.max_new_tokens}"],
                               env=env, cwd=work, capture_output=True, text=True)
