@@ -191,6 +191,16 @@ def check_values(cfg) -> None:
                 errors.append(f"data.datasets.{name}.{_omegaconf_error(e)}")
                 continue
             errors += range_errors("DatasetConfig", entry.__getitem__, f"data.datasets.{name}.")
+    for key in ("model.vision.hidden_act", "model.projector_hidden_act"):  # transformers' activations
+        try:
+            act = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:
+            continue
+        if isinstance(act, str):
+            from transformers.activations import ACT2FN
+
+            if act not in ACT2FN:
+                errors.append(f"{key}={act!r} is not one of transformers' activations [{', '.join(sorted(ACT2FN))}]")
     stage, hw = node("stage"), node("hardware")
     try:
         batch = stage.global_batch_size if stage is not None else None
@@ -457,7 +467,7 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
-    init_parts: list[str] | None = None
+    init_parts: list[Part] | None = None
     """Parts of the model that ``init_from`` loads (of vision_tower, multi_modal_projector,
     language_model; lm_head goes with language_model); None: all. The others keep their
     initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
