@@ -233,7 +233,11 @@ class HardwareConfig:
 class TrainerConfig:
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 0
-    """Also write a checkpoint every N optimizer steps (0: only at the end)."""
+    """Also write ``last.ckpt`` every N optimizer steps (0: by time, ``checkpoint_every_minutes``)."""
+    checkpoint_every_minutes: float = 30.0
+    """When ``checkpoint_every_n_steps`` is 0: also write ``last.ckpt`` at the first step boundary
+    after every this many minutes of training, so a crash or kill -9 loses at most that much
+    (0: only at the end and on preemption)."""
     checkpoint: bool = True
     """False: write no checkpoint at all (benchmarks; preemption then cannot save either)."""
     enable_progress_bar: bool = True
