@@ -13,6 +13,7 @@ from functools import partial
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
@@ -81,7 +82,12 @@ class VLMDataModule(pl.LightningDataModule):
         """The configured step collator (``data.collate``), padded by default."""
         if self.cfg.get("collate") is None:
             return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size)
-        return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
+        try:
+            return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
+        except InstantiationException as e:
+            if isinstance(e.__cause__, UserError):  # a value the user gave: one line, not Hydra's wrapper
+                raise e.__cause__ from None
+            raise
 
     def train_dataloader(self) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id

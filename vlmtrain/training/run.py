@@ -6,6 +6,7 @@ only wires the parts together, the parts own the work."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
+from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.models.lora import save_adapter
@@ -43,6 +45,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         save_last=True,
         save_top_k=0,
         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or None,
+        # Lightning takes one trigger: steps when given, else wall time (on by default)
+        train_time_interval=(timedelta(minutes=cfg.trainer.checkpoint_every_minutes)
+                             if not cfg.trainer.checkpoint_every_n_steps and cfg.trainer.checkpoint_every_minutes > 0
+                             else None),
         enable_version_counter=False,  # always (over)write last.ckpt, also in a resumed run
     )
     plugins = []
@@ -98,6 +104,9 @@ def train(cfg: DictConfig) -> Path:
                                peak_tflops=cfg.trainer.peak_tflops)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
+    if module.meter is not None and module.meter.steps == 0:
+        raise UserError(f"the run trained no step: no step had a supervised token (skipped samples by reason: "
+                        f"{module.skip_report()}); fix the data (data.on_error=raise names the first bad line)")
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.stage.lora is not None:
         # every rank: FSDP2 / ZeRO-3 gather the adapter tensors collectively; rank 0 writes

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 import uuid
@@ -189,6 +190,17 @@ def _wandb_run(logger):
     return logger.experiment if isinstance(logger, WandbLogger) else None
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 class RunTracking(pl.Callback):
     """Logs the resolved config (scrubbed) to every logger at the start, and at the end writes
     <run_dir>/summary.json and the W&B run summary, then closes the W&B run (so a multirun's next
@@ -218,7 +230,8 @@ class RunTracking(pl.Callback):
                 summary["wandb_run_id"] = run.id
                 run.summary.update({f"summary/{k}": v for k, v in summary.items()})
         path = self.run_dir / "summary.json"
-        path.write_text(json.dumps(scrub_secrets(summary), indent=2, sort_keys=True) + "\n")
+        # strict JSON: a value that is not a number (a NaN mean of no steps) is written as null
+        path.write_text(json.dumps(finite_or_null(scrub_secrets(summary)), indent=2, sort_keys=True, allow_nan=False) + "\n")
         log.info("run summary: %s", path)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
