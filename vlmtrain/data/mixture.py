@@ -7,6 +7,7 @@ from (seed, epoch, index) so every sample is reproducible wherever and whenever 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import zlib
@@ -28,6 +29,8 @@ from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Skipped:
@@ -37,6 +40,24 @@ class Skipped:
     where: str
     message: str
     dataset: str = ""
+
+
+BAD_RECORD = "bad_record"
+"""The skip reason of a record whose reading failed in a way no reader check names (a wrong type
+deep inside, an unreadable file): still one counted line, never a dead loader."""
+
+_warned: set[tuple[str, str]] = set()
+
+
+def unreadable(record, e: Exception) -> SampleError:
+    """``e`` (raised while reading ``record``) as a counted skip; the first of each kind per file is
+    logged with its traceback, since it may be a bug rather than bad data."""
+    kind = (record.file, type(e).__name__)
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning("%s: unreadable record (%s: %s); skipped as %s, later ones of this kind in this file "
+                    "are only counted", record.where(), type(e).__name__, e, BAD_RECORD, exc_info=e)
+    return SampleError(BAD_RECORD, f"unreadable record ({type(e).__name__}: {e})")
 
 
 def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
@@ -144,10 +165,15 @@ class MixtureDataset:
         """Line ``line`` of one source, encoded; a bad line is a Skipped (or raises, on_error=raise)."""
         record = source.records[line]
         try:
-            return self._build(source, record, rng, pixels)
+            try:
+                return self._build(source, record, rng, pixels)
+            except (SampleError, UserError):
+                raise
+            except Exception as e:  # any other failure of this one record: the loader must not die of it
+                raise unreadable(record, e) from e
         except SampleError as e:
             if self.cfg.on_error == "raise":
-                raise UserError(f"{record.where()}: {e}") from None
+                raise UserError(f"{record.where()}: {e}") from (e.__cause__ if e.reason == BAD_RECORD else None)
             return Skipped(e.reason, record.where(), str(e), source.name)
 
     def _frames(self, d: DatasetConfig) -> tuple[int, int]:
