@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 from vlmtrain.errors import UserError
 from vlmtrain.training.run import train
 
@@ -73,3 +73,80 @@ def test_micro_batch_size_below_one_is_an_error(tmp_path):
     data = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 3)
     with pytest.raises(UserError, match="data.micro_batch_size"):
         train(compose_config(tiny_run(data, "data.micro_batch_size=-2"), run_dir=tmp_path / "run"))
+
+
+def test_short_secrets_are_redacted(tmp_path, monkeypatch):
+    """A credential shorter than 8 characters, interpolated into the config, used to land in
+    config.yaml and a directory name (finding 9)."""
+    from vlmtrain.training.tracking import REDACTED, save_config, scrub_secrets, secret_env_values
+
+    secrets = secret_env_values({"WANDB_API_KEY": "k3y", "HF_TOKEN": "1", "PATH": "/bin"})
+    assert secrets == ["k3y"]  # "1" is a switch, not a credential
+    assert scrub_secrets({"name": "run-k3y", "dir": "runs/k3y/x", "other": "k3yboard", "n": "1"}, secrets) == {
+        "name": f"run-{REDACTED}", "dir": f"runs/{REDACTED}/x", "other": "k3yboard", "n": "1"}
+    monkeypatch.setenv("WANDB_API_KEY", "k3y")
+    cfg = compose_config(["logger.name=${oc.env:WANDB_API_KEY}"], run_dir=tmp_path)
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "k3y" not in text and REDACTED in text
+
+
+def test_16_bit_and_other_modes_convert_to_the_right_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vlmtrain.data.images import load_image
+
+    grey16 = np.full((8, 8), 32896, dtype=np.uint16)  # 50% grey in 16 bits: 128 in 8 bits
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    px = np.asarray(load_image(tmp_path / "g16.png"))
+    assert px.shape == (8, 8, 3) and (px == 128).all(), px[0, 0]  # PIL's convert made it 255 (white)
+    for mode, value in [("L", 77), ("P", 3), ("LA", 90), ("RGBA", 200), ("CMYK", 0), ("1", 1)]:
+        img = Image.new(mode, (4, 4), value if mode not in ("LA", "RGBA", "CMYK") else
+                        {"LA": (90, 255), "RGBA": (200, 10, 10, 255), "CMYK": (0, 0, 0, 0)}[mode])
+        img.save(tmp_path / f"m.{'png' if mode != 'CMYK' else 'jpg'}")
+        out = load_image(tmp_path / f"m.{'png' if mode != 'CMYK' else 'jpg'}")
+        assert out.mode == "RGB" and out.size == (4, 4)
+
+
+@pytest.mark.parametrize("bad", [0, -3, "4", True])
+def test_meta_max_dynamic_patch_must_be_a_positive_integer(tmp_path, bad):
+    from vlmtrain.data.mixture import dataset_configs
+
+    data = write_jsonl(tmp_path / "good.jsonl", [GOOD])
+    (tmp_path / "meta.json").write_text(json.dumps({"docs": {"annotation": str(data), "max_dynamic_patch": bad}}))
+    with pytest.raises(UserError, match="max_dynamic_patch' must be an integer >= 1"):
+        dataset_configs({"m": {"path": str(tmp_path / "meta.json")}})
+
+
+@pytest.mark.parametrize("override,match", [("data.datasets.single.min_tiles=7", "min_tiles <= n_max"),
+                                            ("data.datasets.single.template=nope", "template")])
+def test_dataset_settings_fail_before_any_worker(tmp_path, override, match):
+    data = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 2)
+    with pytest.raises(UserError, match=match):
+        train(compose_config(tiny_run(data, override, "data.num_workers=1"), run_dir=tmp_path / "run"))
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from vlmtrain.training.run import run_dir_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from vlmtrain.training.run import run_dir_lock\n"
+        f"with run_dir_lock(Path({str(run_dir)!r})):\n    print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=r"in use by a running training \(pid \d+"):
+            with run_dir_lock(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(run_dir):  # the holder died (kill -9): the directory is free again
+        pass

@@ -133,6 +133,14 @@ class MixtureDataset:
         self.cfg, self.seed, self.training = cfg, seed, training
         self.sources = [SourceDataset(name, d, seed) for name, d in dataset_configs(cfg.datasets).items()]
         for source in self.sources:
+            d = source.cfg
+            # checked here, in the main process: inside a loader worker these became tracebacks
+            if not (isinstance(d.n_max, int) and isinstance(d.min_tiles, int) and 1 <= d.min_tiles <= d.n_max):
+                raise UserError(f"dataset {source.name}: need 1 <= min_tiles <= n_max, got min_tiles={d.min_tiles!r}, "
+                                f"n_max={d.n_max!r}")
+            if not (isinstance(d.repeat, (int, float)) and math.isfinite(d.repeat) and d.repeat > 0):
+                raise UserError(f"dataset {source.name}: repeat must be a finite number > 0, got {d.repeat!r}")
+            get_template(d.template or cfg.template)  # an unknown template fails now, naming it
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")

@@ -9,7 +9,11 @@ config.yaml and the logger's config)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import socket
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -100,14 +104,60 @@ def train(composed: DictConfig | TrainConfig) -> Path:
     cfg = typed(composed)  # once: resolved, choices as Enums, ranges checked
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir):
+        return _train(cfg, composed, run_dir)
+
+
+def _is_launching_process() -> bool:
+    """The process a user (or Slurm's first task) started: global rank 0 before Lightning's ranks exist."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path):
+    """One run per directory: a second run in it would interleave every metrics row and overwrite
+    its checkpoints. An ``flock`` on ``<run_dir>/.lock``, held while the run lives (the kernel drops
+    it when the process dies, kill -9 included, so a stale lock file never blocks a resume)."""
+    if not _is_launching_process():
+        yield
+        return
+    path = run_dir / ".lock"
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"run directory {run_dir} is in use by a running training ({holder}): wait for it, "
+                            "or give this run its own hydra.run.dir=...") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def _train(cfg, composed, run_dir: Path) -> Path:
     record = composed if isinstance(composed, DictConfig) else None
     save_config(record if record is not None else cfg, run_dir / "config.yaml")  # resolved, credentials redacted
     scrub_hydra_records(run_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if _is_launching_process():
+        print(f"[vlmtrain] run directory: {run_dir}", flush=True)
 
     resume = find_resume_checkpoint(cfg.resume, run_dir)
     tokenizer = load_tokenizer(cfg.model)
+    v = cfg.model.vision
+    # the data first: a wrong path or a bad data setting fails before the model is built
+    data = VLMDataModule(
+        cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
+        cfg.stage.global_batch_size, cfg.seed,
+    )
     model = build_model(cfg.model, tokenizer, cfg.seed)
+    data.tile_cost = tile_cost_in_tokens(InternVLDims.from_hf_config(model.config))  # for data.balance_ranks
     if resume is not None:
         log.info("resuming from %s (model, optimizer, scheduler, RNG, data position)", resume)
     elif cfg.init_from:
@@ -115,12 +165,6 @@ def train(composed: DictConfig | TrainConfig) -> Path:
     trainable = apply_stage(model, cfg.stage)
     log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
 
-    v = cfg.model.vision
-    data = VLMDataModule(
-        cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
-        cfg.stage.global_batch_size, cfg.seed,
-        tile_cost=tile_cost_in_tokens(InternVLDims.from_hf_config(model.config)),
-    )
     module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
                                peak_tflops=cfg.trainer.peak_tflops)
     trainer = build_trainer(cfg, run_dir, record)
@@ -133,4 +177,8 @@ def train(composed: DictConfig | TrainConfig) -> Path:
         # every rank: FSDP2 / ZeRO-3 gather the adapter tensors collectively; rank 0 writes
         save_adapter(model, run_dir / "adapter", cfg.stage.lora, list(cfg.stage.trainable),
                      write=trainer.is_global_zero)
+    if trainer.is_global_zero and module.meter is not None:
+        tail = module.meter.losses[-10:]
+        final = f", final loss {sum(x[1] for x in tail) / len(tail):.4f} (mean of the last {len(tail)} logged steps)" if tail else ""
+        print(f"[vlmtrain] finished: {trainer.global_step} steps{final}; {run_dir / 'summary.json'}", flush=True)
     return run_dir

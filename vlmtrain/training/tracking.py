@@ -40,7 +40,12 @@ _SECRET_WORDS = r"(api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?
 SECRET_KEY = re.compile(rf"(^|[_\-.]){_SECRET_WORDS}$", re.IGNORECASE)
 NOT_SECRET_KEY = re.compile(r"(^|[_\-.])(pad|bos|eos|unk|sep|cls|mask|image|video|img|context|start|end)_token$",
                             re.IGNORECASE)
-MIN_SECRET_LEN = 8  # shorter env values ("1", "true") are flags, not secrets
+FLAG_VALUES = {"", "0", "1", "true", "false", "yes", "no", "on", "off", "none", "null"}
+"""Values of credential-named variables that are switches, not credentials (``WANDB_API_KEY=0``)."""
+LONG_SECRET = 8
+"""A value this long is redacted wherever it appears; a shorter one only as a whole word (a short
+key like ``abc1`` is still redacted in ``logger.api_key=abc1`` and in a directory name, but not
+inside ``abc123``)."""
 
 
 def is_secret_key(key: str) -> bool:
@@ -51,13 +56,16 @@ def is_secret_key(key: str) -> bool:
 def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables whose names look like credentials, longest first."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if is_secret_key(k) and len(v) >= MIN_SECRET_LEN}
+    values = {v for k, v in environ.items() if is_secret_key(k) and v.strip().lower() not in FLAG_VALUES}
     return sorted(values, key=len, reverse=True)
 
 
 def scrub_text(text: str, secrets: list[str]) -> str:
     for s in secrets:
-        text = text.replace(s, REDACTED)
+        if len(s) >= LONG_SECRET:
+            text = text.replace(s, REDACTED)
+        else:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", REDACTED, text)
     return text
 
 
