@@ -150,3 +150,57 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
         holder.wait()
     with run_dir_lock(run_dir):  # the holder died (kill -9): the directory is free again
         pass
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted checkpoint does: run code when unpickled
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_deepspeed_folder_runs_no_code(tmp_path):
+    """init_from=<a DeepSpeed checkpoint folder>: DeepSpeed's zero_to_fp32 unpickles its shards
+    (weights_only=False); vlmtrain reads them with weights_only and refuses what needs more."""
+    import torch
+
+    pytest.importorskip("deepspeed")
+    from vlmtrain.models.run_checkpoint import read_model_state
+
+    folder = tmp_path / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    marker = tmp_path / "pwned"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"module": {}, "buffer_names": [], "param_shapes": [], "shared_params": {},
+                    "x": _Payload(str(marker))}, folder / "checkpoint" / name)
+    with pytest.raises(UserError, match="refused"):
+        read_model_state(folder, "init_from")
+    assert not marker.exists()
+
+
+def test_media_paths_stay_inside_the_dataset_root(tmp_path):
+    """image: /etc/passwd or ../.. used to be read (and copied into shards by vlmtrain.shard)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from vlmtrain.data.mixture import Skipped, build_mixture
+    from vlmtrain.data.shard import write_shards
+
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "ok.png")
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "outside.png")
+    lines = [{"image": p, "conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "x"}]}
+             for p in ("ok.png", "../outside.png", str(tmp_path / "outside.png"), "/etc/passwd", "./ok.png")]
+    data = write_jsonl(root / "d.jsonl", lines)
+    ds, _ = build_mixture(compose_config(["data=single", f"data.path={data}"]))
+    reasons = [s.reason if isinstance(s, Skipped) else "ok" for s in (ds.load(i) for i in range(len(ds)))]
+    assert reasons == ["ok", "media_outside_root", "media_outside_root", "media_outside_root", "ok"]
+    result = write_shards(compose_config(["data=single", f"data.path={data}"]).data, tmp_path / "shards", log=lambda *_: None)
+    assert next(iter(result.values()))["skipped"] == Counter(media_outside_root=3)
+    ds, _ = build_mixture(compose_config(["data=single", f"data.path={data}", "data.media_outside_root=true"]))
+    reasons = [s.reason if isinstance(s, Skipped) else "ok" for s in (ds.load(i) for i in range(len(ds)))]
+    assert reasons == ["ok", "ok", "ok", "corrupt_media", "ok"]  # allowed: /etc/passwd is then just not an image

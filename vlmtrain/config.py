@@ -354,6 +354,10 @@ class DataConfig(Checked):
     """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""
     on_error: OnError = OnError("skip")
     """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
+    media_outside_root: bool = False
+    """Allow media paths that point outside their dataset's root (absolute paths, ``../``); by
+    default such a line is a counted ``media_outside_root`` skip, so data cannot read (or
+    ``vlmtrain shard`` copy) arbitrary files. Symlinks inside the root are followed either way."""
     micro_batch_size: int = 1
     collate: Any = None
     """How a step's samples become micro-batches (group ``data/collate``): ``padded`` (rows of

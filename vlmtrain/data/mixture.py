@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ class SourceDataset:
         self.reader = reader(self.format)
         self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
         self.records = self.reader.read(path)
+        self._root = os.path.normpath(os.path.abspath(self.root))
         self.pairs = hasattr(self.reader, "to_pair")
         """Preference data: each line is a PairSample (``vlmtrain.data.formats.preference``)."""
         self.reference = self.reader.load_reference(path) if self.pairs else None
@@ -118,6 +120,21 @@ class SourceDataset:
         # each dataset draws its own repeat subset: seeded by the run seed and the dataset's name
         self.indices = repeat_indices(len(self.records), cfg.repeat, [seed, zlib.crc32(name.encode())])
         self.tile_cache: TileCache | None = None
+
+
+    def confine(self, conv, allow_outside: bool = False) -> None:
+        """Media paths must lie under the dataset root (compared as written, so symlinks inside the
+        root still work); ``data.media_outside_root=true`` lifts this."""
+        if allow_outside:
+            return
+        for kind, items in (("image", conv.images), ("video", conv.videos)):
+            for src in items:
+                if not isinstance(src, (str, os.PathLike)):
+                    continue  # bytes from a shard, PIL images
+                p = os.path.normpath(os.path.abspath(src))
+                if os.path.commonpath([p, self._root]) != self._root:
+                    raise SampleError("media_outside_root", f"{kind} {src} is outside the dataset root {self._root} "
+                                                            "(data.media_outside_root=true allows it)")
 
 
 class MixtureDataset:
@@ -217,6 +234,7 @@ class MixtureDataset:
             return self._build_pair(source, record, rng, frames_seed, pixels)
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
+        source.confine(conv, self.cfg.media_outside_root)
         tiles, num_tiles, frames_per_video = self._media(source, conv, rng, frames_seed, pixels)
         return self._encode(source, conv, tiles, num_tiles, frames_per_video)
 

@@ -59,6 +59,7 @@ def write_shards(cfg_data, out: str | Path, max_size: int = 1 << 30, max_count: 
                     try:
                         conv = source.reader.to_conversation(record.parse(), source.root)
                         conv.check()
+                        source.confine(conv, bool(getattr(cfg_data, "media_outside_root", False)))
                         # keys are sample numbers: a .json list or a folder would repeat line numbers
                         sample = to_sample(conv, f"{n:09d}", record.where())
                     except (SampleError, UserError):
