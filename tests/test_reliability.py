@@ -204,3 +204,29 @@ def test_media_paths_stay_inside_the_dataset_root(tmp_path):
     ds, _ = build_mixture(compose_config(["data=single", f"data.path={data}", "data.media_outside_root=true"]))
     reasons = [s.reason if isinstance(s, Skipped) else "ok" for s in (ds.load(i) for i in range(len(ds)))]
     assert reasons == ["ok", "ok", "ok", "corrupt_media", "ok"]  # allowed: /etc/passwd is then just not an image
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 half a checkpoint"], ids=["empty", "truncated"])
+@pytest.mark.parametrize("key", ["init_from", "resume"])
+def test_empty_or_truncated_checkpoints_are_one_line_errors(tmp_path, content, key):
+    """They used to end in a bare EOFError (or a zip reader error) deep inside the load."""
+    from vlmtrain.models.run_checkpoint import find_checkpoint, find_resume_checkpoint
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(content)
+    with pytest.raises(UserError, match=f"{key}: .*last.ckpt is (empty|not a complete torch checkpoint)"):
+        if key == "resume":
+            find_resume_checkpoint("auto", tmp_path)
+        else:
+            find_checkpoint(ckpt, key)
+
+
+def test_gpu_hardware_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    data = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 2)
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        train(compose_config(tiny_run(data, "hardware=gpu"), run_dir=tmp_path / "run"))

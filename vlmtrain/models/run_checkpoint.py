@@ -60,7 +60,20 @@ def find_checkpoint(path: str | Path, key: str) -> Path:
         p = p / "checkpoints" / LAST
     if not p.exists():
         raise MissingPathError(f"{key}: no checkpoint at {p}")
+    if p.is_file():
+        check_readable(p, key)
     return p
+
+
+def check_readable(ckpt: Path, key: str) -> None:
+    """A checkpoint file is a whole torch zip archive (an empty or cut-off file used to end in a
+    bare ``EOFError`` deep inside the load)."""
+    import zipfile
+
+    if ckpt.stat().st_size == 0:
+        raise UserError(f"{key}: {ckpt} is empty (a checkpoint whose write never finished?)")
+    if not zipfile.is_zipfile(ckpt):
+        raise UserError(f"{key}: {ckpt} is not a complete torch checkpoint (truncated, or not a checkpoint)")
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -73,6 +86,8 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         ckpt_dir = Path(run_dir) / "checkpoints"
         for candidate in (ckpt_dir / LAST, ckpt_dir / (LAST + ".old")):
             if candidate.exists():
+                if candidate.is_file():
+                    check_readable(candidate, "resume")
                 return candidate
         return None
     return find_checkpoint(resume, "resume")

@@ -59,9 +59,17 @@ def init_weights_from(model: torch.nn.Module, path: str, parts=None) -> None:
     log.info("initialised %s from %s", "weights" if parts is None else "+".join(parts), ckpt)
 
 
+def check_accelerator(hw) -> None:
+    """``hardware=gpu`` on a machine without a visible GPU: one line, not Lightning's 20."""
+    if str(plain(hw.accelerator)) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"hardware.accelerator={plain(hw.accelerator)} but no CUDA GPU is visible to this process: "
+                        "run on a GPU node, or use hardware=cpu")
+
+
 def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None) -> pl.Trainer:
     """The Lightning Trainer of a run; ``record`` is the config the logger records (default: ``cfg``)."""
     hw = cfg.hardware
+    check_accelerator(hw)
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
     checkpoint = AtomicModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -148,6 +156,7 @@ def _train(cfg, composed, run_dir: Path) -> Path:
     if _is_launching_process():
         print(f"[vlmtrain] run directory: {run_dir}", flush=True)
 
+    check_accelerator(cfg.hardware)
     resume = find_resume_checkpoint(cfg.resume, run_dir)
     tokenizer = load_tokenizer(cfg.model)
     v = cfg.model.vision
