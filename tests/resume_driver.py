@@ -60,8 +60,8 @@ def main() -> None:
 
     real = run.build_trainer
 
-    def with_log(cfg, rd):
-        trainer = real(cfg, rd)
+    def with_log(cfg, rd, *rest):
+        trainer = real(cfg, rd, *rest)
         trainer.callbacks.insert(0, StepLog(run_dir / "steps.jsonl", kill9, group_sigterm))
         return trainer
 

@@ -47,8 +47,8 @@ class Recorder(Callback):
 def _run(monkeypatch, overrides, run_dir, recorder):
     real = build_trainer
 
-    def with_recorder(cfg, rd):
-        trainer = real(cfg, rd)
+    def with_recorder(cfg, rd, *rest):
+        trainer = real(cfg, rd, *rest)
         trainer.callbacks.insert(0, recorder)
         return trainer
 
@@ -115,7 +115,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr("lightning.fabric.plugins.io.torch_io.TorchCheckpointIO.save_checkpoint", torn_write)
     with pytest.raises(OSError, match="disk full"):
-        train(compose_config([*overrides, "stage.max_steps=3", "resume=auto"], run_dir=run_dir))
+        train(compose_config([*overrides, "stage.max_steps=3", "resume=auto", "resume_changes=[stage.max_steps]"],
+                             run_dir=run_dir))
     assert last.read_bytes() == before  # the torn write went to last.ckpt.tmp
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
     assert find_resume_checkpoint("auto", run_dir) == last
@@ -268,3 +269,25 @@ def test_periodic_checkpoints_are_on_by_default(tmp_path):
     assert trigger([]) == (0, timedelta(minutes=30))
     assert trigger(["trainer.checkpoint_every_n_steps=5"]) == (5, None)
     assert trigger(["trainer.checkpoint_every_minutes=0"]) == (0, None)
+
+
+def test_resume_auto_continues_with_the_runs_own_config(tmp_path):
+    """`resume=auto` without the original overrides used to rewrite config.yaml (max_steps 30 -> -1)
+    and train another run; now the run's own values come back, and an override that would change
+    the run is refused, naming it, unless resume_changes lists it."""
+    from vlmtrain.errors import UserError
+    from vlmtrain.training.resume_config import restore_run_config
+    from vlmtrain.training.tracking import save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(compose_config(["stage.max_steps=30", "stage.lr=1e-3"], run_dir=run_dir), run_dir / "config.yaml")
+    again = compose_config(["resume=auto", "data.num_workers=0"], run_dir=run_dir)  # as typed on the command line
+    restored = restore_run_config(again, run_dir, named=["resume", "data.num_workers"])
+    assert restored.stage.max_steps == 30 and restored.stage.lr == 1e-3 and restored.data.num_workers == 0
+    changing = compose_config(["resume=auto", "stage.max_steps=50"], run_dir=run_dir)
+    with pytest.raises(UserError, match=r"would change the run: stage.max_steps \(30 -> 50\).*resume_changes"):
+        restore_run_config(changing, run_dir, named=["resume", "stage.max_steps"])
+    on_purpose = compose_config(["resume=auto", "stage.max_steps=50", "resume_changes=[stage.max_steps]"], run_dir=run_dir)
+    restored = restore_run_config(on_purpose, run_dir, named=["resume", "stage.max_steps", "resume_changes"])
+    assert restored.stage.max_steps == 50 and restored.stage.lr == 1e-3

@@ -471,7 +471,11 @@ class TrainConfig:
     initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
     resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
-    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
+    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path.
+    The run continues with its own config.yaml (``vlmtrain.training.resume_config``)."""
+    resume_changes: list[str] = field(default_factory=list)
+    """Keys a resumed run may change on purpose (``resume_changes=[stage.max_steps]``); any other
+    command-line key that differs from the run's config.yaml is refused, naming it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)

@@ -34,6 +34,7 @@ from vlmtrain.training.datamodule import VLMDataModule
 from vlmtrain.training.flops import InternVLDims, tile_cost_in_tokens
 from vlmtrain.training.module import VLMTrainingModule
 from vlmtrain.training.objective import build_objective
+from vlmtrain.training.resume_config import restore_run_config
 from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_records
 
 log = logging.getLogger("vlmtrain")
@@ -113,6 +114,10 @@ def train(composed: DictConfig | TrainConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):
+        if (isinstance(composed, DictConfig) and cfg.resume
+                and find_resume_checkpoint(cfg.resume, run_dir) is not None):
+            composed = restore_run_config(composed, run_dir)  # the run continues with its own config
+            cfg = typed(composed)
         return _train(cfg, composed, run_dir)
 
 
