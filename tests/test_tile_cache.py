@@ -2,6 +2,7 @@
 with and without the JPEG augmentation; a cache of other tiling settings is refused."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -42,6 +43,8 @@ def test_cached_tiles_equal_decoded(tmp_path, tok, n_max, jpeg):
         images += 1
         assert torch.equal(a.pixel_values, b.pixel_values)
     assert images > 10 and cached.sources[0].tile_cache.hits >= images
+    tc = cached.sources[0].tile_cache
+    assert tc._tiles is not None and pickle.loads(pickle.dumps(tc))._tiles is None  # spawn ships no tiles
     index = json.loads((cache / INDEX).read_text())["tiles"]
     assert all(k.startswith("images/") for k in index)
 

@@ -130,6 +130,10 @@ class TileCache:
         self._tiles = None
         self.hits = 0
 
+    def __getstate__(self) -> dict:
+        # a loader started with "spawn" pickles the dataset: ship the index, not the mapped tiles
+        return {**self.__dict__, "_tiles": None}
+
     def get(self, src, root, budget: int) -> list[np.ndarray] | None:
         """The (S, S, 3) uint8 tiles of image ``src`` at tile budget ``budget``; None if not cached."""
         if isinstance(src, (bytes, bytearray)):

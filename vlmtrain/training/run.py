@@ -67,8 +67,10 @@ def check_accelerator(hw) -> None:
                         "run on a GPU node, or use hardware=cpu")
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None) -> pl.Trainer:
-    """The Lightning Trainer of a run; ``record`` is the config the logger records (default: ``cfg``)."""
+def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None,
+                  callbacks: list | None = None) -> pl.Trainer:
+    """The Lightning Trainer of a run; ``record`` is the config the logger records (default: ``cfg``);
+    ``callbacks`` are added after vlmtrain's own (the bench's clock)."""
     hw = cfg.hardware
     check_accelerator(hw)
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
@@ -98,7 +100,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = N
         max_steps=cfg.stage.max_steps,
         max_time=cfg.trainer.max_time,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(record if record is not None else cfg, run_dir)],
+        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else [])
+        + [RunTracking(record if record is not None else cfg, run_dir)] + list(callbacks or []),
         enable_checkpointing=cfg.trainer.checkpoint,
         plugins=plugins,
         default_root_dir=str(run_dir),
@@ -107,18 +110,6 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = N
         use_distributed_sampler=False,  # the StepSampler shards by rank itself
         num_sanity_val_steps=0,
     )
-
-
-def train(composed: DictConfig | TrainConfig) -> Path:
-    cfg = typed(composed)  # once: resolved, choices as Enums, ranges checked
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_dir_lock(run_dir):
-        if (isinstance(composed, DictConfig) and cfg.resume
-                and find_resume_checkpoint(cfg.resume, run_dir) is not None):
-            composed = restore_run_config(composed, run_dir)  # the run continues with its own config
-            cfg = typed(composed)
-        return _train(cfg, composed, run_dir)
 
 
 def _is_launching_process() -> bool:
@@ -153,16 +144,9 @@ def run_dir_lock(run_dir: Path):
         f.close()
 
 
-def _train(cfg, composed, run_dir: Path) -> Path:
-    record = composed if isinstance(composed, DictConfig) else None
-    save_config(record if record is not None else cfg, run_dir / "config.yaml")  # resolved, credentials redacted
-    scrub_hydra_records(run_dir)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    if _is_launching_process():
-        print(f"[vlmtrain] run directory: {run_dir}", flush=True)
-
-    check_accelerator(cfg.hardware)
-    resume = find_resume_checkpoint(cfg.resume, run_dir)
+def build_parts(cfg: TrainConfig, resume: Path | None = None):
+    """The tokenizer, model (stage applied), data module and LightningModule of a run, as
+    ``vlmtrain train`` builds them (the bench builds them here too)."""
     tokenizer = load_tokenizer(cfg.model)
     v = cfg.model.vision
     # the data first: a wrong path or a bad data setting fails before the model is built
@@ -181,7 +165,33 @@ def _train(cfg, composed, run_dir: Path) -> Path:
 
     module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
                                peak_tflops=cfg.trainer.peak_tflops)
-    trainer = build_trainer(cfg, run_dir, record)
+    return tokenizer, model, data, module
+
+
+def train(composed: DictConfig | TrainConfig, callbacks: list | None = None) -> Path:
+    cfg = typed(composed)  # once: resolved, choices as Enums, ranges checked
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir):
+        if (isinstance(composed, DictConfig) and cfg.resume
+                and find_resume_checkpoint(cfg.resume, run_dir) is not None):
+            composed = restore_run_config(composed, run_dir)  # the run continues with its own config
+            cfg = typed(composed)
+        return _train(cfg, composed, run_dir, callbacks)
+
+
+def _train(cfg: TrainConfig, composed, run_dir: Path, callbacks: list | None = None) -> Path:
+    record = composed if isinstance(composed, DictConfig) else None
+    save_config(record if record is not None else cfg, run_dir / "config.yaml")  # resolved, credentials redacted
+    scrub_hydra_records(run_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if _is_launching_process():
+        print(f"[vlmtrain] run directory: {run_dir}", flush=True)
+
+    check_accelerator(cfg.hardware)
+    resume = find_resume_checkpoint(cfg.resume, run_dir)
+    tokenizer, model, data, module = build_parts(cfg, resume)
+    trainer = build_trainer(cfg, run_dir, record, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     if module.meter is not None and module.meter.steps == 0:
         raise UserError(f"the run trained no step: no step had a supervised token (skipped samples by reason: "
