@@ -230,3 +230,35 @@ def test_gpu_hardware_without_a_gpu_is_one_line(tmp_path):
     data = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 2)
     with pytest.raises(UserError, match="no CUDA GPU is visible"):
         train(compose_config(tiny_run(data, "hardware=gpu"), run_dir=tmp_path / "run"))
+
+
+def test_chat_keeps_the_session_on_bad_media_and_leaves_on_ctrl_c(tmp_path):
+    from vlmtrain.data.conversation import SampleError
+    from vlmtrain.inference.chat import run_console
+
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    class Session:
+        asked = []
+
+        def ask(self, query, images, videos, write):
+            if images:
+                raise SampleError("corrupt_media", f"cannot decode image {images[0]}")
+            self.asked.append(query)
+            write("fine")
+
+        def clear(self):
+            pass
+
+    lines = iter([f"<img>{tmp_path / 'notes.txt'}</img> what is it?", "and now?"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    out = []
+    run_console(Session(), read, out.append)  # returns: Ctrl-C at the prompt leaves cleanly
+    text = "".join(out)
+    assert "error: cannot decode image" in text and Session.asked == ["and now?"]
