@@ -583,3 +583,51 @@ def transformer_blocks(model: CogVLMForCausalLM) -> dict[str, nn.ModuleList]:
 def set_packed_backend(model: CogVLMForCausalLM, backend: str) -> None:
     for layer in model.model.layers:
         layer.self_attn.packed_backend = backend
+
+
+def cogvlm_config(cfg, image_token_id: int | None) -> CogVLMConfig:
+    """A ``ModelConfig`` (``model.vision``: the ViT; ``model.llm.config``: the LLM, Llama names) ->
+    the release's ``CogVLMConfig``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    v = cfg.vision
+    text = cfg.llm.config
+    text = OmegaConf.to_container(text, resolve=True) if isinstance(text, DictConfig) else dict(text)
+    unknown = set(text) - set(LLM_KEYS)
+    if unknown:
+        from vlmtrain.errors import UserError
+
+        raise UserError(f"model.llm.config: {sorted(unknown)} do not apply to CogVLM's LLM (keys: {sorted(LLM_KEYS)})")
+    text.pop("model_type", None)
+    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
+                  intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
+                  layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+    return CogVLMConfig(vision_config=vision, image_token_id=image_token_id, **text)
+
+
+LLM_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_theta",
+            "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "template_version")
+"""``model.llm.config`` keys CogVLM's LLM takes (Vicuna / Llama-2: no GQA, no biases)."""
+
+
+def build_cogvlm(cfg, image_token_id: int | None = None, seed: int = 0, device=None,
+                 init_weights: bool = True) -> CogVLMForCausalLM:
+    """Random-init CogVLM, deterministic in ``seed``, its visual expert a copy of the language
+    weights. ``device="meta"`` builds without memory (``vlmtrain plan``); ``init_weights=False``
+    allocates without initialising (every weight is loaded next)."""
+    config = cogvlm_config(cfg, image_token_id if image_token_id is not None else cfg.image_token_id)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return CogVLMForCausalLM(config)
+    if not init_weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = CogVLMForCausalLM(config)
+        return model if device is None else model.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CogVLMForCausalLM(config)
+    init_visual_expert(model)
+    return model if device is None else model.to(device)
