@@ -213,6 +213,9 @@ class StageConfig:
     """Samples per optimizer step over all ranks; gradient accumulation makes up the rest."""
     max_steps: int = -1
     max_epochs: int = 1
+    lr_scale: dict[str, float] | None = None
+    """Per-part lr multipliers the stage's recipe pins (CogVLM's SFT: ``{vision_tower: 0.1}``);
+    ``optim.lr_scale`` defaults to it."""
     lora: LoraConfig | None = None
     """Adapters on frozen parts; ``trainable`` parts (e.g. the projector) still train fully."""
     objective: Any = None
