@@ -40,6 +40,8 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     layer_scale_init_value: float = 0.1
     hidden_act: str = "gelu"
+    config: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the family's vision config (e.g. CLIP's ``projection_dim``)."""
     sincos_position_init: bool = False
     """Random init only: start the learned position embeddings at fixed 2D sin-cos values (as MAE
     does) instead of transformers' zeros, so a ViT trained from scratch knows where each patch is
@@ -59,6 +61,9 @@ class LLMConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    family: Any = None
+    """The model family, a component (``_target_``, ``vlmtrain.models.family.Family``) with the
+    family's own settings as keyword arguments; None: InternVL (``InternVLFamily``)."""
     path: str | None = None
     """A local InternVL checkpoint (HF-native or OpenGVLab layout). None: random init."""
     tokenizer: str | None = None
@@ -69,6 +74,9 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
     template: str = "internvl2_5"
+    image_mode: str = "tile"
+    """How an image becomes tiles at inference (chat, eval) and, by default, in training
+    (``data.image_mode``): tile, pad, crop or resize (``vlmtrain.data.tiling.IMAGE_MODES``)."""
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -148,6 +156,12 @@ class DataConfig:
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
     use_thumbnail: bool = True
+    image_mode: str | None = None
+    """How an image becomes the ViT's tiles (``vlmtrain.data.tiling.IMAGE_MODES``); None: the
+    model's (``model.image_mode``, carried by the family's ImageLayout). ``tile``
+    (InternVL's dynamic tiling, n_max tiles + thumbnail), ``pad`` (LLaVA's pad to square with the
+    mean colour, one tile), ``crop`` (CLIP's shortest side to the tile size, centre crop, one
+    tile) or ``resize`` (squashed to the tile, one tile: BLIP-2 / MiniGPT-4)."""
     fast_resize: bool = False
     """Opt-in approximate pixels: decode JPEGs at the smallest DCT scale that covers the tile grid
     and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels

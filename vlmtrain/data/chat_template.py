@@ -17,22 +17,29 @@ import json
 
 from vlmtrain.data.templates import ChatTemplate
 
-_RENDER_CONTENT = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
-    "{%- elif part['type'] == 'video' and part.get('num_frames') -%}"
-    "{%- for i in range(part['num_frames']) -%}{{ 'Frame-' ~ (i + 1) ~ ': <IMG_CONTEXT>\\n' }}{%- endfor -%}"
-    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-)
+
+def _render_content(image: str, sep: str) -> str:
+    def lit(s: str) -> str:
+        return json.dumps(s, ensure_ascii=False)
+
+    return (
+        "{%- macro render(content) -%}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- else -%}{%- for part in content -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{ {lit(image + sep)} }}}}"
+        "{%- elif part['type'] == 'video' and part.get('num_frames') -%}"
+        f"{{%- for i in range(part['num_frames']) -%}}{{{{ 'Frame-' ~ (i + 1) ~ {lit(': ' + image + chr(10))} }}}}"
+        "{%- endfor -%}"
+        "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+    )
 
 
-def chat_template_jinja(t: ChatTemplate, bos_token: str | None = None) -> str:
-    """The Jinja template of ``t``; ``bos_token``: the BOS to start with (None: none)."""
+def chat_template_jinja(t: ChatTemplate, bos_token: str | None = None, image: str = "<IMG_CONTEXT>") -> str:
+    """The Jinja template of ``t``; ``bos_token``: the BOS to start with (None: none); ``image``:
+    what an image part is written as (the native processor's placeholder, ``ImageLayout.placeholder``)."""
 
     def lit(s: str | None) -> str:
         return "none" if s is None else json.dumps(s, ensure_ascii=False)
@@ -42,7 +49,7 @@ def chat_template_jinja(t: ChatTemplate, bos_token: str | None = None) -> str:
 
     user_before, user_after = t.around("user")
     first, each = content("messages[0]['content']"), content("message['content']")
-    out = _RENDER_CONTENT
+    out = _render_content(image, "\n" if t.image_sep is None else t.image_sep)
     if t.bos and bos_token:
         out += f"{{{{- {lit(bos_token)} -}}}}"
     if t.prefix:

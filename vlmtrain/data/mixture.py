@@ -24,7 +24,8 @@ from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel
 from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
-from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
+from vlmtrain.data.placeholders import ImageLayout
+from vlmtrain.data.tiling import check_image_mode, choose_grid, single_tile, tile_image, tile_image_fast, tiles_per_image
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
 
@@ -93,7 +94,10 @@ class SourceDataset:
 
 
 class MixtureDataset:
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, seed: int = 0, training: bool = True):
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: ImageLayout | int, seed: int = 0,
+                 training: bool = True):
+        """``tokens_per_tile``: the model family's ImageLayout (``family.image_layout``; an int:
+        InternVL's layout with that many tokens per tile)."""
         if isinstance(cfg, DictConfig):
             # resolve once: a DictConfig re-parses interpolations (tile_size, template) on every read,
             # which cost a third of the time of building a one-tile sample
@@ -109,6 +113,8 @@ class MixtureDataset:
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
+        self.layout = self.encoder.layout
+        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -168,7 +174,15 @@ class MixtureDataset:
         jpeg_frames = self.training and d.jpeg_augment is True
         tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
         for kind, src in media:
-            if kind == "image":
+            if kind == "image" and self.image_mode != "tile":
+                if not pixels:
+                    image_size(src)  # the image must open, as with pixels
+                    num_tiles.append(1)
+                    continue
+                tile = single_tile(load_image(src), self.image_mode, size, self.layout.mean)
+                tiles.append(jpeg_reencode(tile, rng) if jpeg_images else tile)
+                num_tiles.append(1)
+            elif kind == "image":
                 if not pixels:
                     w, h = image_size(src)
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
@@ -221,9 +235,7 @@ def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:
     """(MixtureDataset, tokenizer) for a composed training config (model, data, seed), as training
     builds them: what the data tools (preview, stats) read."""
     from vlmtrain.models.build import load_tokenizer
-    from vlmtrain.models.internvl import tokens_per_tile
+    from vlmtrain.models.family import image_layout
 
     tokenizer = load_tokenizer(cfg.model)
-    v = cfg.model.vision
-    n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
-    return MixtureDataset(cfg.data, tokenizer, n, cfg.seed, training=training), tokenizer
+    return MixtureDataset(cfg.data, tokenizer, image_layout(cfg.model), cfg.seed, training=training), tokenizer

@@ -24,7 +24,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
-from vlmtrain.data.placeholders import expand_videos
+from vlmtrain.data.placeholders import ImageLayout, as_layout, expand_videos
 from vlmtrain.data.templates import ChatTemplate
 from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
@@ -66,21 +66,25 @@ class _Piece:
 
 
 class Renderer:
-    """Renders conversations for one tokenizer and one number of image tokens per tile."""
+    """Renders conversations for one tokenizer and one image layout (a model family's
+    ``ImageLayout``; an int: InternVL's layout with that many tokens per tile)."""
 
-    def __init__(self, tokenizer, tokens_per_tile: int):
+    def __init__(self, tokenizer, layout: ImageLayout | int):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError("vlmtrain renders with a fast tokenizer (tokenizer.json): it needs token offsets")
-        ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT])
+        self.layout = layout = as_layout(layout)
+        ids = tokenizer.convert_tokens_to_ids(list(layout.tokens))
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids or None in ids:
-            raise UserError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
+            raise UserError(f"tokenizer lacks the image tokens {' '.join(layout.tokens)}")
         self.tokenizer = tokenizer
-        self.tokens_per_tile = tokens_per_tile
-        self.img_start, self.img_end, self.img_context = ids
+        self.tokens_per_tile = layout.tokens_per_tile
+        self.img_context = tokenizer.convert_tokens_to_ids(layout.context)
+        self.img_start = tokenizer.convert_tokens_to_ids(layout.start) if layout.start else None
+        self.img_end = tokenizer.convert_tokens_to_ids(layout.end) if layout.end else None
         self.bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
 
     def image_text(self, tiles: int) -> str:
-        return IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles) + IMG_END
+        return self.layout.image_text(tiles)
 
     def render(self, conv: Conversation, template: ChatTemplate, num_tiles=(), frames=(),
                system: str | None = None) -> Rendered:
@@ -98,6 +102,10 @@ class Renderer:
             raise SampleError("placeholder_mismatch", "more videos than <video> placeholders")
         if any(a is None for _, a in turns[:-1]):
             raise ValueError("only the last answer of a conversation may be left open")
+        if template.image_sep is not None:
+            sep = IMAGE_PLACEHOLDER + template.image_sep
+            turns = [(u.replace(IMAGE_PLACEHOLDER + "\n", sep), None if a is None else a.replace(IMAGE_PLACEHOLDER + "\n", sep))
+                     for u, a in turns]
         strip = str.strip if template.strip else (lambda s: s)
         pieces: list[_Piece] = [_Piece(template.prefix)]
         text = conv.system if conv.system is not None else system
@@ -169,8 +177,10 @@ class Renderer:
             if p.tiles:
                 flush()
                 n = self.tokens_per_tile * p.tiles
-                ids += [self.img_start] + [self.img_context] * n + [self.img_end]
-                labels += [IGNORE_INDEX] * (n + 2)
+                image = ([self.img_start] if self.img_start is not None else []) + [self.img_context] * n
+                image += [self.img_end] if self.img_end is not None else []
+                ids += image
+                labels += [IGNORE_INDEX] * len(image)
                 texts.append(self.image_text(p.tiles))
             elif p.text:
                 run.append(p)

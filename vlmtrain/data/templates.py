@@ -58,6 +58,9 @@ class ChatTemplate:
     """Literal text before everything else (after the BOS)."""
     stop: str = ""
     """The token generation stops at (besides the tokenizer's EOS)."""
+    image_sep: str | None = None
+    """Replaces the newline after an ``<image>`` (the placement rule puts ``<image>\\n`` before a
+    query): MiniGPT-4 writes ``<Img>...</Img> question`` with a space. None: the newline stays."""
 
     def __post_init__(self):
         for field in ("user",) + (("system",) if self.system else ()):

@@ -17,7 +17,7 @@ from transformers import TextIteratorStreamer
 
 from vlmtrain.data.prompt import Prompt, PromptEncoder
 from vlmtrain.data.templates import get_template
-from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.models.family import family_of
 
 
 @dataclass
@@ -49,10 +49,12 @@ class InferenceEngine:
         self.template = get_template(template or cfg.template)
         self.system = system
         self.tile_size = cfg.vision.image_size
-        self.tokens_per_tile = tokens_per_tile(cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio)
+        self.family = family_of(cfg)
+        self.layout = self.family.layout(cfg)
+        self.tokens_per_tile = self.layout.tokens_per_tile
         self.max_tiles, self.num_frames = max_tiles, num_frames
-        self.prompts = PromptEncoder(self.tokenizer, self.tokens_per_tile, self.template, self.tile_size,
-                                     max_tiles, num_frames, system)
+        self.prompts = PromptEncoder(self.tokenizer, self.layout, self.template, self.tile_size,
+                                     max_tiles, num_frames, system, self.layout.image_mode)
         self.device = torch.device(device)
         stop = [self.tokenizer.convert_tokens_to_ids(self.template.stop)] if self.template.stop else []
         if self.tokenizer.eos_token_id is not None:
@@ -79,6 +81,7 @@ class InferenceEngine:
         inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
+        inputs.update(self.family.generate_kwargs(inputs.get("pixel_values")))
         return inputs
 
     def _generate_kwargs(self, gen: GenerationConfig) -> dict:

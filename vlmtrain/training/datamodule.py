@@ -27,9 +27,10 @@ warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*"
 
 
 class VLMDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, global_batch_size: int, seed: int,
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile, global_batch_size: int, seed: int,
                  tile_cost: float = 0.0):
-        """tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
+        """tokens_per_tile: the model family's ImageLayout (or InternVL's tokens per tile);
+        tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
         super().__init__()
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.global_batch_size, self.tile_cost = global_batch_size, tile_cost

@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 from vlmtrain.config import PARTS
 from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
-from vlmtrain.models.internvl import part_of
-from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
+from vlmtrain.models.family import family_of
+from vlmtrain.training.flops import peak_flops_per_device, trainable_states
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
 from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, deepspeed_next_micro_batch, is_deepspeed
@@ -121,7 +121,7 @@ class VLMTrainingModule(pl.LightningModule):
         peak = self.peak_tflops * 1e12 if self.peak_tflops else None
         if peak is None and self.device.type == "cuda":
             peak = peak_flops_per_device(torch.cuda.get_device_name(self.device))
-        self.meter = StepMeter(InternVLDims.from_hf_config(self.model.config), trainable_states(self.model),
+        self.meter = StepMeter(family_of(self.model).flops_dims(self.model.config), trainable_states(self.model),
                                self.trainer.world_size, peak)
         if getattr(self, "_meter_state", None):
             self.meter.load_state_dict(self._meter_state)  # resumed: the summary covers the whole run
@@ -219,6 +219,7 @@ def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,
     if lr_scale and lr is None:
         raise UserError("optim.lr_scale needs optim.lr (the lr it scales)")
     split: dict[tuple[str, bool], list] = {}
+    part_of = family_of(model).part_of
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen parameters never reach the optimizer

@@ -26,7 +26,7 @@ import torch
 
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.models.attention import packed_kwargs
-from vlmtrain.models.internvl import multimodal_embeddings
+from vlmtrain.models.family import family_of
 from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 
 
@@ -71,14 +71,15 @@ class Objective:
 
 def hidden_states(model, mb: Batch) -> torch.Tensor:
     """The language model's last hidden states for a micro-batch, (rows, length, hidden)."""
-    embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
+    fam = family_of(model)
+    embeds = fam.multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
     if mb.packed:
         # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
-        return model.model.language_model(
+        return fam.decoder(model)(
             inputs_embeds=embeds, position_ids=mb.position_ids, use_cache=False,
             **packed_kwargs(mb.cu_seq_lens, mb.max_length),
         ).last_hidden_state
-    return model.model.language_model(
+    return fam.decoder(model)(
         inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
     ).last_hidden_state
 
@@ -112,9 +113,9 @@ class CrossEntropyObjective(Objective):
         hidden, targets, samples = supervised_hidden(model, mb)
         w = self.weighting(mb.num_supervised)[samples]
         if per_sample:
-            num, ce = weighted_cross_entropy(hidden, model.lm_head, targets, w, return_token_ce=True)
+            num, ce = weighted_cross_entropy(hidden, family_of(model).lm_head(model), targets, w, return_token_ce=True)
             return LossTerms(num, per_sample_loss_sums(ce, w, samples, len(mb.num_supervised)))
-        return LossTerms(weighted_cross_entropy(hidden, model.lm_head, targets, w))
+        return LossTerms(weighted_cross_entropy(hidden, family_of(model).lm_head(model), targets, w))
 
 
 def build_objective(stage_cfg, loss_cfg) -> Objective:

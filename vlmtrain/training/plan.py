@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from vlmtrain.config import PARTS
 from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage
-from vlmtrain.models.internvl import build_from_config, part_of
+from vlmtrain.models.family import family_of
+from vlmtrain.models.internvl import build_from_config
 
 GiB = 1024**3
 
@@ -125,8 +126,9 @@ class PartCount:
 
 def count_parameters(model) -> dict[str, PartCount]:
     counts = {p: PartCount() for p in PARTS}
+    fam = family_of(model)
     for name, p in model.named_parameters():
-        c = counts[part_of(name)]
+        c = counts[fam.part_of(name)]
         c.total += p.numel()
         c.trainable += p.numel() if p.requires_grad else 0
     return counts

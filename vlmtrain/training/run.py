@@ -15,12 +15,12 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
-from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.models.family import family_of
 from vlmtrain.models.lora import save_adapter
 from vlmtrain.models.run_checkpoint import find_checkpoint, find_resume_checkpoint, load_strict, read_weights
 from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption
 from vlmtrain.training.datamodule import VLMDataModule
-from vlmtrain.training.flops import InternVLDims, tile_cost_in_tokens
+from vlmtrain.training.flops import tile_cost_in_tokens
 from vlmtrain.training.module import VLMTrainingModule
 from vlmtrain.training.objective import build_objective
 from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_records
@@ -88,11 +88,11 @@ def train(cfg: DictConfig) -> Path:
     trainable = apply_stage(model, cfg.stage)
     log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
 
-    v = cfg.model.vision
+    fam = family_of(cfg.model)
     data = VLMDataModule(
-        cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
+        cfg.data, tokenizer, fam.layout(cfg.model),
         cfg.stage.global_batch_size, cfg.seed,
-        tile_cost=tile_cost_in_tokens(InternVLDims.from_hf_config(model.config)),
+        tile_cost=tile_cost_in_tokens(fam.flops_dims(model.config)),
     )
     module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
                                peak_tflops=cfg.trainer.peak_tflops)
