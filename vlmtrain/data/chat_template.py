@@ -49,11 +49,20 @@ def chat_template_jinja(t: ChatTemplate, bos_token: str | None = None, image: st
 
     user_before, user_after = t.around("user")
     first, each = content("messages[0]['content']"), content("message['content']")
-    out = _render_content(image, "\n" if t.image_sep is None else t.image_sep)
+    out = _render_content("" if t.images_first else image,
+                          "" if t.images_first else "\n" if t.image_sep is None else t.image_sep)
     if t.bos and bos_token:
         out += f"{{{{- {lit(bos_token)} -}}}}"
     if t.prefix:
         out += f"{{{{- {lit(t.prefix)} -}}}}"
+    if t.images_first:  # every image part of every message, before everything (CogVLM)
+        out += (
+            "{%- set images = namespace(n=0) -%}"
+            "{%- for m in messages -%}{%- if m['content'] is not string -%}{%- for part in m['content'] -%}"
+            "{%- if part['type'] == 'image' -%}{%- set images.n = images.n + 1 -%}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}{%- endfor -%}"
+            f"{{{{- {lit(image)} * images.n -}}}}"
+        )
     out += (
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         f"{{%- set system = {first} -%}}"
@@ -69,9 +78,11 @@ def chat_template_jinja(t: ChatTemplate, bos_token: str | None = None, image: st
         f"{{%- if message['role'] == 'user' -%}}"
         f"{{{{- {lit(user_before)} + {each} + {lit(user_after)} -}}}}"
         "{%- elif message['role'] == 'assistant' -%}"
-        f"{{{{- {lit(t.assistant)} + {each} + "
-        f"{lit(t.answer_end + t.turn_sep)} -}}}}"
-        "{%- endif -%}{%- endfor -%}"
+        f"{{{{- {lit(t.assistant + t.answer_lead)} + {each} -}}}}"
+        + ("" if t.history_end is None else f"{{%- if not loop.last -%}}{{{{- {lit(t.history_end)} -}}}}{{%- else -%}}")
+        + f"{{{{- {lit(t.answer_end + t.turn_sep)} -}}}}"
+        + ("" if t.history_end is None else "{%- endif -%}")
+        + "{%- endif -%}{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{- {lit(t.assistant)} -}}}}{{%- endif -%}}"
     )
     return out

@@ -32,6 +32,11 @@ class EncodedSample:
     dataset: str = ""
     truncated: bool = False
     """True when trailing text-only turns were dropped to fit max_seq_len (data.too_long)."""
+    token_type_ids: torch.Tensor | None = None
+    """Layouts with ``token_types`` (CogVLM): 1 at image positions, 0 elsewhere."""
+    position_ids: torch.Tensor | None = None
+    """Layouts with ``token_types``: the sample's own position ids (image positions share one);
+    None: 0, 1, 2, ..."""
 
     @property
     def num_supervised(self) -> int:

@@ -26,6 +26,7 @@ from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.tiling import check_image_mode, choose_grid, single_tile, tile_image, tile_image_fast, tiles_per_image
+from vlmtrain.data.token_types import sample_token_types
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
 
@@ -221,6 +222,9 @@ class MixtureDataset:
         template = get_template(d.template or self.cfg.template)
         system = d.system if d.system is not None else self.cfg.system
         input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
+        token_types = positions = None
+        if self.layout.token_types:  # CogVLM: the visual expert's routing and its position-id rule
+            token_types, positions = sample_token_types(input_ids, self.encoder.img_context)
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
@@ -228,6 +232,8 @@ class MixtureDataset:
             num_tiles=num_tiles,
             dataset=source.name,
             truncated=self.encoder.last_truncated,
+            token_type_ids=token_types,
+            position_ids=positions,
         )
 
 

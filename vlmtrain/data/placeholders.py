@@ -50,6 +50,10 @@ class ImageLayout:
     """Pixels reach the ViT as (x / 255 - mean) / std; ``mean`` x 255 is also LLaVA's padding colour."""
     image_mode: str = "tile"
     """The model's way of making tiles (``model.image_mode``), where ``data.image_mode`` is unset."""
+    token_types: bool = False
+    """The model routes positions by type (CogVLM's visual expert): samples carry token_type_ids
+    (VISION at context tokens) and their position ids (an image's positions share one id,
+    ``vlmtrain.data.token_types``), and collation and packing keep them."""
 
     def image_text(self, tiles: int) -> str:
         return self.start + self.context * (self.tokens_per_tile * tiles) + self.end

@@ -74,7 +74,9 @@ class Renderer:
             raise UserError("vlmtrain renders with a fast tokenizer (tokenizer.json): it needs token offsets")
         self.layout = layout = as_layout(layout)
         ids = tokenizer.convert_tokens_to_ids(list(layout.tokens))
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids or None in ids:
+        unknown = [t for t, i in zip(layout.tokens, ids)  # a layout may write <unk> itself (CogVLM on Vicuna)
+                   if i is None or (i == tokenizer.unk_token_id and t != tokenizer.unk_token)]
+        if unknown:
             raise UserError(f"tokenizer lacks the image tokens {' '.join(layout.tokens)}")
         self.tokenizer = tokenizer
         self.tokens_per_tile = layout.tokens_per_tile
@@ -108,6 +110,12 @@ class Renderer:
                      for u, a in turns]
         strip = str.strip if template.strip else (lambda s: s)
         pieces: list[_Piece] = [_Piece(template.prefix)]
+        if template.images_first:
+            if frames:
+                raise SampleError("bad_message", f"template {template.name} places images first and takes no video")
+            n_images = sum(u.count(IMAGE_PLACEHOLDER) + (a or "").count(IMAGE_PLACEHOLDER) for u, a in turns)
+            turns = [(_drop_images(u), None if a is None else _drop_images(a)) for u, a in turns]
+            pieces += [_Piece("", tiles=-1) for _ in range(n_images)]
         text = conv.system if conv.system is not None else system
         if not template.system and text is not None:
             if conv.system is not None:
@@ -118,13 +126,16 @@ class Renderer:
             before, after = template.around("system")
             pieces.append(_Piece(before + strip(text) + after))
         ends = []  # piece index after each complete turn
-        for user, answer in turns:
+        for i, (user, answer) in enumerate(turns):
             before, after = template.around("user")
             pieces += [_Piece(before), *self._content(strip(user), False), _Piece(after + template.assistant)]
             if answer is None:
                 break
-            pieces += [*self._content(strip(answer), True), _Piece(template.answer_end, loss=True),
-                       _Piece(template.turn_sep)]
+            pieces += self._content(template.answer_lead + strip(answer), True)
+            if template.history_end is not None and i < len(turns) - 1:
+                pieces.append(_Piece(template.history_end))
+            else:
+                pieces += [_Piece(template.answer_end, loss=True), _Piece(template.turn_sep)]
             ends.append(len(pieces))
         tiles = [p.tiles for p in pieces if p.tiles]
         if len(tiles) != len(num_tiles):
@@ -188,3 +199,9 @@ class Renderer:
                 run_ends.append(sum(len(q.text) for q in run))
         flush()
         return Rendered("".join(texts), ids, labels, turn_ends)
+
+
+def _drop_images(text: str) -> str:
+    """``text`` without its ``<image>`` placeholders (and the newline after each): a template with
+    ``images_first`` renders the images before everything."""
+    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")

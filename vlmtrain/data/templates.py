@@ -58,6 +58,18 @@ class ChatTemplate:
     """Literal text before everything else (after the BOS)."""
     stop: str = ""
     """The token generation stops at (besides the tokenizer's EOS)."""
+    answer_lead: str = ""
+    """Text before every answer that belongs to the answer (carries loss; generation writes it):
+    CogVLM's ``Answer:`` is followed by the answer's own leading space (the release tokenizes the
+    answer separately, so its first token is ``▁word``)."""
+    history_end: str | None = None
+    """What follows an answer that is not the conversation's last (no loss), instead of
+    ``answer_end`` + ``turn_sep``: CogVLM's history is ``Answer: {a}\n`` without an EOS. None: every
+    answer ends with ``answer_end``."""
+    images_first: bool = False
+    """Images go at the very start (after the BOS and ``prefix``), their ``<image>`` placeholders
+    (and the newline after each) removed from the text: CogVLM puts the image's positions right
+    after the BOS, before the prompt. Videos are refused (no frame lines to place)."""
     image_sep: str | None = None
     """Replaces the newline after an ``<image>`` (the placement rule puts ``<image>\\n`` before a
     query): MiniGPT-4 writes ``<Img>...</Img> question`` with a space. None: the newline stays."""
@@ -111,6 +123,20 @@ TEMPLATES = {
             answer_end="<|end|>",
             default_system=INTERNVL2_SYSTEM,
             stop="<|end|>",
+        ),
+        # CogVLM-Chat v1.1 (THUDM/cogvlm-chat-hf, template_version "chat": _history_to_prompt and
+        # build_conversation_input_ids): [BOS] image "Question: {q} Answer: {a}</s>"; history turns are
+        # "Question: {q} Answer: {a}\n" without the EOS; no system block
+        ChatTemplate(
+            name="cogvlm_chat",
+            system="",
+            user="Question: {content} Answer:",
+            assistant="",
+            answer_lead=" ",
+            answer_end="</s>",
+            history_end="\n",
+            images_first=True,
+            stop="</s>",
         ),
         # Llama 3 instruct, as Meta's chat template writes it: every message trimmed, no default
         # system block, the BOS the tokenizer's (Meta's template writes bos_token itself)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-from vlmtrain.config import PARTS, ModelConfig, StageConfig
+from vlmtrain.config import ModelConfig, StageConfig
 from vlmtrain.errors import UserError
 from vlmtrain.models.attention import use_packed_attention
 from vlmtrain.models.family import family_of
@@ -114,9 +114,9 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
     Returns the names of the trainable parameters.
     """
     fam = family_of(model)
-    unknown = set(stage.trainable) - set(PARTS)
+    unknown = set(stage.trainable) - set(fam.parts)
     if unknown:
-        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(fam.parts)}")
     if stage.lora is not None:
         add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []

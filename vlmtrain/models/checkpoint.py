@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from vlmtrain.config import PARTS, LoraConfig, ModelConfig
+from vlmtrain.config import LoraConfig, ModelConfig
 from vlmtrain.errors import MissingPathError
 from vlmtrain.models.build import build_model, load_tokenizer
 from vlmtrain.models.family import family_of
@@ -74,7 +74,7 @@ def load_trained(path: str | Path, dtype: torch.dtype | None = None) -> TrainedM
         model_cfg.tokenizer = None
         tokenizer = load_tokenizer(model_cfg)
         model = build_model(model_cfg, tokenizer)
-        trainable, lora, source = list(PARTS), None, p
+        trainable, lora, source = list(family_of(model).parts), None, p
     if dtype is not None:
         model = model.to(dtype)
     model.eval()

@@ -42,10 +42,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from vlmtrain.data.token_types import VISION_TOKEN_TYPE, sample_position_ids
 from vlmtrain.models.attention import varlen_causal_attention
-
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
+from vlmtrain.models.family import Family
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,6 +84,11 @@ class CogVLMConfig(PretrainedConfig):
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
+    def text_config(self):
+        """The language model's config: CogVLM's config is one flat config (the release's)."""
+        return self
+
+    @property
     def num_vision_tokens(self) -> int:
         """VISION positions per image: boi + patches + eoi."""
         v = self.vision_config
@@ -104,43 +108,6 @@ def expert_mask(token_type_ids: torch.Tensor, cu_seq_lens: torch.Tensor | None =
     if cu_seq_lens is not None:
         mask[:, cu_seq_lens[1:].long() - 1] = False
     return mask
-
-
-def build_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The release's rule: boi and eoi count as language, all patches of an image share one id.
-    (B, T) -> (B, T) int64. Padding (attention_mask 0) takes no position."""
-    tmp = token_type_ids.clone()
-    if attention_mask is not None:
-        tmp[~attention_mask.bool()] = -1
-    boi_eoi = torch.zeros_like(tmp, dtype=torch.bool)
-    boi_eoi[:, 1:] |= (tmp[:, 1:] == VISION_TOKEN_TYPE) & (tmp[:, :-1] != VISION_TOKEN_TYPE)
-    boi_eoi[:, 0] |= tmp[:, 0] == VISION_TOKEN_TYPE
-    boi_eoi[:, :-1] |= (tmp[:, :-1] == VISION_TOKEN_TYPE) & (tmp[:, 1:] != VISION_TOKEN_TYPE)
-    boi_eoi[:, -1] |= tmp[:, -1] == VISION_TOKEN_TYPE
-    tmp[boi_eoi] = LANGUAGE_TOKEN_TYPE
-    step = torch.zeros_like(tmp, dtype=torch.long)
-    step[:, 1:] = ((tmp[:, 1:] == LANGUAGE_TOKEN_TYPE)
-                   | ((tmp[:, 1:] == VISION_TOKEN_TYPE) & (tmp[:, :-1] == LANGUAGE_TOKEN_TYPE))).long()
-    return step.cumsum(-1)
-
-
-def sample_position_ids(token_type_ids: torch.Tensor, cu_seq_lens: torch.Tensor | None = None,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Position ids that start at 0 in every sample: per packed sample (``cu_seq_lens``) or per row
-    from its first attended token (left padding), each by ``build_position_ids``.
-
-    The release counts a left-padded row from 1 (its first real token increments the count); here
-    a padded and an unpadded row of the same sample get the same positions."""
-    if cu_seq_lens is not None:
-        pos = build_position_ids(token_type_ids)
-        starts = cu_seq_lens[:-1].long()
-        lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
-        return pos - torch.repeat_interleave(pos[:, starts], lengths, dim=1)
-    pos = build_position_ids(token_type_ids, attention_mask)
-    if attention_mask is None:
-        return pos
-    first = attention_mask.long().argmax(-1, keepdim=True)
-    return (pos - pos.gather(1, first)).clamp(min=0) * attention_mask.long()
 
 
 # -- vision: EVA2-CLIP-E and the adapter -------------------------------------------------------------
@@ -631,3 +598,147 @@ def build_cogvlm(cfg, image_token_id: int | None = None, seed: int = 0, device=N
         model = CogVLMForCausalLM(config)
     init_visual_expert(model)
     return model if device is None else model.to(device)
+
+
+# -- the family (vlmtrain.models.family): what the rest of vlmtrain trains CogVLM through ----------
+
+
+class _LayerGroup:
+    """One part's transformer layers as a "tower" for activation checkpointing: CogVLM's ViT and LLM
+    live in one ``PreTrainedModel``, whose own ``gradient_checkpointing_enable`` would switch both."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+
+        func = partial(checkpoint, **(gradient_checkpointing_kwargs or {"use_reentrant": False}))
+        for layer in self.layers:
+            layer._gradient_checkpointing_func = func
+            layer.gradient_checkpointing = True
+
+
+class _Decoder(nn.Module):
+    """``Family.decoder``: CogVLM's language model without its head, called as the training step
+    calls a decoder (``inputs_embeds``, ``position_ids``, packed ``cu_seq_lens_q`` ...), plus the
+    ``token_type_ids`` the data side carries (the visual expert's routing)."""
+
+    def __init__(self, model: CogVLMModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, position_ids=None, attention_mask=None, token_type_ids=None, use_cache=False,
+                cu_seq_lens_q=None, max_length_q=0, **kwargs):
+        if token_type_ids is None:
+            raise ValueError("CogVLM's decoder needs token_type_ids (the data side's ImageLayout.token_types)")
+        return self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids, use_cache=use_cache, cu_seq_lens=cu_seq_lens_q,
+                          max_length=max_length_q)
+
+
+class CogVLMFamily(Family):
+    """CogVLM (``vlmtrain.models.cogvlm``; no native transformers class). Parts: the three of
+    ``config.PARTS`` (ViT; adapter with boi/eoi; the LLM's own weights) and ``visual_expert``
+    (each layer's vision QKV, dense and MLP), so a stage can train the expert with the LLM frozen.
+
+    ``image_token``: the token written at VISION positions; ``<IMG_CONTEXT>`` (added to the
+    tokenizer) for the tiny model, ``<unk>`` (id 0, the release's pad) for Vicuna's vocabulary,
+    which has no room for new rows in the released checkpoint."""
+
+    model_class = CogVLMForCausalLM
+    config_model_types = ("cogvlm",)
+    processor_tokens = {}
+    parts = ("vision_tower", "multi_modal_projector", "language_model", "visual_expert")
+    lora_targets = {
+        "llm_attention": r"model\.layers\.\d+\.self_attn\.language_expert_(query_key_value|dense)",
+        "llm_mlp": r"model\.layers\.\d+\.mlp\.language_mlp\.(gate_proj|up_proj|down_proj)",
+        "expert_attention": r"model\.layers\.\d+\.self_attn\.vision_expert_(query_key_value|dense)",
+        "expert_mlp": r"model\.layers\.\d+\.mlp\.vision_mlp\.(gate_proj|up_proj|down_proj)",
+        "vit": r"model\.vision\.transformer\.layers\.\d+\.(attention\.(query_key_value|dense)|mlp\.fc1|mlp\.fc2)",
+    }
+    part_modules = {
+        "vision_tower": ["patch_embedding", "transformer"],
+        "multi_modal_projector": ["vision"],  # boi / eoi are parameters of model.vision itself
+        "language_model": ["embed_tokens", "language_expert_query_key_value", "language_expert_dense",
+                           "language_mlp", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"],
+        "visual_expert": ["vision_expert_query_key_value", "vision_expert_dense", "vision_mlp"],
+    }
+
+    def __init__(self, image_token: str = "<IMG_CONTEXT>"):
+        self.image_token = image_token
+
+    def layout(self, cfg):
+        from vlmtrain.data.placeholders import ImageLayout
+
+        v = cfg.vision
+        return ImageLayout(context=self.image_token, start="", end="",
+                           tokens_per_tile=(v.image_size // v.patch_size) ** 2 + 2,
+                           special_tokens=() if self.image_token == "<unk>" else (self.image_token,),
+                           mean=CLIP_MEAN, std=CLIP_STD, image_mode="resize", token_types=True)
+
+    def hf_config(self, cfg, image_token_id: int):
+        return cogvlm_config(cfg, image_token_id)
+
+    def init_weights(self, model, cfg) -> None:
+        init_visual_expert(model)
+
+    def part_of(self, param_name: str) -> str:
+        return part_of(param_name)
+
+    def part_prefixes(self) -> dict[str, list[str]]:
+        return {"vision_tower": ["model.vision.patch_embedding.", "model.vision.transformer."],
+                "multi_modal_projector": ["model.vision.linear_proj.", "model.vision.boi", "model.vision.eoi"],
+                "language_model": ["model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."],
+                "visual_expert": []}
+
+    def embedding_keys(self) -> tuple[str, str]:
+        return "model.embed_tokens.weight", "lm_head.weight"
+
+    def towers(self, model) -> dict:
+        return {k: _LayerGroup(v) for k, v in transformer_blocks(model).items()}
+
+    def transformer_blocks(self, model) -> dict[str, nn.ModuleList]:
+        return transformer_blocks(model)
+
+    def encode_images(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.model.encode_images(normalize_clip(pixel_values))
+
+    def decoder(self, model) -> nn.Module:
+        return _Decoder(model.model)
+
+    def lm_head(self, model) -> nn.Module:
+        return model.lm_head
+
+    def to_native(self, state: dict, text_config) -> dict:
+        from vlmtrain.models import cogvlm_layout as layout
+
+        if layout.is_cogvlm_state(state):
+            return layout.release_state(state)
+        if any(k.endswith(".self_attn.q_proj.weight") for k in state):
+            return layout.llama_to_cogvlm(state, "checkpoint")
+        return state
+
+    def config_from_checkpoint(self, c: dict, cfg_file) -> dict:
+        from pathlib import Path
+
+        from vlmtrain.models.cogvlm_layout import model_fields_from_release
+
+        fields = model_fields_from_release(Path(cfg_file).parent)
+        fields["family"] = {"_target_": "vlmtrain.models.cogvlm.CogVLMFamily",
+                            "image_token": "<IMG_CONTEXT>" if fields["image_token_id"] else "<unk>"}
+        return fields
+
+    def flops_dims(self, config):
+        from vlmtrain.training.flops import InternVLDims
+
+        v = config.vision_config
+        return InternVLDims(vit_hidden=v["hidden_size"], vit_layers=v["num_hidden_layers"],
+                            vit_intermediate=v["intermediate_size"], tile_size=v["image_size"],
+                            patch_size=v["patch_size"], downsample_ratio=1.0, llm_hidden=config.hidden_size,
+                            llm_layers=config.num_hidden_layers, llm_heads=config.num_attention_heads,
+                            llm_kv_heads=config.num_attention_heads,
+                            llm_head_dim=config.hidden_size // config.num_attention_heads,
+                            llm_intermediate=config.intermediate_size, vocab_size=config.vocab_size)

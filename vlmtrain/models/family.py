@@ -81,6 +81,9 @@ class Family:
     config_model_types: tuple[str, ...] = ()
     processor_tokens: dict[str, str] = {}
     lora_targets: dict[str, str] = {}
+    parts: tuple[str, ...] = PARTS
+    """The freeze groups ``stage.trainable`` names (``part_of``'s values): ``config.PARTS``, and a
+    family may add its own (CogVLM's ``visual_expert``, inside the LLM's layers)."""
     part_modules: dict[str, list[str]] = {}
     """Module names of each part as peft's ``modules_to_save`` takes them."""
 
@@ -224,6 +227,7 @@ MODEL_TYPES = {
     "llava": "vlmtrain.models.llava.LlavaFamily",
     "llava_next": "vlmtrain.models.llava.LlavaNextFamily",
     "blip-2": "vlmtrain.models.minigpt4.MiniGPT4Family",
+    "cogvlm": "vlmtrain.models.cogvlm.CogVLMFamily",
 }
 """HF config ``model_type`` -> family class, for models and checkpoints that come without a
 vlmtrain ModelConfig (a plain HF directory, a model built elsewhere). Families register here."""

@@ -65,9 +65,10 @@ class VLMDataModule(pl.LightningDataModule):
 
     def collator(self, pad_id: int):
         """The configured step collator (``data.collate``), padded by default."""
+        token_types = self.dataset.layout.token_types  # CogVLM: filler batches carry token types too
         if self.cfg.get("collate") is None:
-            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size)
-        return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
+            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size, token_types)
+        return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size, token_types=token_types)
 
     def train_dataloader(self) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id

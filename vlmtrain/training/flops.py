@@ -197,7 +197,7 @@ def trainable_states(model) -> dict[str, str]:
     from vlmtrain.models.family import family_of
 
     part_of = family_of(model).part_of
-    flags: dict[str, list[bool]] = {p: [] for p in PARTS}
+    flags: dict[str, list[bool]] = {p: [] for p in family_of(model).parts}
     for name, param in model.named_parameters():
         flags[part_of(name.removeprefix("base_model.model."))].append(param.requires_grad)
     return {

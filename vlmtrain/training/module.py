@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 
-from vlmtrain.config import PARTS
 from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
 from vlmtrain.models.family import family_of
@@ -213,9 +212,10 @@ def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,
     ``lr_scale`` (``optim.lr_scale``, e.g. ``{vision_tower: 0.1}``), into groups of their own at
     ``lr x scale`` (named ``vision_tower/decay``...). Unscaled parts share ``decay`` / ``no_decay``,
     in that order, so runs without scales keep their group layout (and resume from older checkpoints)."""
-    bad = {k: v for k, v in lr_scale.items() if k not in PARTS or not float(v) > 0}
+    parts = family_of(model).parts
+    bad = {k: v for k, v in lr_scale.items() if k not in parts or not float(v) > 0}
     if bad:
-        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(PARTS)}, values > 0")
+        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(parts)}, values > 0")
     if lr_scale and lr is None:
         raise UserError("optim.lr_scale needs optim.lr (the lr it scales)")
     split: dict[tuple[str, bool], list] = {}

@@ -73,14 +73,17 @@ def hidden_states(model, mb: Batch) -> torch.Tensor:
     """The language model's last hidden states for a micro-batch, (rows, length, hidden)."""
     fam = family_of(model)
     embeds = fam.multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
+    # the data side's token types, for families that route by them (CogVLM's visual expert)
+    types = {} if mb.token_type_ids is None else {"token_type_ids": mb.token_type_ids}
     if mb.packed:
         # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
         return fam.decoder(model)(
             inputs_embeds=embeds, position_ids=mb.position_ids, use_cache=False,
-            **packed_kwargs(mb.cu_seq_lens, mb.max_length),
+            **packed_kwargs(mb.cu_seq_lens, mb.max_length), **types,
         ).last_hidden_state
     return fam.decoder(model)(
-        inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
+        inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False,
+        **types,
     ).last_hidden_state
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlmtrain.config import PARTS
 from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage
 from vlmtrain.models.family import family_of
@@ -125,8 +124,8 @@ class PartCount:
 
 
 def count_parameters(model) -> dict[str, PartCount]:
-    counts = {p: PartCount() for p in PARTS}
     fam = family_of(model)
+    counts = {p: PartCount() for p in fam.parts}
     for name, p in model.named_parameters():
         c = counts[fam.part_of(name)]
         c.total += p.numel()
