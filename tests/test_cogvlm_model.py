@@ -9,14 +9,13 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmtrain.config import ModelConfig
+from vlmtrain.data.token_types import build_position_ids, sample_position_ids
 from vlmtrain.models import cogvlm_layout as layout
 from vlmtrain.models.cogvlm import (
     CogVLMForCausalLM,
     build_cogvlm,
-    build_position_ids,
     expert_mask,
     part_of,
-    sample_position_ids,
     vision_token_types,
 )
 
@@ -198,3 +197,47 @@ def test_parts_and_the_released_size():
     assert totals["visual_expert"] == pytest.approx(6.48e9, rel=0.01)
     assert part_of("base_model.model.model.layers.3.mlp.vision_mlp.up_proj.lora_A.default.weight") == "visual_expert"
     assert vision_token_types(torch.tensor([[1, IMG, 2]]), IMG).tolist() == [[0, 1, 0]]
+
+
+def test_packed_and_padded_steps_give_the_same_loss_with_token_types():
+    """The demo data through CogVLM's layout: token types and the samples' own position ids survive
+    padding and packing, and both give the loss of the same samples (and the same gradients)."""
+    from conftest import compose_config
+    from vlmtrain.data.collate import StepCollator
+    from vlmtrain.data.mixture import MixtureDataset
+    from vlmtrain.data.packing import PackedStepCollator
+    from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
+    from vlmtrain.models.family import image_layout
+    from vlmtrain.training.loss import PowerWeighting
+    from vlmtrain.training.objective import CrossEntropyObjective
+
+    cfg = compose_config(["model=cogvlm_tiny", "stage=cogvlm_pretrain"])
+    tok = load_tokenizer(cfg.model)
+    layout = image_layout(cfg.model)
+    assert layout.token_types and layout.tokens_per_tile == 66 and not layout.start
+    ds = MixtureDataset(cfg.data, tok, layout, seed=0)
+    samples = [ds[(i, 0)] for i in range(6)]
+    samples = [s for s in samples if hasattr(s, "input_ids")]
+    with_image = [s for s in samples if s.pixel_values is not None]
+    assert with_image and all(s.pixel_values.shape[0] == len(s.num_tiles) for s in with_image)  # one tile each
+    s = with_image[0]
+    assert int(s.token_type_ids.sum()) == 66 * len(s.num_tiles)
+    assert s.position_ids.max() < len(s) - 64 * len(s.num_tiles) + 1  # an image's patches share one id
+    model = build_model(cfg.model, tok)
+    apply_stage(model, cfg.stage)
+    obj = CrossEntropyObjective(PowerWeighting(0.5))
+    padded = StepCollator(2, tok.pad_token_id, 112, token_types=True)(samples)
+    packed = PackedStepCollator(tok.pad_token_id, 112, max_tokens=4096, max_tiles=8, token_types=True)(samples)
+    assert all(mb.token_type_ids is not None for mb in padded.micro_batches + packed.micro_batches)
+
+    def loss_and_grad(step):
+        model.zero_grad()
+        num = sum(obj(model, mb).total for mb in step.micro_batches)
+        w = obj.step_weight(step)
+        (num / w).backward()
+        g = model.model.layers[0].self_attn.vision_expert_query_key_value.weight.grad.clone()
+        return float((num / w).detach()), g
+
+    (a, ga), (b, gb) = loss_and_grad(padded), loss_and_grad(packed)
+    assert abs(a - b) < 1e-4 * abs(a)
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-6)

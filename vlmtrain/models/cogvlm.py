@@ -151,7 +151,7 @@ class VisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionLayer(GradientCheckpointingLayer):
+class CogVLMVisionLayer(GradientCheckpointingLayer):
     def __init__(self, v: dict):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(v["hidden_size"], eps=v["layer_norm_eps"])
@@ -167,7 +167,7 @@ class VisionLayer(GradientCheckpointingLayer):
 class VisionTransformer(nn.Module):
     def __init__(self, v: dict):
         super().__init__()
-        self.layers = nn.ModuleList([VisionLayer(v) for _ in range(v["num_hidden_layers"])])
+        self.layers = nn.ModuleList([CogVLMVisionLayer(v) for _ in range(v["num_hidden_layers"])])
 
     def forward(self, x):
         for layer in self.layers:
@@ -335,7 +335,7 @@ def _causal_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -
     return mask
 
 
-class DecoderLayer(GradientCheckpointingLayer):
+class CogVLMDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: CogVLMConfig, layer_idx: int):
         super().__init__()
         self.self_attn = VisionExpertAttention(config, layer_idx)
@@ -354,7 +354,7 @@ class CogVLMPreTrainedModel(PreTrainedModel):
     config_class = CogVLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer", "VisionLayer"]
+    _no_split_modules = ["CogVLMDecoderLayer", "CogVLMVisionLayer"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -381,7 +381,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.vision = EVA2CLIPModel(config)
-        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([CogVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
