@@ -288,7 +288,7 @@ def schema_node(cls):
     from omegaconf import OmegaConf
 
     schema = OmegaConf.structured(cls)
-    if "data" in schema:
+    if "data" in schema and OmegaConf.is_config(schema.data) and "datasets" in schema.data:
         OmegaConf.set_struct(schema.data.datasets, False)
     return schema
 

@@ -9,6 +9,7 @@ submit, computed on a meta-device model (``vlmtrain.training.plan``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlmtrain.cli import Command, start
 from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig
@@ -21,6 +22,11 @@ class PlanConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanOptions = field(default_factory=PlanOptions)
+    data: Any = None
+    """Data keys a stage file sets (``# @package _global_`` stages such as llava_pretrain pin their
+    template and image mode); plan does not read them."""
+    optim: Any = None
+    """Optimizer keys a stage file sets (minigpt4_stage1's schedule floor); plan does not read them."""
 
 
 def print_plan(cfg) -> None:

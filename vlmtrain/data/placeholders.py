@@ -48,6 +48,9 @@ class ImageLayout:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     """Pixels reach the ViT as (x / 255 - mean) / std; ``mean`` x 255 is also LLaVA's padding colour."""
+    markers_are_text: bool = False
+    """``start`` / ``end`` are prompt text tokenised with their neighbours (MiniGPT-4's ``<Img>``),
+    not special tokens of their own."""
     image_mode: str = "tile"
     """The model's way of making tiles (``model.image_mode``), where ``data.image_mode`` is unset."""
     token_types: bool = False
@@ -64,7 +67,9 @@ class ImageLayout:
 
     @property
     def tokens(self) -> tuple[str, ...]:
-        """The layout's own tokens: start, context, end (those that are set)."""
+        """The layout's own tokens: start, context, end (those that are set and are tokens)."""
+        if self.markers_are_text:
+            return (self.context,)
         return tuple(t for t in (self.start, self.context, self.end) if t)
 
 

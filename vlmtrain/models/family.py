@@ -219,12 +219,44 @@ def vision_no_grad(tower: nn.Module):
     return nullcontext() if grad else torch.no_grad()
 
 
+def drop_path_hooks(layers, attention: str, mlp: str, rate: float) -> list:
+    """Stochastic depth on both residual branches of every layer, rising linearly to ``rate``:
+    a forward hook scales the branch output (``layer.<attention>`` returns a tuple, ``layer.<mlp>``
+    a tensor) by mask / keep_prob per sample, which equals timm's DropPath on a residual branch.
+    Returns the hook handles (remove them to turn drop path off)."""
+    handles = []
+    if rate <= 0:
+        return handles
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        p = rate * i / max(1, n - 1)
+        if p <= 0:
+            continue
+        handles.append(getattr(layer, attention).register_forward_hook(_drop_path_hook(p, tuple_output=True)))
+        handles.append(getattr(layer, mlp).register_forward_hook(_drop_path_hook(p, tuple_output=False)))
+    return handles
+
+
+def _drop_path_hook(p: float, tuple_output: bool):
+    keep = 1.0 - p
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        x = output[0] if tuple_output else output
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
+        return (x * mask, *output[1:]) if tuple_output else x * mask
+
+    return hook
+
+
 DEFAULT_FAMILY = "vlmtrain.models.internvl.InternVLFamily"
 
 MODEL_TYPES = {
     "internvl": DEFAULT_FAMILY,
     "internvl_chat": DEFAULT_FAMILY,
     "llava": "vlmtrain.models.llava.LlavaFamily",
+    "llava_llama": "vlmtrain.models.llava.LlavaFamily",
     "llava_next": "vlmtrain.models.llava.LlavaNextFamily",
     "blip-2": "vlmtrain.models.minigpt4.MiniGPT4Family",
     "cogvlm": "vlmtrain.models.cogvlm.CogVLMFamily",

@@ -21,7 +21,7 @@ from vlmtrain.config import PARTS, ModelConfig
 from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 from vlmtrain.errors import UserError
 from vlmtrain.data.placeholders import ImageLayout
-from vlmtrain.models.family import Family, vision_no_grad
+from vlmtrain.models.family import Family, drop_path_hooks, vision_no_grad
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
@@ -173,31 +173,7 @@ def add_drop_path(vision_tower: nn.Module, rate: float) -> list:
     then multiplied by the layer scale and added to the residual, this equals timm's DropPath.
     Returns the hook handles (remove them to turn drop path off).
     """
-    layers = vision_tower.encoder.layer
-    handles = []
-    if rate <= 0:
-        return handles
-    n = len(layers)
-    for i, layer in enumerate(layers):
-        p = rate * i / max(1, n - 1)
-        if p <= 0:
-            continue
-        handles.append(layer.attention.register_forward_hook(_drop_path_hook(p, tuple_output=True)))
-        handles.append(layer.mlp.register_forward_hook(_drop_path_hook(p, tuple_output=False)))
-    return handles
-
-
-def _drop_path_hook(p: float, tuple_output: bool):
-    keep = 1.0 - p
-
-    def hook(module, args, output):
-        if not module.training:
-            return output
-        x = output[0] if tuple_output else output
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
-        return (x * mask, *output[1:]) if tuple_output else x * mask
-
-    return hook
+    return drop_path_hooks(vision_tower.encoder.layer, "attention", "mlp", rate)
 
 
 def encode_images(model: InternVLForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
