@@ -241,3 +241,43 @@ def test_packed_and_padded_steps_give_the_same_loss_with_token_types():
     (a, ga), (b, gb) = loss_and_grad(padded), loss_and_grad(packed)
     assert abs(a - b) < 1e-4 * abs(a)
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets,adapted_part", [("[llm_attention,llm_mlp]", "language_model"),
+                                                  ("[expert_attention,expert_mlp]", "visual_expert")])
+def test_lora_on_cogvlm_adapts_the_named_expert_and_merges(tmp_path, targets, adapted_part):
+    """stage=lora on CogVLM: adapters on the language (or the visual) expert's linears, the adapter
+    trains fully beside them; peft's saved adapter on a fresh base gives the adapted logits, and
+    merging (what export and init_from use) gives them too."""
+    from peft import PeftModel
+
+    from conftest import compose_config
+    from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
+    from vlmtrain.models.family import family_of
+    from vlmtrain.models.lora import merge_lora, save_adapter
+
+    cfg = compose_config(["model=cogvlm_tiny", "stage=lora", f"stage.lora.targets={targets}"])
+    tok = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok)
+    trainable = apply_stage(model, cfg.stage)
+    fam = family_of(model)
+    adapted = {fam.part_of(n) for n in trainable if ".lora_" in n}
+    assert adapted == {adapted_part}
+    assert {fam.part_of(n) for n in trainable if ".lora_" not in n} == {"multi_modal_projector"}
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([[model.config.image_token_id] * 66 + [40, 41, 42, 43]])
+    px = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=px).logits
+    out = save_adapter(model, tmp_path / "adapter", cfg.stage.lora, list(cfg.stage.trainable))
+    base = build_model(cfg.model, tok).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=ids, pixel_values=px).logits
+        merged = merge_lora(model)(input_ids=ids, pixel_values=px).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, ref, atol=1e-5, rtol=0)
