@@ -123,7 +123,9 @@ class PatchEmbedding(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.proj(pixel_values).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.position_embedding.weight.unsqueeze(0)
+        # through the embedding's forward, so FSDP2 gathers its weight when it is a unit of its own
+        positions = self.position_embedding(torch.arange(x.shape[1], device=x.device))
+        return x + positions.unsqueeze(0)
 
 
 class VisionAttention(nn.Module):
@@ -205,17 +207,16 @@ class EVA2CLIPModel(nn.Module):
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
 
-    def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features (CLS dropped) of the ViT, (N, patches, ViT width)."""
-        return self.transformer(self.patch_embedding(pixel_values))[:, 1:]
-
-    def adapt(self, feats: torch.Tensor) -> torch.Tensor:
-        x = self.linear_proj(feats)
-        n = x.shape[0]
-        return torch.cat([self.boi.expand(n, -1, -1), x, self.eoi.expand(n, -1, -1)], dim=1)
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.adapt(self.vit(pixel_values))
+        """The ViT runs under no_grad when none of its parameters trains (a frozen ViT keeps no
+        activations); the adapter, boi and eoi still train. One forward, so sharded strategies
+        gather this module's own parameters (boi, eoi) around it."""
+        vit_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.transformer.parameters())
+        with nullcontext() if vit_grad else torch.no_grad():
+            feats = self.transformer(self.patch_embedding(pixel_values.to(self.patch_embedding.proj.weight.dtype)))
+        x = self.linear_proj(feats[:, 1:])  # CLS dropped
+        n = x.shape[0]
+        return torch.cat([self.boi.expand(n, -1, -1).to(x.dtype), x, self.eoi.expand(n, -1, -1).to(x.dtype)], dim=1)
 
 
 # -- the language model with its visual expert -------------------------------------------------------
@@ -392,12 +393,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
         self.embed_tokens = value
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> (N, 2 + patches, D). The ViT runs under no_grad when none of its
-        parameters trains (a frozen ViT keeps no activations); the adapter still trains."""
-        vision_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.transformer.parameters())
-        with nullcontext() if vision_grad else torch.no_grad():
-            feats = self.vision.vit(pixel_values.to(self.vision.patch_embedding.proj.weight.dtype))
-        return self.vision.adapt(feats)
+        """Normalised images -> (N, 2 + patches, D) (``EVA2CLIPModel.forward``)."""
+        return self.vision(pixel_values)
 
     def forward(self, input_ids=None, pixel_values=None, token_type_ids=None, attention_mask=None,
                 position_ids=None, cache=None, inputs_embeds=None, use_cache=None, cu_seq_lens=None,
