@@ -61,3 +61,33 @@ def test_cogvlm_tiny_trains_through_its_stages_and_exports(tmp_path):
         a = run.model(input_ids=ids, pixel_values=pixels).logits
         b = exported.model(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+SMALL = ["model=cogvlm_tiny", "stage=cogvlm_sft", "stage.max_steps=2", "data.num_workers=0", "stage.warmup_steps=1",
+         "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_cogvlm_fsdp_two_cpu_ranks_match_one_process(tmp_path):
+    """FSDP2 over 2 CPU ranks (CogVLM's layers as units; boi/eoi and the position embedding gathered
+    through their modules' forwards): the single process's losses and final weights."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    single = train(compose_config(SMALL, run_dir=tmp_path / "single"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
+    cmd = [sys.executable, "-m", "vlmtrain", *SMALL, "hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=2",
+           "hardware.precision=32-true", "hardware.strategy.param_dtype=float32", f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _losses(single), _losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 2
+    assert b[0] == pytest.approx(a[0], rel=1e-5) and b[1] == pytest.approx(a[1], rel=1e-3)
+    s, f = _weights(single), _weights(tmp_path / "fsdp")
+    f = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in f.items()}
+    assert set(f) == set(s)
+    for k, v in s.items():
+        torch.testing.assert_close(f[k], v, rtol=2e-3, atol=2e-5, msg=k)
