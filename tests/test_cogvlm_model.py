@@ -281,3 +281,31 @@ def test_lora_on_cogvlm_adapts_the_named_expert_and_merges(tmp_path, targets, ad
         merged = merge_lora(model)(input_ids=ids, pixel_values=px).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, ref, atol=1e-5, rtol=0)
+
+
+def test_vision_and_llm_paths_load_into_cogvlm(tmp_path):
+    """model.vision.path (a CogVLM checkpoint in the release's layout: its ViT) and model.llm.path
+    (a Llama causal LM: the language weights, the visual expert a copy) through build_model."""
+    from vlmtrain.models.build import build_model, load_tokenizer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load("conf/model/cogvlm_tiny.yaml"))
+    tok = load_tokenizer(cfg)
+    donor = build_model(cfg, tok, seed=11)
+    donor.save_pretrained(tmp_path / "cog")
+    c = cfg.llm.config
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                         intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                                         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
+                                         tie_word_embeddings=False))
+    llama.save_pretrained(tmp_path / "llama")
+    cfg.vision.path, cfg.llm.path, cfg.tokenizer = str(tmp_path / "cog"), str(tmp_path / "llama"), None
+    model = build_model(cfg, tok, seed=0)
+    vit = "model.vision.transformer.layers.1.mlp.fc2.weight"
+    assert torch.equal(model.state_dict()[vit], donor.state_dict()[vit])
+    adapter = "model.vision.linear_proj.gate_proj.weight"
+    assert not torch.equal(model.state_dict()[adapter], donor.state_dict()[adapter])  # not named: random init
+    q = llama.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    qkv = model.model.layers[0].self_attn
+    assert torch.equal(qkv.language_expert_query_key_value.weight[: q.shape[0]], q)
+    assert torch.equal(qkv.vision_expert_query_key_value.weight, qkv.language_expert_query_key_value.weight)
+    assert torch.equal(model.lm_head.weight, llama.lm_head.weight)
