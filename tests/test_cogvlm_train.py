@@ -118,3 +118,25 @@ def test_cogvlm_deepspeed_zero3_two_cpu_ranks_match_one_process(tmp_path):
     norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
              for d in (single, tmp_path / "ds")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_cogvlm_killed_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    """tests/test_resume.py's protocol on CogVLM (SFT: ViT, adapter and expert train, the ViT in its
+    own lr groups): killed at step 2, resumed with resume=auto, the same data and losses bit for bit."""
+    from test_resume import Killed, Recorder, _run
+
+    common = ["model=cogvlm_tiny", "stage=cogvlm_sft", "stage.max_epochs=2", "data.num_workers=0",
+              "stage.warmup_steps=3", "data.datasets.shapes.repeat=0.17", "stage.global_batch_size=4",
+              "data.micro_batch_size=2", "trainer.checkpoint_every_n_steps=1", "trainer.enable_progress_bar=false"]
+    full, first, second = [], [], []
+    _run(monkeypatch, common, tmp_path / "full", Recorder(full))
+    with pytest.raises(Killed):
+        _run(monkeypatch, common, tmp_path / "cut", Recorder(first, kill_at=2))
+    _run(monkeypatch, [*common, "resume=auto"], tmp_path / "cut", Recorder(second))
+    resumed = first + second
+    assert [(s, h) for s, h, _ in resumed] == [(s, h) for s, h, _ in full]
+    assert [loss for _, _, loss in resumed] == [loss for _, _, loss in full]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
