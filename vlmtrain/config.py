@@ -221,6 +221,8 @@ class StageConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     """Fraction of the run's optimizer steps used for warmup (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    """Where the cosine ends, as a fraction of the peak lr (MiniGPT-4's min_lr / init_lr)."""
     drop_path: float = 0.0
     """Stochastic depth of the ViT, rising linearly over its layers to this value."""
     global_batch_size: int = 512

@@ -25,8 +25,6 @@ class PlanConfig:
     data: Any = None
     """Data keys a stage file sets (``# @package _global_`` stages such as llava_pretrain pin their
     template and image mode); plan does not read them."""
-    optim: Any = None
-    """Optimizer keys a stage file sets (minigpt4_stage1's schedule floor); plan does not read them."""
 
 
 def print_plan(cfg) -> None:
