@@ -163,7 +163,7 @@ TEMPLATES.update({
         # MiniGPT-4 stage 2: '###Human: {} ###Assistant: ' around '<Img><ImageHere></Img> instruction';
         # the target is answer + end_sym "###", tokenised apart from the prompt
         ChatTemplate(name="minigpt4", system="", user="###Human: {content} ", assistant="###Assistant: ",
-                     answer_end="###", stop="###", image_first=True, image_sep=" ", answer_apart=True),
+                     answer_end="###", image_first=True, image_sep=" ", answer_apart=True),
     ]
 })
 
