@@ -33,6 +33,7 @@ from contextlib import nullcontext
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from vlmtrain.data.images import normalize_pixels
@@ -183,7 +184,10 @@ class MiniGPT4Family(Family):
         trains = model.query_tokens.requires_grad or any(p.requires_grad for p in model.qformer.parameters())
         with nullcontext() if trains and torch.is_grad_enabled() else torch.no_grad():
             mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-            queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            queries = model.query_tokens
+            if isinstance(queries, DTensor):  # FSDP2 shards the root's own parameter; gather it (differentiable)
+                queries = queries.full_tensor()
+            queries = queries.expand(image_embeds.shape[0], -1, -1)
             out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                                 encoder_attention_mask=mask).last_hidden_state
         return model.language_projection(out[:, :self.num_query_tokens].to(model.language_projection.weight.dtype))
