@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtrain.cli import Command, start
-from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig
+from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig, typed
 from vlmtrain.training.plan import PlanOptions, plan, report
 
 
@@ -26,11 +26,13 @@ class PlanConfig:
     """Data keys a stage file sets (``# @package _global_`` stages such as llava_pretrain pin their
     template and image mode); plan does not read them."""
     optim: Any = None
-    """Optimizer keys a stage file sets (minigpt4_stage1's schedule floor); plan does not read them."""
+    """The training's optim group: the strategy (built to ask what it shards) may read it
+    (DeepSpeed's ``gradient_clipping: ${optim.grad_clip}``)."""
 
 
 def print_plan(cfg) -> None:
-    print(report(cfg, plan(cfg)))
+    typed_cfg = typed(cfg, PlanConfig)  # once: resolved, choices as Enums, ranges checked
+    print(report(typed_cfg, plan(typed_cfg)))
 
 
 COMMAND = Command("plan", print_plan, config_name="plan", schema=PlanConfig, schema_name="vlmtrain_plan_schema")

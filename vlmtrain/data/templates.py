@@ -174,8 +174,9 @@ TEMPLATES.update({
     for t in [
         # conv_llava_plain + preprocess_plain: <image> then the caption and sep "\n"; the user's text
         # is dropped, only the caption and the "\n" carry loss
+        # (no image markers: MiniGPT-4's stage 1, BOS + the query embeddings + caption + "\n", is the same rule)
         ChatTemplate(name="plain", system="", user="{content}", assistant="", answer_end="\n",
-                     user_images_only=True),
+                     user_images_only=True, image_markers=False),
         # conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"): system + " " + "USER: " + q + " " +
         # "ASSISTANT: " + a + "</s>"; preprocess_v1 masks through "ASSISTANT:", the answer and "</s>" train
         ChatTemplate(name="vicuna_v1", system="{content} ", user="USER: {content} ", assistant="ASSISTANT:",
@@ -184,7 +185,7 @@ TEMPLATES.update({
         # MiniGPT-4 stage 2: '###Human: {} ###Assistant: ' around '<Img><ImageHere></Img> instruction';
         # the target is answer + end_sym "###", tokenised apart from the prompt
         ChatTemplate(name="minigpt4", system="", user="###Human: {content} ", assistant="###Assistant: ",
-                     answer_end="###", stop="###", image_first=True, image_sep=" ", answer_apart=True),
+                     answer_end="###", image_first=True, image_sep=" ", answer_apart=True),
     ]
 })
 

@@ -87,6 +87,10 @@ class InferenceEngine:
     def _generate_kwargs(self, gen: GenerationConfig) -> dict:
         kw = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, eos_token_id=self.stop_ids,
                   pad_token_id=self.pad_id, repetition_penalty=gen.repetition_penalty)
+        end = self.template.answer_end
+        if end.strip() and end not in self.tokenizer.get_vocab():
+            # an end marker of plain text (MiniGPT-4's "###"): transformers stops on the string
+            kw.update(stop_strings=[end], tokenizer=self.tokenizer)
         if gen.do_sample:
             kw.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         else:
@@ -100,7 +104,13 @@ class InferenceEngine:
             torch.manual_seed(gen.seed)
         out = self.model.generate(**inputs, **self._generate_kwargs(gen))
         new = out[:, inputs["input_ids"].shape[1]:]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return [self.answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in new]
+
+    def answer(self, text: str) -> str:
+        """The generated text up to the template's end marker (a text marker such as plain's
+        newline or MiniGPT-4's ``###`` stays in the decoded text; special tokens do not)."""
+        end = self.template.answer_end
+        return (text.split(end)[0] if end.strip() or end == "\n" else text).strip()
 
     def stream(self, prompt: Prompt, gen: GenerationConfig):
         """Yield text pieces as tokens are generated."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-from vlmtrain.config import ModelConfig, StageConfig
+from vlmtrain.config import ModelConfig, StageConfig, plain
 from vlmtrain.errors import UserError
 from vlmtrain.models.attention import use_packed_attention
 from vlmtrain.models.family import family_of
@@ -102,7 +102,7 @@ def round_weights(model: torch.nn.Module, dtype: str) -> None:
 
 def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
     """Packed attention backend, per-part activation checkpointing and compilation, as configured."""
-    use_packed_attention(model, cfg.attention)
+    use_packed_attention(model, plain(cfg.attention))  # its errors quote the bare name
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
     compile_blocks(model, cfg.compile)
 

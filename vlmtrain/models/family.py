@@ -167,14 +167,19 @@ class Family:
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 
-    def multimodal_embeddings(self, model, input_ids, pixel_values, dummy_vision: bool = False) -> torch.Tensor:
+    def multimodal_embeddings(self, model, input_ids, pixel_values, dummy_vision: bool = False,
+                              tile_index: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the context-token positions replaced, in order, by the projected
         tile features. ``dummy_vision``: tiles of no text position (a text-only batch) enter the
-        graph with weight zero, so sharded strategies see every rank run the vision tower."""
+        graph with weight zero, so sharded strategies see every rank run the vision tower.
+        ``tile_index``: which tile each image of the text shows, in text order (None: every tile
+        once, in order): a preference pair's answers share their prompt's tiles."""
         embeds = model.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
         feats = self.encode_images(model, pixel_values).to(embeds.dtype)
+        if tile_index is not None and not dummy_vision:
+            feats = feats[tile_index]
         if dummy_vision:
             return embeds + 0.0 * feats.sum()
         mask = input_ids == self.image_token_id(model)

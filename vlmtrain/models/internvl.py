@@ -194,9 +194,15 @@ def multimodal_embeddings(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
     dummy_vision: bool = False,
+    tile_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token embeddings with the image context positions replaced, in order, by projected tile
     features (``Family.multimodal_embeddings``).
+
+    ``tile_index``: which tile of ``pixel_values`` each image of the text shows, tile by tile in
+    text order (None: every tile once, in order). A preference pair's chosen and rejected answers
+    share their prompt's images: the vision tower encodes each tile once and the index feeds its
+    features to both sequences.
 
     With ``dummy_vision`` the tiles belong to no text position (a text-only batch): their features
     enter the graph with weight zero, so every rank runs the vision tower every step and sharded
@@ -204,7 +210,7 @@ def multimodal_embeddings(
     """
     from vlmtrain.models.family import family_of
 
-    return family_of(model).multimodal_embeddings(model, input_ids, pixel_values, dummy_vision)
+    return family_of(model).multimodal_embeddings(model, input_ids, pixel_values, dummy_vision, tile_index)
 
 
 class InternVLFamily(Family):

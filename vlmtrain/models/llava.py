@@ -15,6 +15,7 @@ Checkpoint layouts read (``LlavaFamily.to_native``; ``from_native`` writes the o
 - the original LLaVA layout (``LlavaLlamaForCausalLM``: ``model.embed_tokens``,
   ``model.layers.*``, ``lm_head``, the projector as ``model.mm_projector.{0,2}.*`` and, where saved,
   the ViT as ``model.vision_tower.vision_tower.vision_model.*``); ``ORIGINAL_RENAMES``;
+  transformers 5's CLIPVisionModel has no ``vision_model`` level (``model.vision_tower.encoder.*``);
 - a CLIP checkpoint for ``model.vision.path`` (``vision_model.*``; its text half is ignored);
 - a causal LM (Vicuna) for ``model.llm.path``.
 """
@@ -38,7 +39,7 @@ IMAGE_TOKEN = "<image>"
 ORIGINAL_RENAMES = [
     (r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
     (r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
-    (r"^model\.vision_tower\.vision_tower\.", "model.vision_tower."),
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower."),
     (r"^model\.image_newline$", "model.image_newline"),
     (r"^model\.(?!vision_tower\.|multi_modal_projector\.)", "model.language_model."),
     (r"^lm_head\.", "lm_head."),
@@ -49,7 +50,7 @@ multimodal keys first, every other ``model.*`` key is the LLM's."""
 NATIVE_TO_ORIGINAL = [
     (r"^model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
     (r"^model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
-    (r"^model\.vision_tower\.", "model.vision_tower.vision_tower."),
+    (r"^model\.vision_tower\.", "model.vision_tower.vision_tower.vision_model."),
     (r"^model\.image_newline$", "model.image_newline"),
     (r"^model\.language_model\.", "model."),
     (r"^lm_head\.", "lm_head."),
@@ -57,6 +58,7 @@ NATIVE_TO_ORIGINAL = [
 """Native -> original LLaVA, the inverse of ``ORIGINAL_RENAMES``."""
 
 HF_HUB_RENAMES = [
+    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
     (r"^vision_tower\.", "model.vision_tower."),
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
     (r"^image_newline$", "model.image_newline"),
@@ -98,7 +100,7 @@ class LlavaFamily(Family):
     lora_targets = {
         "llm_attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
         "llm_mlp": r"model\.language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
-        "vit": r"model\.vision_tower\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+        "vit": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)"
                r"|mlp\.fc1|mlp\.fc2)",
     }
     part_modules = {"vision_tower": ["vision_tower"], "multi_modal_projector": ["multi_modal_projector"],
@@ -150,11 +152,11 @@ class LlavaFamily(Family):
         return {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
 
     def transformer_blocks(self, model) -> dict[str, nn.ModuleList]:
-        return {"vision_tower": model.model.vision_tower.vision_model.encoder.layers,
+        return {"vision_tower": model.model.vision_tower.encoder.layers,
                 "language_model": model.model.language_model.layers}
 
     def add_drop_path(self, model, rate: float) -> list:
-        return drop_path_hooks(model.model.vision_tower.vision_model.encoder.layers, "self_attn", "mlp", rate)
+        return drop_path_hooks(model.model.vision_tower.encoder.layers, "self_attn", "mlp", rate)
 
     # -- forward -----------------------------------------------------------------------------------
     def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -189,8 +191,8 @@ class LlavaFamily(Family):
         if any(k.startswith(("model.mm_projector.", "model.vision_tower.vision_tower.")) for k in keys):
             return rename(state, ORIGINAL_RENAMES, "original LLaVA checkpoint")
         if any(k.startswith("vision_model.") for k in keys):  # CLIP: its vision half
-            return {("model.vision_tower." + k if k.startswith("vision_model.") else "clip." + k): v
-                    for k, v in state.items()}
+            return {("model.vision_tower." + k.removeprefix("vision_model.") if k.startswith("vision_model.")
+                     else "clip." + k): v for k, v in state.items()}
         if any(k.startswith("model.embed_tokens.") for k in keys):
             return convert_causal_lm(state, text_config)
         raise UserError(f"unknown LLaVA checkpoint layout (first keys: {keys[:3]})")
