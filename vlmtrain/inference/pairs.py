@@ -48,7 +48,7 @@ from vlmtrain.errors import UserError
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
 from vlmtrain.inference.evaluation import questions, relaxed
 from vlmtrain.models.checkpoint import load_trained
-from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.models.family import image_layout
 
 log = logging.getLogger("vlmtrain")
 
@@ -183,7 +183,7 @@ def score_pairs(trained, data: DataConfig, path: Path, batch_size: int = 8, sett
     from vlmtrain.training.preference import pair_logps, sample_logps
 
     model, cfg = trained.model, trained.model_cfg
-    n_tok = tokens_per_tile(cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio)
+    n_tok = image_layout(cfg)  # the model family's image layout
     settings = settings or DatasetConfig(path=str(path))
     entry = {"path": str(path), "format": "preference", "jpeg_augment": False, "n_max": settings.n_max,
              "min_tiles": settings.min_tiles, "template": settings.template, "system": settings.system}
