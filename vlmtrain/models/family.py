@@ -42,8 +42,11 @@ reference implementation):
   ``lora_targets`` the linear layers ``stage.lora.targets`` names, ``add_drop_path`` the ViT's
   stochastic depth.
 - **Forward for training**: ``encode_images`` (tiles -> projected features, no autograd graph
-  for a frozen ViT), ``multimodal_embeddings`` (the generic scatter into the context tokens),
-  ``decoder`` (the LLM without head: packed attention goes through it) and ``lm_head``.
+  for a frozen ViT), ``multimodal_embeddings`` (the generic scatter into the context tokens;
+  ``tile_index`` lets a preference pair's answers share their prompt's tiles), ``decoder`` (the
+  LLM without head: packed attention goes through it, ``inputs_embeds`` + ``position_ids`` +
+  the packed kwargs) and ``lm_head`` (the loss never materialises full logits). The objectives
+  (``vlmtrain.training.objective`` / ``preference``) call only these.
 - **Checkpoint layout / rename table**: ``to_native(state, text_config)`` renames any layout the
   family reads (the original project's: LLaVA's ``model.mm_projector.*``, MiniGPT-4's
   ``llama_proj.*``, InternVL's OpenGVLab layout) to the native module names; ``from_native``
@@ -58,6 +61,9 @@ reference implementation):
   inference engine builds from ``layout`` and ``pixels``; ``generate_kwargs(pixel_values, ...)``
   adds what a family's generate needs beyond ``input_ids``/``attention_mask``/``pixel_values``.
 - **FLOPs**: ``flops_dims(config)`` -> ``vlmtrain.training.flops.InternVLDims`` for the logged MFU.
+
+Stage files of a family are ``# @package _global_`` when they pin data keys (template, image
+mode) beside the stage; ``stage.trainable`` names parts, never module names.
 """
 
 from __future__ import annotations

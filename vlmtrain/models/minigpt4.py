@@ -91,8 +91,11 @@ NATIVE_TO_MINIGPT4 = [
 """The inverse of ``MINIGPT4_RENAMES`` (``qkv.bias`` split back into q_bias / v_bias)."""
 
 QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-               cross_attention_frequency=2, layer_norm_eps=1e-12, hidden_act="gelu", max_position_embeddings=512)
-"""BLIP-2's Q-Former (BERT-base, cross-attention every other layer)."""
+               cross_attention_frequency=2, layer_norm_eps=1e-12, hidden_act="gelu", max_position_embeddings=512,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+"""BLIP-2's Q-Former (BERT-base, cross-attention every other layer). Dropout 0: MiniGPT-4 keeps its
+frozen Q-Former in eval mode (``disabled_train``); set ``family.qformer.hidden_dropout_prob=0.1``
+(BLIP-2's) for a stage that trains it."""
 
 
 def _rename(state: dict, table, what: str) -> dict:
