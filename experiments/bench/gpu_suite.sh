@@ -12,7 +12,8 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash experiments/bench/gpu_suite.sh
 #
 # Options (environment): BUDGET=500 (seconds for the whole suite; rows that would start too late are
-# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive.
+# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive,
+# HF_ATTN=auto (hf_strong's attn_implementation: flash_attention_3/2 when installed, else sdpa; e.g. flex_attention).
 # `bash experiments/bench/gpu_suite.sh --cpu` runs the same suite on the CPU with the tiny model (a test
 # of the script, not a measurement). Needs no webdataset, wandb, deepspeed, flash-attn or av.
 set -uo pipefail
@@ -59,7 +60,7 @@ if [ "$CPU" = 1 ]; then
   COMMON=(--device cpu --samples-per-step 2 --text 10 30 --peak-tflops 1)
 else
   DEVICE=cuda; SIZES=${SIZES:-"1b 2b"}; STEPS=${STEPS:-5}; WARMUP=${WARMUP:-7}
-  COMMON=(--device cuda)
+  COMMON=(--device cuda --hf-attn "${HF_ATTN:-auto}")
 fi
 ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive}
 

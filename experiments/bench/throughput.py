@@ -184,6 +184,9 @@ def peak_gib(device) -> float | None:
 
 
 def free_memory(device):
+    """Between rows: each row compiles from a clean dynamo cache (the models of several rows share
+    block classes; their graphs would pile up towards dynamo's recompile limit), memory released."""
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
