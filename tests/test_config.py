@@ -168,3 +168,136 @@ def test_loader_keeps_workers_and_prefetch_when_asked(workers, tmp_path):
     loader = dm.train_dataloader()
     # with no workers the two keys mean nothing (and DataLoader rejects them): they are left out
     assert loader.persistent_workers is bool(workers) and loader.prefetch_factor == (3 if workers else None)
+
+
+# -- choices are Enums, ranges are checked right after compose ------------------------------------------
+
+# (verb's root config, override, the key the error names, the enum of allowed values); every choice field
+BAD_CHOICES = [
+    ("config", "data.on_error=rais", "data.on_error", "OnError"),
+    ("config", "data.too_long=trunc", "data.too_long", "TooLong"),
+    ("config", "data.template=chatml", "data.template", "Template"),
+    ("config", "model.template=chatml", "model.template", "Template"),
+    ("config", "model.attention=flsh", "model.attention", "Attention"),
+    ("config", "model.vision.norm_type=rmsnorm", "model.vision.norm_type", "NormType"),
+    ("config", "model.init_dtype=bf16", "model.init_dtype", "DType"),
+    ("config", "model.compile=[vit]", "model.compile[0]", "Part"),
+    ("config", "stage.trainable=[vit]", "stage.trainable[0]", "Part"),
+    ("config", "stage=lora stage.lora.targets=[attention]", "stage.lora.targets[0]", "LoraTarget"),
+    ("config", "hardware.precision=bf16-mix", "hardware.precision", "Precision"),
+    ("config", "hardware.accelerator=gpus", "hardware.accelerator", "Accelerator"),
+    ("config", "data.datasets.shapes.format=jsonl", "data.datasets.shapes.format", "DataFormat"),
+    ("config", "data.datasets.shapes.template=chatml", "data.datasets.shapes.template", "Template"),
+    ("eval", "ckpt=x dtype=bf16", "dtype", "DType"),
+    ("chat", "ckpt=x dtype=half", "dtype", "DType"),
+    ("export", "ckpt=x out=y dtype=fp16", "dtype", "DType"),
+    ("filter", "out=x filter.merge=sometimes", "filter.merge", "vlmtrain.cli.filter.Merge"),
+    ("config", "preview.format=yaml", "preview.format", "vlmtrain.data.preview.PreviewFormat"),
+]
+
+
+def _enum(name: str):
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module or "vlmtrain.config"), attr)
+
+
+def _compose_checked(root: str, overrides: list[str]):
+    """Compose as the verb's start-up does (its schema stored), then the start-up's value check."""
+    from vlmtrain.config import check_values
+
+    verb = {"config": "preview" if any(o.startswith("preview.") for o in overrides) else "train"}.get(root, root)
+    cmd = command(verb)
+    use_schema(cmd)
+    try:
+        cfg = compose_config(overrides, config_name=cmd.config_name)
+        check_values(cfg)
+    finally:
+        register_schemas()
+    return cfg
+
+
+@pytest.mark.parametrize("root, overrides, key, allowed", BAD_CHOICES, ids=[b[1] for b in BAD_CHOICES])
+def test_bad_choice_fails_at_compose_naming_key_and_allowed_values(root, overrides, key, allowed):
+    from vlmtrain.errors import UserError
+
+    with pytest.raises((ConfigCompositionException, UserError)) as e:
+        _compose_checked(root, overrides.split())
+    text = f"{e.value} {e.value.__cause__ or ''}"
+    assert key in text, text
+    values = [m.value for m in _enum(allowed)]
+    assert f"expected one of [{', '.join(values)}]" in text, text
+
+
+def test_choices_match_the_registries_they_name():
+    """The enums that cannot import their registry (a heavy or cycling module) list the same names."""
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    from vlmtrain.config import Attention, DataFormat, LoraTarget, Precision
+    from vlmtrain.data.formats import FORMATS, META
+    from vlmtrain.models.attention import BACKENDS
+    from vlmtrain.models.lora import TARGETS
+
+    assert {a.value for a in Attention} == {"auto", *BACKENDS}
+    assert {f.value for f in DataFormat} == {*FORMATS, META}
+    assert {t.value for t in LoraTarget} == set(TARGETS)
+    assert {p.value for p in Precision} == {*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS)}
+
+
+def test_choices_are_strings_below():
+    """Code below compares, formats and looks up a choice as the string it was."""
+    from vlmtrain.config import OnError, Precision, plain
+
+    cfg = compose_config(["data.on_error=raise", "hardware.precision=32"])
+    assert cfg.data.on_error == "raise" and f"{cfg.data.on_error}" == "raise" and str(cfg.data.on_error) == "raise"
+    assert {"raise": 1}[cfg.data.on_error] == 1 and cfg.data.on_error is OnError["raise"]
+    assert cfg.hardware.precision is Precision["32"] and type(plain(cfg.hardware.precision)) is str
+    assert "on_error: raise" in OmegaConf.to_yaml(cfg.data)
+
+
+BAD_VALUES = [
+    ("data.datasets.shapes.n_max=0", "data.datasets.shapes.n_max=0 must be an integer >= 1"),
+    ("data.datasets.shapes.min_tiles=0", "data.datasets.shapes.min_tiles=0 must be an integer >= 1"),
+    ("data.datasets.shapes.repeat=0", "data.datasets.shapes.repeat=0 must be a finite number > 0"),
+    ("data.datasets.shapes.repeat=inf", "data.datasets.shapes.repeat=inf must be a finite number > 0"),
+    ("data.datasets.shapes.repeat=-1.5", "data.datasets.shapes.repeat=-1.5 must be a finite number > 0"),
+    ("data.max_seq_len=0", "data.max_seq_len=0 must be an integer >= 1"),
+    ("data.micro_batch_size=0", "data.micro_batch_size=0 must be an integer >= 1"),
+    ("stage.global_batch_size=0", "stage.global_batch_size=0 must be an integer >= 1"),
+    ("stage.lr=0", "stage.lr=0.0 must be a finite number > 0"),
+    ("stage.lr=-1e-5", "stage.lr=-1e-05 must be a finite number > 0"),
+    ("stage=lora stage.lora.r=0", "stage.lora.r=0 must be an integer >= 1"),
+    ("hardware.num_nodes=0", "hardware.num_nodes=0 must be an integer >= 1"),
+    ("hardware=ddp hardware.devices=3 stage.global_batch_size=8",
+     "stage.global_batch_size=8 must be divisible by the 3 ranks"),
+    ("hardware=ddp hardware.devices=2 hardware.num_nodes=3 stage.global_batch_size=8",
+     "stage.global_batch_size=8 must be divisible by the 6 ranks"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_value_fails_right_after_compose_in_one_line(overrides, message):
+    from vlmtrain.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        _compose_checked("config", overrides.split())
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_good_values_pass_the_check():
+    from vlmtrain.config import check_values
+
+    for overrides in ([], ["hardware=ddp", "hardware.devices=2"], ["hardware=ddp"],  # devices=auto: checked at run
+                      ["stage=lora"], ["data.datasets.shapes.repeat=0.5"]):
+        check_values(compose_config(overrides))
+
+
+def test_cli_bad_choice_and_bad_value_are_one_clear_line(tmp_path):
+    r = _cli("data.on_error=rais", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode != 0 and "expected one of [skip, raise]" in r.stderr and "full_key: data.on_error" in r.stderr
+    r = _cli("data.max_seq_len=0", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "vlmtrain: error: data.max_seq_len=0 must be an integer >= 1")

@@ -4,22 +4,204 @@ The YAML files under conf/ are merged on top of these dataclasses (registered in
 ConfigStore as ``vlmtrain_schema``), so a misspelled key or a value of the wrong type fails at
 compose time with the key's full name, before anything is built.
 
-Groups whose options are whole components (optim, loss, logger, hardware.strategy) carry a
-``_target_`` and are typed ``Any`` here: the option *file* picks the component and
-``hydra.utils.instantiate`` checks its arguments.
+Every closed set of strings is an Enum (``Choice``), so ``data.on_error=rais`` fails at compose
+naming the key and the allowed values; value ranges (``n_max >= 1``, ``stage.lr > 0``, ...) are
+checked right after compose by ``check_values`` (each dataclass's ``__post_init__`` runs the same
+checks when a config is converted to the dataclasses, ``OmegaConf.to_object``).
+
+Groups whose options are whole components (optim, loss, logger, hardware.strategy, data.collate,
+stage.objective) carry a ``_target_`` and are typed ``Any`` here: the option *file* picks the
+component and ``hydra.utils.instantiate`` checks its arguments.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from vlmtrain.data.templates import TEMPLATES
 from vlmtrain.errors import UserError
 
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+class Choice(str, Enum):
+    """A closed set of strings. Members are named by their values (OmegaConf converts a YAML or
+    command-line string by member name) and are strings: ``OnError("skip") == "skip"``, f-strings and
+    ``str()`` give the bare value, dictionaries keyed by the strings find them."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    __format__ = str.__format__  # type: ignore[assignment]
+
+    @classmethod
+    def _missing_(cls, value):
+        # OmegaConf looks an int up by value: `hardware.precision=32` is the member "32"
+        return cls.__members__.get(str(value))
+
+
+def choice(name: str, values, module: str = __name__) -> type[Choice]:
+    """A Choice enum of ``values`` (any strings, ``32-true`` too: members are looked up by name),
+    to be bound to the module-level ``name`` of ``module`` (so that it pickles)."""
+    return Choice(name, {v: v for v in values}, module=module, qualname=name)  # type: ignore[call-overload]
+
+
+def plain(value):
+    """The bare string of a Choice (for libraries that want ``str``), anything else as it is."""
+    return value.value if isinstance(value, Enum) else value
+
+
+if TYPE_CHECKING:  # mypy cannot follow the functional API with computed members: the fields are strs
+    Part = Choice
+    NormType = Choice
+    Attention = Choice
+    DType = Choice
+    Template = Choice
+    DataFormat = Choice
+    TooLong = Choice
+    OnError = Choice
+    LoraTarget = Choice
+    Accelerator = Choice
+    Precision = Choice
+else:
+    Part = choice("Part", PARTS)
+    """The model's three parts (stage.trainable, model.compile)."""
+    NormType = choice("NormType", ["layer_norm", "rms_norm"])
+    Attention = choice("Attention", ["auto", "flash_attn", "varlen", "flex", "sdpa"])
+    """model.attention: ``auto`` or a backend of vlmtrain.models.attention.BACKENDS (a test keeps them equal)."""
+    DType = choice("DType", ["bfloat16", "float16", "float32"])
+    Template = choice("Template", TEMPLATES)
+    """Chat templates: the names of vlmtrain.data.templates.TEMPLATES."""
+    DataFormat = choice("DataFormat", ["internvl", "swift", "llava", "cogvlm", "wds", "preference", "meta"])
+    """Annotation readers: vlmtrain.data.formats.FORMATS plus ``meta`` (a meta file of datasets);
+    named here because formats imports this module (a test keeps them equal)."""
+    TooLong = choice("TooLong", ["skip", "truncate_text"])
+    OnError = choice("OnError", ["skip", "raise"])
+    LoraTarget = choice("LoraTarget", ["llm_attention", "llm_mlp", "vit"])
+    """Named groups of linear layers: the keys of vlmtrain.models.lora.TARGETS (a test keeps them equal)."""
+    Accelerator = choice("Accelerator", ["cpu", "gpu", "cuda", "mps", "tpu", "auto"])
+    """Lightning's accelerator names."""
+    Precision = choice("Precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                                     "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64"])
+    """Lightning's precision names (``lightning.fabric.connector._PRECISION_INPUT_STR``; a test keeps them equal)."""
+
+
+# -- value ranges -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    ok: Callable[[Any], bool]
+    says: str
+    """What a good value is, as the error says it (``>= 1``)."""
+
+
+AT_LEAST_1 = Range(lambda v: v >= 1, "an integer >= 1")
+POSITIVE = Range(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+RANGES: dict[str, dict[str, Range]] = {
+    "DatasetConfig": {"n_max": AT_LEAST_1, "min_tiles": AT_LEAST_1, "repeat": POSITIVE},
+    "DataConfig": {"max_seq_len": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
+                   "num_workers": Range(lambda v: v >= 0, "an integer >= 0")},
+    "StageConfig": {"lr": POSITIVE, "global_batch_size": AT_LEAST_1},
+    "LoraConfig": {"r": AT_LEAST_1},
+    "HardwareConfig": {"num_nodes": AT_LEAST_1},
+}
+"""Per schema class: field -> its range. Checked after compose (``check_values``) and when a config
+becomes the dataclass (``__post_init__``)."""
+
+
+def range_errors(cls_name: str, get: Callable[[str], Any], prefix: str) -> list[str]:
+    """One message per field of ``cls_name`` out of its range; ``get(field)`` reads the value (an
+    exception there, e.g. an interpolation that resolves only later, skips the field)."""
+    out = []
+    for key, rule in RANGES.get(cls_name, {}).items():
+        try:
+            v = get(key)
+        except Exception:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue  # unset (???) or not a number: OmegaConf's own type check reports that
+        if not rule.ok(v):
+            out.append(f"{prefix}{key}={v!r} must be {rule.says}")
+    return out
+
+
+class Checked:
+    """A schema whose ``__post_init__`` checks its value ranges (``RANGES``), naming keys under
+    ``KEY`` (e.g. ``data.``)."""
+
+    KEY: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        errors = range_errors(type(self).__name__, lambda k: getattr(self, k), self.KEY)
+        if errors:
+            raise UserError("; ".join(errors))
+
+
+def world_size(devices, num_nodes) -> int | None:
+    """Ranks of a run from hardware.devices / num_nodes; None when only the machine knows (``auto``)."""
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, int):
+        per_node = devices
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        per_node = int(devices)
+    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        per_node = len(devices)
+    else:
+        return None
+    return per_node * int(num_nodes) if per_node > 0 else None
+
+
+def check_values(cfg) -> None:
+    """The value ranges of a composed config (a DictConfig of any verb's schema), one line naming
+    every bad key; also that stage.global_batch_size splits evenly over the ranks. Values that only
+    resolve later (an interpolation into a part the command fills in) are checked when used."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def node(key: str):
+        try:
+            n = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:
+            return None
+        return n if isinstance(n, DictConfig) else None
+
+    errors: list[str] = []
+    for key, cls in (("data", "DataConfig"), ("stage", "StageConfig"), ("stage.lora", "LoraConfig"),
+                     ("hardware", "HardwareConfig")):
+        n = node(key)
+        if n is not None:
+            errors += range_errors(cls, n.__getitem__, f"{key}.")
+    datasets = node("data.datasets")
+    for name in datasets or ():
+        entry = datasets._get_node(name)
+        if isinstance(entry, DictConfig) and not entry._is_none() and not entry._is_interpolation():
+            try:  # keys, types and choices (datasets are untyped at compose); nothing is resolved
+                OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry)
+            except OmegaConfBaseException as e:
+                errors.append(f"data.datasets.{name}.{_omegaconf_error(e)}")
+                continue
+            errors += range_errors("DatasetConfig", entry.__getitem__, f"data.datasets.{name}.")
+    stage, hw = node("stage"), node("hardware")
+    try:
+        batch = stage.global_batch_size if stage is not None else None
+        world = world_size(hw.devices, hw.num_nodes) if hw is not None else None
+    except Exception:
+        batch = world = None
+    if isinstance(batch, int) and batch >= 1 and world and batch % world:
+        errors.append(f"stage.global_batch_size={batch} must be divisible by the {world} ranks "
+                      f"(hardware.devices x hardware.num_nodes)")
+    if errors:
+        raise UserError("; ".join(errors))
 
 
 @dataclass
@@ -33,7 +215,7 @@ class VisionConfig:
     image_size: int = 448
     """Tile side in pixels; tiles are cut at this size and the ViT sees exactly one tile."""
     patch_size: int = 14
-    norm_type: str = "layer_norm"
+    norm_type: NormType = NormType("layer_norm")
     """``layer_norm`` (InternViT-300M) or ``rms_norm`` (InternViT-6B)."""
     use_qk_norm: bool = False
     attention_bias: bool = True
@@ -68,7 +250,7 @@ class ModelConfig:
     downsample_ratio: float = 0.5
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
-    template: str = "internvl2_5"
+    template: Template = Template("internvl2_5")
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -77,35 +259,37 @@ class ModelConfig:
     gradient_checkpointing: list[str] = field(default_factory=list)
     """Parts to run with activation checkpointing, e.g. [vision_tower, language_model]; ``part:f``
     checkpoints a fraction f of the part's blocks (``vision_tower:0.5``: every other layer)."""
-    compile: list[str] = field(default_factory=list)
+    compile: list[Part] = field(default_factory=list)
     """Parts whose transformer blocks run through ``torch.compile`` (regional, dynamic shapes), e.g.
     [vision_tower, language_model]. Worth it on GPUs; the first steps pay the compilation."""
-    init_dtype: str | None = None
+    init_dtype: DType | None = None
     """Round the initial weights to this dtype (``bfloat16``), as a bf16 checkpoint holds them.
     DeepSpeed's bf16 mode keeps bf16 weights and starts its fp32 master copy from them, FSDP2
     mixed precision starts from the fp32 weights: rounded, both start from the same values."""
-    compute_dtype: str | None = None
+    compute_dtype: DType | None = None
     """Keep the weights in this dtype (``bfloat16``) for compute, with fp32 master copies in the
     optimizer (``vlmtrain.training.master_weights``): no per-micro-batch weight casts, half the
     weight reads. One process only. None: fp32 weights (autocast casts them)."""
     fuse_vit_qkv: bool = False
     """One q/k/v matmul per ViT layer instead of three (``vlmtrain.models.speed``); the state dict
     keeps transformers' names."""
-    selective_checkpointing: list[str] = field(default_factory=list)
+    selective_checkpointing: list[Part] = field(default_factory=list)
     """Parts whose blocks run with op-level selective activation checkpointing: matmul and attention
     outputs kept, element-wise work recomputed in backward (less memory, little recompute)."""
-    attention: str = "auto"
+    attention: Attention = Attention("auto")
     """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
     else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Checked):
     """One source of the mixture."""
+
+    KEY: ClassVar[str] = ""
 
     path: str = MISSING
     """A jsonl/json annotation file, meta file or folder."""
-    format: str | None = None
+    format: DataFormat | None = None
     """Reader name (internvl, swift, llava, cogvlm, wds); guessed from the path when None."""
     root: str | None = None
     """Folder that relative media paths are resolved against (default: the annotation's folder)."""
@@ -116,7 +300,10 @@ class DatasetConfig:
     """r < 1: a seeded random subset of round(N*r) lines; r > 1: floor(r) copies plus a fraction."""
     jpeg_augment: bool | None = None
     """Random JPEG re-encoding; None: on for image datasets, off for video."""
-    template: str | None = None
+    tile_cache: str | None = None
+    """A folder of pre-tiled images (``vlmtrain.data.tile_cache.build_tile_cache``): their tiles are
+    read from it instead of decoded and resized (the JPEG augmentation still runs per sample)."""
+    template: Template | None = None
     system: str | None = None
     min_frames: int | None = None
     """Video frames drawn per video in training (None: data.min_frames)."""
@@ -139,21 +326,31 @@ def dataset_config(name: str, entry) -> DatasetConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None) or ""
-        msg = str(getattr(e, "msg", e)).splitlines()[0]
-        raise UserError(f"data.datasets.{name}.{key}: {msg}") from None
+        raise UserError(f"data.datasets.{name}.{_omegaconf_error(e)}") from None
     if OmegaConf.is_missing(merged, "path") or merged.path is None:
         raise UserError(f"data.datasets.{name}.path is not set")
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except UserError as e:  # DatasetConfig.__post_init__: a value out of its range
+        raise UserError(f"data.datasets.{name}.{e}") from None
+
+
+def _omegaconf_error(e: Exception) -> str:
+    """``key: message`` of an OmegaConf validation error, on one line."""
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or ""
+    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    return f"{key}: {msg}"
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
+    KEY: ClassVar[str] = 'data.'
+
     datasets: dict[str, Any] = field(default_factory=dict)
     """name -> the fields of a DatasetConfig. Untyped here so that a dataset can be added from the
     command line (``+data.datasets.NAME.path=...``: OmegaConf cannot add an entry to a dict of
     dataclasses); ``dataset_config`` checks each entry against DatasetConfig when it is used."""
-    template: str = "${model.template}"
+    template: Template = "${model.template}"  # type: ignore[assignment]
     system: str | None = None
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
@@ -163,9 +360,9 @@ class DataConfig:
     and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels
     off the reference (README "Pixels"). False: within 2 levels of InternVL's PIL path."""
     max_seq_len: int = 16384
-    too_long: str = "skip"
+    too_long: TooLong = TooLong("skip")
     """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""
-    on_error: str = "skip"
+    on_error: OnError = OnError("skip")
     """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
     micro_batch_size: int = 1
     collate: Any = None
@@ -187,15 +384,17 @@ class DataConfig:
     max_frames: int = 32
     path: str | None = None
     """One-off dataset for ``data=single`` (a jsonl, json, meta.json, folder or shard pattern)."""
-    format: str | None = None
+    format: DataFormat | None = None
     """Its format for ``data=single`` (guessed when None)."""
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Checked):
     """Low-rank adapters (peft LoRA) on top of the frozen weights of some parts."""
 
-    targets: list[str] = field(default_factory=lambda: ["llm_attention"])
+    KEY: ClassVar[str] = 'stage.lora.'
+
+    targets: list[LoraTarget] = field(default_factory=lambda: [LoraTarget("llm_attention")])
     """Which linear layers get adapters: any of llm_attention, llm_mlp, vit (see
     ``vlmtrain.models.lora.TARGETS``)."""
     target_modules: str | None = None
@@ -206,11 +405,13 @@ class LoraConfig:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Checked):
     """One stage of the InternVL 2.5 recipe: what trains and with which hyperparameters."""
 
+    KEY: ClassVar[str] = 'stage.'
+
     name: str = MISSING
-    trainable: list[str] = field(default_factory=list)
+    trainable: list[Part] = field(default_factory=list)
     """Parts that train fully: any of vision_tower, multi_modal_projector, language_model."""
     lr: float = MISSING
     weight_decay: float = 0.05
@@ -228,15 +429,20 @@ class StageConfig:
     objective: Any = None
     """The step's loss, a component (``_target_``, ``vlmtrain.training.objective``); None: SFT's
     cross-entropy, reweighted by the ``loss`` group."""
+    reference: Any = None
+    """Preference stages: where the reference model's log-probs come from (group ``stage/reference``:
+    copy, adapter or precomputed; ``vlmtrain.training.preference``)."""
 
 
 @dataclass
-class HardwareConfig:
-    accelerator: str = "cpu"
+class HardwareConfig(Checked):
+    KEY: ClassVar[str] = 'hardware.'
+
+    accelerator: Accelerator = Accelerator("cpu")
     devices: Any = 1
     num_nodes: int = 1
     strategy: Any = "auto"
-    precision: str = "32-true"
+    precision: Precision = Precision("32-true")
 
 
 @dataclass
@@ -261,6 +467,10 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
+    init_parts: list[str] | None = None
+    """Parts of the model that ``init_from`` loads (of vision_tower, multi_modal_projector,
+    language_model; lm_head goes with language_model); None: all. The others keep their
+    initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
     resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
     ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
@@ -272,6 +482,47 @@ class TrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def components_as_nodes(obj) -> None:
+    """In a config converted to the dataclasses, turn every untyped (``Any``) mapping back into a
+    DictConfig, in place: the ``_target_`` components (optim, loss, logger, hardware.strategy,
+    data.collate, stage.objective) stay instantiable and read by attribute. Typed dict fields
+    (``data.datasets``, ``model.llm.config``) stay plain dicts."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            components_as_nodes(value)
+        elif hints.get(f.name) is Any and isinstance(value, (dict, list)):
+            setattr(obj, f.name, OmegaConf.create(value))
+
+
+def typed(cfg, schema: type = None):  # type: ignore[assignment]
+    """A composed config (a DictConfig on a schema, TrainConfig by default) as its dataclasses, once,
+    at the entry point: every interpolation resolved, every choice an Enum, every range checked
+    (``__post_init__``); ``_target_`` components stay DictConfig nodes (``components_as_nodes``).
+    A dataclass passes through."""
+    import dataclasses
+
+    from omegaconf import MissingMandatoryValue, OmegaConf
+
+    schema = schema or TrainConfig
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return cfg
+    if OmegaConf.get_type(cfg) is not schema:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    try:
+        out = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise UserError(f"{e.full_key} is required: add {e.full_key}=... to the command") from None
+    components_as_nodes(out)
+    return out
 
 
 def schema_node(cls):

@@ -258,12 +258,14 @@ def make_step_clock(warmup: int, device):
 def run_trainer(cfg, args, device) -> dict:
     import lightning.pytorch as pl
 
+    from vlmtrain.config import typed
     from vlmtrain.training.run import build_parts, build_trainer
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    cfg = typed(cfg)  # as `vlmtrain train` passes it below its entry point
     tokenizer, model, data, module = build_parts(cfg)
     clock = make_step_clock(args.warmup, device)
-    trainer = build_trainer(cfg, Path(cfg.run_dir), [clock])
+    trainer = build_trainer(cfg, Path(cfg.run_dir), callbacks=[clock])
     trainer.fit(module, datamodule=data)
     stats = clock.result()
     stats["attention_backend"] = model.config.text_config._attn_implementation
@@ -302,10 +304,12 @@ def autocast_dtype(cfg):
 
 
 def run_loop(cfg, args, device, pool) -> dict:
+    from vlmtrain.config import typed
     from vlmtrain.training.module import build_optimizer
     from vlmtrain.training.run import build_parts
 
     torch.manual_seed(cfg.seed)
+    cfg = typed(cfg)
     tokenizer, model, data, module = build_parts(cfg)
     model.to(device).train()
     module.train()  # frozen parts in eval mode, as under Lightning

@@ -10,7 +10,7 @@ vlmtrain's resolvers are registered, the command's defaults are added to the ove
 gave (the Hydra job name; for the data tools no output folder and no log files; for train
 ``hardware=gpu`` when a GPU is visible and no hardware was named), ``sys.argv`` is set (here and
 nowhere else), and Hydra runs the command. A ``vlmtrain.errors.UserError`` or a required value
-left unset (``ckpt: ???``) ends in one line, ``<prog>: error: <message>``, with exit code 2;
+left unset (``ckpt: ???``) or a value out of its range (``vlmtrain.config.check_values``) ends in one line, ``<prog>: error: <message>``, with exit code 2;
 ``VLMTRAIN_DEBUG=1`` shows the traceback instead. Every other exception is a bug and keeps its
 traceback.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from vlmtrain.config import TrainConfig, register_schemas, schema_node
+from vlmtrain.config import TrainConfig, check_values, register_schemas, schema_node
 from vlmtrain.errors import UserError
 
 VERBS = {
@@ -44,6 +44,7 @@ VERBS = {
     "stats": "vlmtrain.cli.stats",
     "shard": "vlmtrain.cli.shard",
     "filter": "vlmtrain.cli.filter",
+    "pairs": "vlmtrain.cli.pairs",
 }
 """verb -> the module that defines its ``COMMAND``."""
 
@@ -179,11 +180,11 @@ def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
     out = []
     for key in node.keys():
         if OmegaConf.is_missing(node, key):
-            out.append(f"{prefix}{key}")
+            out.append(f"{prefix}{key!s}")
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_none():
-            out += missing_keys(child, f"{prefix}{key}.")
+            out += missing_keys(child, f"{prefix}{key!s}.")
     return out
 
 
@@ -222,6 +223,7 @@ def start(cmd: Command, args: Sequence[str] | None = None, prog: str | None = No
     def run(cfg: DictConfig) -> None:
         try:
             check_required(cfg)
+            check_values(cfg)
             cmd.run(cfg)
         except (UserError, MissingMandatoryValue) as e:
             if os.environ.get("VLMTRAIN_DEBUG"):

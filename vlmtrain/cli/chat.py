@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from vlmtrain.cli import Command, start
+from vlmtrain.config import DType
 from vlmtrain.inference.chat import ChatOptions, chat
 from vlmtrain.inference.engine import GenerationConfig
 
@@ -21,7 +22,7 @@ from vlmtrain.inference.engine import GenerationConfig
 class ChatConfig:
     ckpt: str = MISSING
     device: str = "auto"
-    dtype: str | None = None
+    dtype: DType | None = None
     chat: ChatOptions = field(default_factory=ChatOptions)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from vlmtrain.cli import Command, start
-from vlmtrain.config import DataConfig
+from vlmtrain.config import DataConfig, DType
 from vlmtrain.inference.engine import GenerationConfig
 from vlmtrain.inference.evaluation import EvalOptions, evaluate
 
@@ -27,7 +27,7 @@ class EvalConfig:
     """Where predictions.jsonl and metrics.json go (default: <ckpt dir>/eval)."""
     device: str = "auto"
     """auto (cuda when visible), cpu, cuda, cuda:1, ..."""
-    dtype: str | None = None
+    dtype: DType | None = None
     """float32 / bfloat16 / float16; None keeps the checkpoint's."""
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from vlmtrain.cli import Command, start
+from vlmtrain.config import DType
 from vlmtrain.models.export import export
 
 
@@ -21,7 +22,7 @@ class ExportConfig:
     ckpt: str = MISSING
     """A run directory or a .ckpt inside one (or an HF / OpenGVLab directory, to re-export it)."""
     out: str = MISSING
-    dtype: str | None = None
+    dtype: DType | None = None
     """Cast the weights (bfloat16, float16, float32); None keeps the trained dtype."""
     max_tiles: int = 12
     """The image processor's tile budget (max_patches)."""

@@ -17,13 +17,18 @@ is the same command.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
 
 from vlmtrain.cli import Command, start
-from vlmtrain.config import TrainConfig
+from vlmtrain.config import Choice, TrainConfig, choice
 from vlmtrain.filtering.pipeline import run
+
+if TYPE_CHECKING:
+    Merge = Choice
+else:
+    Merge = choice("Merge", ["auto", "only", "never"], __name__)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class FilterOptions:
     academic, high-quality sets); the repetition rules' ``exempt`` lists default to this."""
     slice: str | None = None
     """``i/n``: filter only the i-th of n equal parts of the records (None: all, as 0/1)."""
-    merge: str = "auto"
+    merge: Merge = Merge("auto")
     """auto: merge once every slice of n is done (the last slice to finish does it); only: just
     merge (slices already done); never: leave it to a later ``merge=only``."""
     score_rejected: bool = False

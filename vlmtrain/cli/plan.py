@@ -9,9 +9,10 @@ submit, computed on a meta-device model (``vlmtrain.training.plan``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlmtrain.cli import Command, start
-from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig
+from vlmtrain.config import HardwareConfig, ModelConfig, StageConfig, typed
 from vlmtrain.training.plan import PlanOptions, plan, report
 
 
@@ -21,10 +22,14 @@ class PlanConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanOptions = field(default_factory=PlanOptions)
+    optim: Any = None
+    """The training's optim group: the strategy (built to ask what it shards) may read it
+    (DeepSpeed's ``gradient_clipping: ${optim.grad_clip}``)."""
 
 
 def print_plan(cfg) -> None:
-    print(report(cfg, plan(cfg)))
+    typed_cfg = typed(cfg, PlanConfig)  # once: resolved, choices as Enums, ranges checked
+    print(report(typed_cfg, plan(typed_cfg)))
 
 
 COMMAND = Command("plan", print_plan, config_name="plan", schema=PlanConfig, schema_name="vlmtrain_plan_schema")

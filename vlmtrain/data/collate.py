@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmtrain.data.encode import EncodedSample
+from vlmtrain.data.encode import EncodedSample, PairSample
+from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 
@@ -33,6 +34,13 @@ class Batch:
     supervised_positions: torch.Tensor | None = None
     """(N,) flat positions ``row * length + t`` whose next token is supervised (computed from
     ``labels`` here, on the host), so the loss gathers them without a device sync."""
+    tile_index: torch.Tensor | None = None
+    """Which tile of ``pixel_values`` each image tile of the text shows, in text order (None: each
+    tile once, in order). Preference pairs: both answers reuse the pair's tiles, encoded once."""
+    pairs: torch.Tensor | None = None
+    """Preference batches: (num_pairs, 2) sample indices of each pair's (chosen, rejected)."""
+    ref_logps: torch.Tensor | None = None
+    """Preference batches with precomputed reference log-probs: (num_pairs, 2) (chosen, rejected)."""
 
     def __post_init__(self):
         if self.supervised_positions is None:
@@ -133,6 +141,50 @@ def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_mul
     )
 
 
+def pair_layout(pairs: list[PairSample]) -> tuple[list[EncodedSample], torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor | None]:
+    """Pairs as sequences ``chosen_0, rejected_0, chosen_1, ...`` (a pair's two sequences side by
+    side: one row each when padded, one after the other in the same buffer when packed), with
+    ``pairs`` (num_pairs, 2) their sample indices, ``tile_index`` (each pair's tiles, held once,
+    shown to both of its sequences; None without images) and ``ref_logps`` (None unless every
+    pair has them)."""
+    samples = [s for p in pairs for s in (p.chosen, p.rejected)]
+    index = torch.arange(2 * len(pairs)).reshape(-1, 2)
+    tiles, offset = [], 0
+    for p in pairs:
+        n = 0 if p.pixel_values is None else int(p.pixel_values.shape[0])
+        own = torch.arange(offset, offset + n)
+        tiles += [own, own]
+        offset += n
+    tile_index = torch.cat(tiles) if offset else None
+    refs = [p.ref_logps for p in pairs]
+    ref = torch.tensor(refs, dtype=torch.float32) if all(r is not None for r in refs) else None
+    return samples, index, tile_index, ref
+
+
+def with_pairs(batch: Batch, index: torch.Tensor, tile_index: torch.Tensor | None, ref) -> Batch:
+    batch.pairs, batch.ref_logps = index, ref
+    if not batch.dummy_vision:
+        batch.tile_index = tile_index
+    return batch
+
+
+def split_items(items) -> tuple[list, list, bool]:
+    """(good samples or pairs, skipped, whether they are pairs); a step mixing both is an error."""
+    good = [x for x in items if isinstance(x, (EncodedSample, PairSample))]
+    skipped = [x for x in items if not isinstance(x, (EncodedSample, PairSample))]
+    kinds = {type(x) for x in good}
+    if len(kinds) > 1:
+        raise UserError("one step holds both preference pairs and plain samples: train preference data "
+                        "(format preference) on its own, with stage=mpo or stage=dpo")
+    return good, skipped, PairSample in kinds
+
+
+def pad_pairs(pairs: list[PairSample], pad_id: int, tile_size: int) -> Batch:
+    samples, index, tile_index, ref = pair_layout(pairs)
+    return with_pairs(pad_batch(samples, pad_id, tile_size), index, tile_index, ref)
+
+
 class StepCollator:
     """Splits one step's samples into micro-batches of at most micro_batch_size; counts skips."""
 
@@ -140,12 +192,12 @@ class StepCollator:
         self.micro_batch_size, self.pad_id, self.tile_size = micro_batch_size, pad_id, tile_size
 
     def __call__(self, items) -> Step:
-        good = [x for x in items if isinstance(x, EncodedSample)]
-        skipped = [x for x in items if not isinstance(x, EncodedSample)]
+        good, skipped, paired = split_items(items)
         if not good:
             # every sample of this step was skipped: still run one zero-weight micro-batch, so this
             # rank takes the same collective path as the others
             return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size)], skipped=skipped)
-        m = self.micro_batch_size
-        micro = [pad_batch(good[i:i + m], self.pad_id, self.tile_size) for i in range(0, len(good), m)]
+        m = self.micro_batch_size  # pairs per micro-batch for preference data (two rows each)
+        build = pad_pairs if paired else pad_batch
+        micro = [build(good[i:i + m], self.pad_id, self.tile_size) for i in range(0, len(good), m)]
         return Step(micro_batches=micro, skipped=skipped, truncated=sum(bool(x.truncated) for x in good))

@@ -41,6 +41,37 @@ class EncodedSample:
         return self.input_ids.numel()
 
 
+@dataclass
+class PairSample:
+    """A preference pair: a chosen and a rejected answer to one prompt (same turns before it, same
+    media). The prompt's tiles are held once, in ``chosen.pixel_values``; ``rejected`` has none of
+    its own (its image tokens reuse the chosen one's tiles, see ``Batch.tile_index``)."""
+
+    chosen: EncodedSample
+    rejected: EncodedSample
+    ref_logps: tuple[float, float] | None = None
+    """The reference model's log-probs of (chosen, rejected), when precomputed beside the data."""
+
+    @property
+    def dataset(self) -> str:
+        return self.chosen.dataset
+
+    @property
+    def truncated(self) -> bool:
+        return False  # a pair is never cut: a too-long pair is skipped
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.chosen.pixel_values
+
+    @property
+    def num_tiles(self) -> list[int]:
+        return self.chosen.num_tiles
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
 class ConversationEncoder:
     """Training's use of the renderer: ids and labels as tensors, and the max_seq_len policy."""
 

@@ -12,18 +12,20 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
 from vlmtrain.data.conversation import SampleError
-from vlmtrain.data.encode import ConversationEncoder, EncodedSample
+from vlmtrain.data.encode import ConversationEncoder, EncodedSample, PairSample
 from vlmtrain.data.formats import META, guess_format, reader
 from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_bytes
 from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
+from vlmtrain.data.tile_cache import TileCache, settings
 from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
@@ -53,7 +55,7 @@ def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
 
 def _resolved(cfg: DictConfig) -> DataConfig:
     try:
-        return OmegaConf.to_object(cfg)
+        return cast(DataConfig, OmegaConf.to_object(cfg))
     except MissingMandatoryValue as e:
         raise UserError(f"data.{e.full_key} is not set") from None
 
@@ -88,8 +90,13 @@ class SourceDataset:
         self.reader = reader(self.format)
         self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
         self.records = self.reader.read(path)
+        self.pairs = hasattr(self.reader, "to_pair")
+        """Preference data: each line is a PairSample (``vlmtrain.data.formats.preference``)."""
+        self.reference = self.reader.load_reference(path) if self.pairs else None
+        """Precomputed reference log-probs stored beside the data (None: none)."""
         # each dataset draws its own repeat subset: seeded by the run seed and the dataset's name
         self.indices = repeat_indices(len(self.records), cfg.repeat, [seed, zlib.crc32(name.encode())])
+        self.tile_cache: TileCache | None = None
 
 
 class MixtureDataset:
@@ -108,12 +115,27 @@ class MixtureDataset:
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
+        for source in self.sources:
+            if source.cfg.tile_cache:
+                expected = settings(cfg.tile_size, source.cfg.n_max, source.cfg.min_tiles, cfg.use_thumbnail)
+                expected["fast_resize"] = bool(cfg.fast_resize)
+                source.tile_cache = TileCache(source.cfg.tile_cache, expected,
+                                              f"data.datasets.{source.name}.tile_cache")
+            if source.reference is not None:  # precomputed reference log-probs: computed on these inputs?
+                source.reference.check(self.reference_settings(source))
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def reference_settings(self, source: SourceDataset) -> dict:
+        """The settings a preference source's log-probs depend on (``formats.preference.SETTINGS``)."""
+        d = source.cfg
+        return {"n_max": d.n_max, "min_tiles": d.min_tiles, "template": d.template or self.cfg.template,
+                "tile_size": self.cfg.tile_size, "use_thumbnail": self.cfg.use_thumbnail,
+                "max_seq_len": self.cfg.max_seq_len}
 
     def locate(self, index: int) -> tuple[SourceDataset, int]:
         if not 0 <= index < len(self):
@@ -122,7 +144,7 @@ class MixtureDataset:
         source = self.sources[k]
         return source, int(source.indices[index - self.offsets[k]])
 
-    def __getitem__(self, key) -> EncodedSample | Skipped:
+    def __getitem__(self, key) -> EncodedSample | PairSample | Skipped:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         return self.load(index, epoch)
 
@@ -136,9 +158,9 @@ class MixtureDataset:
         """Estimated compute of sample ``index`` in LLM tokens: its tokens plus ``tile_cost`` per
         tile (0 for a sample that is skipped). Reads image headers and tokenizes, decodes no pixels."""
         sample = self.load(index, 0, pixels=False)
-        if not isinstance(sample, EncodedSample):
+        if not isinstance(sample, (EncodedSample, PairSample)):
             return 0.0
-        return float(len(sample.input_ids) + tile_cost * sum(sample.num_tiles))
+        return float(len(sample) + tile_cost * sum(sample.num_tiles))
 
     def load_line(self, source: SourceDataset, line: int, rng: random.Random, pixels: bool = True):
         """Line ``line`` of one source, encoded; a bad line is a Skipped (or raises, on_error=raise)."""
@@ -155,11 +177,45 @@ class MixtureDataset:
         hi = d.max_frames if d.max_frames is not None else self.cfg.max_frames
         return lo, hi
 
-    def _build(self, source: SourceDataset, record, rng: random.Random, pixels: bool = True) -> EncodedSample:
-        d = source.cfg
+    def _build(self, source: SourceDataset, record, rng: random.Random, pixels: bool = True):
         frames_seed = rng.getrandbits(64)  # each video's own draws, equal with and without pixels
+        if source.pairs:
+            return self._build_pair(source, record, rng, frames_seed, pixels)
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
+        tiles, num_tiles, frames_per_video = self._media(source, conv, rng, frames_seed, pixels)
+        return self._encode(source, conv, tiles, num_tiles, frames_per_video)
+
+    def _build_pair(self, source: SourceDataset, record, rng: random.Random, frames_seed: int,
+                    pixels: bool) -> PairSample:
+        """A preference line: both answers encoded on the same prompt, its media loaded once."""
+        chosen, rejected = source.reader.to_pair(record.parse(), source.root)
+        chosen.check()
+        rejected.check()
+        tiles, num_tiles, frames_per_video = self._media(source, chosen, rng, frames_seed, pixels)
+        c = self._encode(source, chosen, tiles, num_tiles, frames_per_video)
+        r = self._encode(source, rejected, [], num_tiles, frames_per_video)
+        if c.truncated or r.truncated:  # dropping turns would drop the answers the pair compares
+            raise SampleError("too_long", f"a pair longer than data.max_seq_len={self.cfg.max_seq_len}")
+        return PairSample(c, r, source.reader.reference_of(source.reference, record))
+
+    def _encode(self, source: SourceDataset, conv, tiles, num_tiles, frames_per_video) -> EncodedSample:
+        d = source.cfg
+        template = get_template(d.template or self.cfg.template)
+        system = d.system if d.system is not None else self.cfg.system
+        input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
+        return EncodedSample(
+            input_ids=input_ids,
+            labels=labels,
+            pixel_values=to_pixel_bytes(tiles) if tiles else None,
+            num_tiles=num_tiles,
+            dataset=source.name,
+            truncated=self.encoder.last_truncated,
+        )
+
+    def _media(self, source: SourceDataset, conv, rng: random.Random, frames_seed: int, pixels: bool = True):
+        """(tiles, tiles per image or frame, frames per video) of a conversation's media, in order."""
+        d = source.cfg
         media = conv.media()
         per_image = tiles_per_image(len(conv.images), d.n_max) if conv.images else 0
         size = self.cfg.tile_size
@@ -174,7 +230,10 @@ class MixtureDataset:
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
                     num_tiles.append(cols * rows + (1 if self.cfg.use_thumbnail and cols * rows > 1 else 0))
                     continue
-                if self.cfg.fast_resize:
+                cached = source.tile_cache.get(src, source.root, per_image) if source.tile_cache else None
+                if cached is not None:
+                    img_tiles = cached
+                elif self.cfg.fast_resize:
                     # grid from the header's size, decode no larger than the grid needs, torch resize
                     w, h = image_size(src)
                     grid = choose_grid(w, h, d.min_tiles, per_image, size)
@@ -183,7 +242,7 @@ class MixtureDataset:
                 else:
                     img_tiles = tile_image(load_image(src), d.min_tiles, per_image, size, self.cfg.use_thumbnail)
                 if jpeg_images:
-                    img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]
+                    img_tiles = [jpeg_reencode(t, rng) for t in img_tiles]  # type: ignore[misc]  # PIL tiles here
                 tiles += img_tiles
                 num_tiles.append(len(img_tiles))
             else:
@@ -204,17 +263,7 @@ class MixtureDataset:
                     n = video_rng.randint(lo, hi) if video_rng is not None else hi
                 frames_per_video.append(n)
                 num_tiles += [1] * n
-        template = get_template(d.template or self.cfg.template)
-        system = d.system if d.system is not None else self.cfg.system
-        input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
-        return EncodedSample(
-            input_ids=input_ids,
-            labels=labels,
-            pixel_values=to_pixel_bytes(tiles) if tiles else None,
-            num_tiles=num_tiles,
-            dataset=source.name,
-            truncated=self.encoder.last_truncated,
-        )
+        return tiles, num_tiles, frames_per_video
 
 
 def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from vlmtrain.data.collate import Batch, Step, blank_tile, zero_weight_batch
-from vlmtrain.data.encode import EncodedSample
+from vlmtrain.data.collate import Batch, Step, blank_tile, pair_layout, split_items, with_pairs, zero_weight_batch
+from vlmtrain.data.encode import EncodedSample, PairSample
 from vlmtrain.data.mixture import Skipped
 from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 
-def _num_tiles(s: EncodedSample) -> int:
+def _num_tiles(s: EncodedSample | PairSample) -> int:
     return 0 if s.pixel_values is None else int(s.pixel_values.shape[0])
 
 
@@ -72,6 +72,13 @@ def pack_samples(samples: list[EncodedSample], tile_size: int) -> Batch:
     )
 
 
+def pack_pairs(pairs: list[PairSample], tile_size: int) -> Batch:
+    """One packed row holding ``pairs``, each pair's chosen and rejected sequences side by side and
+    its tiles once (``Batch.tile_index`` shows them to both)."""
+    samples, index, tile_index, ref = pair_layout(pairs)
+    return with_pairs(pack_samples(samples, tile_size), index, tile_index, ref)
+
+
 class PackedStepCollator:
     """One step's samples -> packed micro-batches (one row each) of at most max_tokens / max_tiles."""
 
@@ -82,11 +89,11 @@ class PackedStepCollator:
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
 
     def __call__(self, items) -> Step:
-        good, skipped = [], []
-        for x in items:
-            if not isinstance(x, EncodedSample):
-                skipped.append(x)
-            elif len(x) > self.max_tokens:
+        # a preference pair is one unit here: its two sequences and its tiles go to one buffer
+        candidates, skipped, paired = split_items(items)
+        good = []
+        for x in candidates:
+            if len(x) > self.max_tokens:
                 skipped.append(Skipped("too_long", "", f"{len(x)} tokens > packing budget {self.max_tokens}", x.dataset))
             elif _num_tiles(x) > self.max_tiles:
                 skipped.append(Skipped("too_many_tiles", "", f"{_num_tiles(x)} tiles > packing budget {self.max_tiles}",
@@ -97,4 +104,5 @@ class PackedStepCollator:
             # the whole step was skipped: one zero-weight row keeps this rank on the collective path
             return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size, packed=True)], skipped=skipped)
         plan = plan_buffers(good, self.max_tokens, self.max_tiles)
-        return Step(micro_batches=[pack_samples([good[i] for i in b], self.tile_size) for b in plan], skipped=skipped)
+        pack = pack_pairs if paired else pack_samples
+        return Step(micro_batches=[pack([good[i] for i in b], self.tile_size) for b in plan], skipped=skipped)

@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from vlmtrain.config import Choice, choice
 from vlmtrain.data.mixture import Skipped, build_mixture
 from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.loss import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    PreviewFormat = Choice
+else:
+    PreviewFormat = choice("PreviewFormat", ["text", "json"], __name__)
+
 
 @dataclass
 class PreviewOptions:
-    format: str = "text"
+    format: PreviewFormat = PreviewFormat("text")
     """``text`` (for reading) or ``json`` (one object, for scripts)."""
     epoch: int = 0
     """Epoch whose random draws (JPEG quality, video frames) are shown."""
@@ -33,7 +40,7 @@ class PreviewOptions:
     training's random draws."""
 
 
-def _runs(values: list) -> list[tuple[object, int, int]]:
+def _runs(values: list) -> list[tuple[Any, int, int]]:
     """(value, start, end) for each run of equal values."""
     out, start = [], 0
     for i in range(1, len(values) + 1):

@@ -271,10 +271,10 @@ def _media(rng: random.Random, out: Path, clean_images: list[str]) -> list[tuple
     for k in range(3):
         rel = f"media/broken-{k}.mp4"
         _write_video(out / rel, 16, 10 + k)
-        data = bytearray((out / rel).read_bytes())
-        start = data.find(b"mdat") + 8
-        data[start:start + (len(data) - start) // 2] = bytes((len(data) - start) // 2)  # container intact, frames gone
-        (out / rel).write_bytes(bytes(data))
+        buf = bytearray((out / rel).read_bytes())
+        start = buf.find(b"mdat") + 8
+        buf[start:start + (len(buf) - start) // 2] = bytes((len(buf) - start) // 2)  # container intact, frames gone
+        (out / rel).write_bytes(bytes(buf))
         rows.append((_line("<video>\nWhat moves in the clip?", "A noise pattern slides to the right.", video=rel),
                      "video_frames", "video whose frames do not decode"))
     rows.append((img_line("media/missing.jpg"), "unreadable", "missing image file"))

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 from vlmtrain.errors import MissingPathError
 from vlmtrain.filtering.rules import Finding, Rule, Sample
@@ -230,7 +231,7 @@ class Scorer:
         self.device, self.dtype, self.cache_dir = device, dtype, cache
         self.fingerprint = model_fingerprint(self.path)
         self.cache: ScoreCache | None = None
-        self._generator = None
+        self._generator: Any = None
         self.generated = self.cached = 0
 
     def open_cache(self, default_folder: Path, name: str) -> None:

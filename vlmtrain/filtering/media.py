@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from PIL import Image
 
@@ -66,7 +67,7 @@ class MediaProbe:
     RECENT = 1024
 
     def __init__(self, images: Sequence):
-        self._srcs, self._images = list(images), None
+        self._srcs, self._images = list(images), cast("list[ImageInfo] | None", None)
 
     @property
     def images(self) -> list[ImageInfo]:
@@ -91,7 +92,7 @@ class MediaProbe:
 def _probe(sample: Sample) -> MediaProbe:
     if sample.media is None:
         sample.media = MediaProbe(sample.conv.images)
-    return sample.media
+    return cast(MediaProbe, sample.media)
 
 
 class ImageUnreadable(Rule):
@@ -252,7 +253,7 @@ class VideoFrames(Rule):
             fired = decoded == 0 or share < self.min_share
             f = Finding(fired, share, {"decoded": decoded, "frames": expected, "min_share": self.min_share},
                         f"{_describe(src)}: {error}" if fired and error else (_describe(src) if fired else ""))
-            if worst is None or (f.fired, -f.score) > (worst.fired, -worst.score):
+            if worst is None or (f.fired, -f.score) > (worst.fired, -worst.score):  # type: ignore[operator]  # scored
                 worst = f
         return worst
 

@@ -28,6 +28,7 @@ import tarfile
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import OmegaConf, open_dict
 
@@ -93,7 +94,7 @@ def build_scorer(filter_cfg):
 def fingerprint(cfg, mixture) -> str:
     """What the verdicts depend on: the data and filter configs and the data files' sizes and
     times. Slices with another fingerprint are never merged together."""
-    filt = OmegaConf.to_container(cfg.filter, resolve=True)
+    filt = cast(dict, OmegaConf.to_container(cfg.filter, resolve=True))
     for k in ("slice", "merge", "progress", "examples"):
         filt.pop(k, None)
     stats = []
@@ -103,7 +104,7 @@ def fingerprint(cfg, mixture) -> str:
             stats.append([str(p), p.stat().st_size, p.stat().st_mtime_ns])
         else:
             stats.append([str(p), len(s.records)])
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = cast(dict, OmegaConf.to_container(cfg.data, resolve=True))
     for k in ("num_workers", "persistent_workers", "prefetch_factor", "micro_batch_size", "collate", "balance_ranks"):
         data.pop(k, None)
     blob = json.dumps([data, filt, stats, OmegaConf.to_container(cfg.model, resolve=True)], sort_keys=True, default=str)
@@ -132,7 +133,7 @@ def examine(mixture, source, j: int, rules) -> tuple[dict, Sample | None]:
     from vlmtrain.data.mixture import Skipped
 
     record = source.records[j]
-    v = {"i": j, "reasons": [], "metrics": {}}
+    v: dict[str, Any] = {"i": j, "reasons": [], "metrics": {}}
     loaded = mixture.load_line(source, j, random.Random(f"filter:{source.name}:{j}"), pixels=False)
     if isinstance(loaded, Skipped):
         v["reasons"].append({"rule": UNREADABLE, "reason": loaded.reason, "message": loaded.message[:300]})

@@ -8,6 +8,7 @@ import json
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import cast
 
 from vlmtrain.filtering.records import UNREADABLE, source_object
 
@@ -169,7 +170,8 @@ def write_report(out: Path, cfg, mixture, verdicts, stats, slice_info, rules) ->
     from omegaconf import OmegaConf
 
     lines += ["", "## Rules and their settings", "", "| rule | component | settings |", "|---|---|---|"]
-    for name, spec in (OmegaConf.to_container(cfg.filter.rules, resolve=True) or {}).items():
+    rules = cast(dict, OmegaConf.to_container(cfg.filter.rules, resolve=True) or {})
+    for name, spec in rules.items():
         if spec is None:
             continue
         target = spec.pop("_target_", "").rsplit(".", 1)[-1]

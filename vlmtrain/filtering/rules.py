@@ -43,7 +43,7 @@ class Sample:
 
     @property
     def answers(self) -> list[str]:
-        return [a for _, a in self.conv.turns]
+        return [a for _, a in self.conv.turns]  # type: ignore[misc]  # a read conversation's answers are set
 
     @property
     def queries(self) -> list[str]:

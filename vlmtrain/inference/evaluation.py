@@ -95,7 +95,7 @@ def score(prediction: str, reference: str, threshold: float = 0.5) -> dict[str, 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
     n = len(rows)
-    out = {"count": n}
+    out: dict[str, float] = {"count": n}
     for k in ("exact_match", "relaxed_match", "anls"):
         out[k] = sum(r[k] for r in rows) / n if n else 0.0
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-from vlmtrain.config import PARTS, ModelConfig, StageConfig
+from vlmtrain.config import PARTS, ModelConfig, StageConfig, plain
 from vlmtrain.errors import UserError
 from vlmtrain.models.attention import use_packed_attention
 from vlmtrain.models.internvl import (
@@ -94,7 +94,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
 
 
 def floating_dtype(name: str, key: str) -> torch.dtype:
-    target = getattr(torch, name, None)
+    target = getattr(torch, str(plain(name)), None)
     if not isinstance(target, torch.dtype) or not target.is_floating_point:
         raise UserError(f"{key}={name!r} is not a torch floating-point dtype (e.g. bfloat16)")
     return target
@@ -112,11 +112,12 @@ def round_weights(model: torch.nn.Module, dtype: str) -> None:
 def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
     """Packed attention backend, fused ViT q/k/v, per-part activation checkpointing (whole-block or
     selective) and compilation, as configured."""
-    use_packed_attention(model, cfg.attention)
+    use_packed_attention(model, plain(cfg.attention))  # its errors quote the bare name
     if cfg.fuse_vit_qkv:
         fuse_vit_qkv(model)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
-    set_selective_checkpointing(model, cfg.selective_checkpointing, transformer_blocks(model), cfg.gradient_checkpointing)
+    set_selective_checkpointing(model, [plain(p) for p in cfg.selective_checkpointing], transformer_blocks(model),
+                                cfg.gradient_checkpointing)
     compile_blocks(model, cfg.compile)
 
 

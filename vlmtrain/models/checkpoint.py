@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +41,7 @@ class TrainedModel:
 
 
 def structured_model_config(node) -> DictConfig:
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), node)
+    return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
 
 
 def load_trained(path: str | Path, dtype: torch.dtype | None = None) -> TrainedModel:

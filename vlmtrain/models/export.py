@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import OmegaConf
@@ -95,10 +96,10 @@ def export(cfg) -> Path:
         stop.append(tok.eos_token_id)
     model.generation_config.eos_token_id = stop or None
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    model.save_pretrained(out)  # type: ignore[operator]
     for name, content in processor_configs(model_cfg, cfg.max_tiles).items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
-    saved = OmegaConf.to_container(model_cfg, resolve=True)
+    saved = cast(dict, OmegaConf.to_container(model_cfg, resolve=True))
     saved.update(path=None, tokenizer=None)
     saved["vision"]["path"] = saved["llm"]["path"] = None
     (out / MODEL_CONFIG_FILE).write_text("# vlmtrain's ModelConfig of this export (reloaded by eval/chat)\n"

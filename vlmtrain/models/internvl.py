@@ -241,8 +241,14 @@ def multimodal_embeddings(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
     dummy_vision: bool = False,
+    tile_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token embeddings with IMG_CONTEXT positions replaced, in order, by projected tile features.
+
+    ``tile_index``: which tile of ``pixel_values`` each image of the text shows, tile by tile in
+    text order (None: every tile once, in order). A preference pair's chosen and rejected answers
+    share their prompt's images: the vision tower encodes each tile once and the index feeds its
+    features to both sequences.
 
     With ``dummy_vision`` the tiles belong to no text position (a text-only batch): their features
     enter the graph with weight zero, so every rank runs the vision tower every step and sharded
@@ -252,6 +258,8 @@ def multimodal_embeddings(
     if pixel_values is None:
         return embeds
     feats = encode_images(model, pixel_values).to(embeds.dtype)
+    if tile_index is not None and not dummy_vision:
+        feats = feats[tile_index]
     if dummy_vision:
         return embeds + 0.0 * feats.sum()
     mask = input_ids == model.config.image_token_id

@@ -11,7 +11,7 @@ that train fully beside the adapters (e.g. the projector) are saved as peft ``mo
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -79,6 +79,30 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = 
 
 def has_lora(model: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run ``model`` as its base model: every adapter off (peft's ``enable_adapters(False)``), and
+    every module in eval mode, inside the block; adapters, requires_grad flags and train/eval modes
+    are put back as they were after it. A LoRA run's preference reference, without a copy."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise UserError("stage/reference=adapter needs a LoRA stage (stage.lora set), e.g. stage=mpo_lora")
+    grads = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -112,7 +113,7 @@ def read_run_config(run_dir: Path) -> DictConfig:
     f = Path(run_dir) / RUN_CONFIG
     if not f.is_file():
         raise MissingPathError(f"{run_dir}: no {RUN_CONFIG}")
-    return OmegaConf.load(f)
+    return cast(DictConfig, OmegaConf.load(f))
 
 
 def lora_config_of(run_config: DictConfig) -> LoraConfig | None:
@@ -120,7 +121,7 @@ def lora_config_of(run_config: DictConfig) -> LoraConfig | None:
     stage = run_config.get("stage") or {}
     if not stage.get("lora"):
         return None
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoraConfig), stage.lora))
+    return cast(LoraConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoraConfig), stage.lora)))
 
 
 def read_model_state(ckpt: Path, key: str) -> dict[str, torch.Tensor]:

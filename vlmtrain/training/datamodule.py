@@ -64,7 +64,7 @@ class VLMDataModule(pl.LightningDataModule):
 
     def collator(self, pad_id: int):
         """The configured step collator (``data.collate``), padded by default."""
-        if self.cfg.get("collate") is None:
+        if self.cfg.collate is None:
             return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size)
         return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
 
@@ -100,7 +100,7 @@ class VLMDataModule(pl.LightningDataModule):
             # optimizer steps of this epoch already taken: the loop's progress counts from the epoch
             # start (restored on resume); "processed" is bumped right after training_step, so a
             # checkpoint written in on_train_batch_end counts the step it follows
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
         return {"sampler": self.sampler.state_dict(done)}
 
     def load_state_dict(self, state: dict) -> None:

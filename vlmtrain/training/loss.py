@@ -140,3 +140,32 @@ def per_sample_loss_sums(token_ce: torch.Tensor, weights: torch.Tensor, sample_i
     out[:, 2].index_add_(0, sample_ids, token_ce.detach().float())
     out[:, 3].index_add_(0, sample_ids, torch.ones_like(token_ce, dtype=torch.float32))
     return out
+
+
+def _ce_per_sample(hidden, head, targets, samples, num_samples: int):
+    ce = F.cross_entropy(_logits(hidden, head), targets, reduction="none")
+    return torch.zeros(num_samples, dtype=torch.float32, device=ce.device).index_add(0, samples, ce)
+
+
+def per_sample_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor | nn.Module,
+    targets: torch.Tensor,
+    sample_ids: torch.Tensor,
+    num_samples: int,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """(num_samples,) sums of CE over each sample's given positions, differentiable (minus a
+    sequence's log-probability: what preference losses compare), chunked and recomputed in backward
+    as ``weighted_cross_entropy`` is, so no more than one chunk of logits is ever held."""
+    total = hidden.new_zeros(num_samples, dtype=torch.float32)
+    head_grad = (any(p.requires_grad for p in lm_head_weight.parameters())
+                 if isinstance(lm_head_weight, nn.Module) else lm_head_weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (hidden[sl], lm_head_weight, targets[sl], sample_ids[sl], num_samples)
+        if torch.is_grad_enabled() and (hidden.requires_grad or head_grad) and not _zero3_partitioned(lm_head_weight):
+            total = total + checkpoint(_ce_per_sample, *args, use_reentrant=False)
+        else:
+            total = total + _ce_per_sample(*args)
+    return total

@@ -10,29 +10,40 @@ exactly the gradient of the one big batch.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import nullcontext
 
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from omegaconf import DictConfig
 
-from vlmtrain.config import PARTS
+from vlmtrain.config import PARTS, StageConfig
 from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
 from vlmtrain.models.internvl import part_of
 from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
 from vlmtrain.training.master_weights import MasterWeightOptimizer
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
+from vlmtrain.training.objective import Objective
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
-from vlmtrain.training.strategies import clip_grad_norm, deepspeed_grad_norm, deepspeed_next_micro_batch, is_deepspeed
+from vlmtrain.training.strategies import step_protocol
 
 
 class VLMTrainingModule(pl.LightningModule):
-    def __init__(self, model, objective, optim_cfg, stage_cfg, peak_tflops: float | None = None):
+    def __init__(self, model: torch.nn.Module, objective: Objective, optim_cfg: DictConfig, stage_cfg: StageConfig,
+                 peak_tflops: float | None = None):
+        """``optim_cfg``: the optim group (a component node: optimizer, scheduler, grad_clip, ...);
+        ``stage_cfg``: the stage (its warmup)."""
         super().__init__()
         self.model = model
         self.objective = objective
         """The step's loss (``vlmtrain.training.objective.Objective``)."""
+        owned = objective.setup(model)
+        if owned is not None:
+            self.reference = owned
+            """The objective's own frozen module (a preference stage's reference copy): a submodule,
+            so it moves to the device and is sharded and checkpointed with the policy; it has no
+            trainable parameter, so no optimizer state."""
         self.optim_cfg = optim_cfg
         self.stage_cfg = stage_cfg
         self.automatic_optimization = False
@@ -55,7 +66,6 @@ class VLMTrainingModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         strategy = self.trainer.strategy
-        deepspeed = is_deepspeed(strategy)
         objective = self.objective
         w_local = objective.step_weight(step)
         w_total = strategy.reduce(w_local.to(self.device), reduce_op="sum")
@@ -73,15 +83,9 @@ class VLMTrainingModule(pl.LightningModule):
         # per-dataset loss only on logging steps: it costs a host sync per micro-batch
         dataset_loss = DatasetLoss() if self._should_log() else None
         stats: dict[str, torch.Tensor] = {}
+        steps = step_protocol(strategy)  # the strategy's gradient synchronisation, clipping and step
         for i, mb in enumerate(step.micro_batches):
-            last = i == n - 1
-            if deepspeed:
-                if i > 0:
-                    deepspeed_next_micro_batch(strategy)  # accumulate, not overwrite (ZeRO-3)
-                # DeepSpeed's protocol: reduce/partition gradients only at the boundary micro-batch
-                strategy.model.set_gradient_accumulation_boundary(last)
-            sync = last or deepspeed or not hasattr(strategy, "block_backward_sync")
-            with nullcontext() if sync else strategy.block_backward_sync():
+            with steps.micro_batch(i, n):
                 terms = objective(self.model, mb.to(self.device),
                                   per_sample=dataset_loss is not None and not mb.zero_weight)
                 if terms.per_sample is not None:
@@ -94,13 +98,7 @@ class VLMTrainingModule(pl.LightningModule):
             num_total += num.detach()
             for k, v in terms.stats.items():
                 stats[k] = stats[k] + v if k in stats else v
-        if deepspeed:
-            opt.step()  # the engine clips (config gradient_clipping) and steps at the boundary
-            grad_norm = deepspeed_grad_norm(strategy)
-        else:
-            grad_norm = self._clip(opt)
-            if any_weight:
-                opt.step()
+        grad_norm = steps.step(opt, self.optim_cfg.grad_clip, any_weight)
         opt.zero_grad(set_to_none=True)
         sched.step()
         loss = strategy.reduce(num_total, reduce_op="sum") / w_total.clamp(min=1e-12)
@@ -112,10 +110,6 @@ class VLMTrainingModule(pl.LightningModule):
             objective.end_step(stats)
             extra = {f"train/{k}": v for k, v in objective.metrics(stats, w_total).items()}
         self._log_step(step, loss, grad_norm, dataset_loss, extra)
-
-    def _clip(self, opt) -> torch.Tensor:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        return clip_grad_norm(self.trainer.strategy, params, self.optim_cfg.grad_clip)
 
     # -- metrics (vlmtrain.training.metrics computes them; loggers are rank zero only) --------------
     def on_train_start(self) -> None:
@@ -177,6 +171,8 @@ class VLMTrainingModule(pl.LightningModule):
         shard = getattr(self.trainer.strategy, "shard_model", None)
         if shard is not None:
             shard(self.model)
+            if getattr(self, "reference", None) is not None:
+                shard(self.reference)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # every rank's RNG (drop path masks differ per rank), so a resumed run draws what the
@@ -199,7 +195,7 @@ class VLMTrainingModule(pl.LightningModule):
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
         low = sorted({str(p.dtype) for p in self.model.parameters() if p.requires_grad and p.dtype != torch.float32})
-        if low and (self.trainer.world_size > 1 or is_deepspeed(self.trainer.strategy)):
+        if low and not isinstance(self.trainer.strategy, SingleDeviceStrategy):
             raise UserError(f"model.compute_dtype: {low} weights with fp32 master copies run in one process only; "
                             "unset it for DDP, FSDP and DeepSpeed (they keep their own master weights)")
         optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.stage_cfg,

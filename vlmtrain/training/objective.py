@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtrain.data.collate import Batch, Step
+from vlmtrain.errors import UserError
 from vlmtrain.models.attention import packed_kwargs
 from vlmtrain.models.internvl import multimodal_embeddings
 from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
@@ -45,7 +46,13 @@ class LossTerms:
 
 
 class Objective:
-    """What every objective provides (SFT's is ``CrossEntropyObjective``)."""
+    """What every objective provides (SFT's is ``CrossEntropyObjective``; preference optimisation's
+    is ``vlmtrain.training.preference.PreferenceObjective``)."""
+
+    def setup(self, model) -> torch.nn.Module | None:
+        """Called once with the policy before training. A module returned (e.g. a frozen reference
+        model) is held by the training module: moved to the device, sharded and checkpointed with it."""
+        return None
 
     def step_weight(self, step: Step) -> torch.Tensor:
         """This rank's share of the step's loss denominator, from the host copy of the data."""
@@ -71,7 +78,7 @@ class Objective:
 
 def hidden_states(model, mb: Batch) -> torch.Tensor:
     """The language model's last hidden states for a micro-batch, (rows, length, hidden)."""
-    embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision)
+    embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision, mb.tile_index)
     if mb.packed:
         # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
         return model.model.language_model(
@@ -89,8 +96,8 @@ def supervised_hidden(model, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, tor
     hidden = hidden_states(model, mb)
     pos = mb.supervised_positions
     hidden = hidden.reshape(-1, hidden.shape[-1])[pos]
-    targets = mb.labels.reshape(-1)[pos + 1]
-    samples = mb.sample_index.reshape(-1)[pos + 1]
+    targets = mb.labels.reshape(-1)[pos + 1]  # type: ignore[operator]  # collated batches carry positions
+    samples = mb.sample_index.reshape(-1)[pos + 1]  # type: ignore[operator]
     return hidden, targets, samples
 
 
@@ -109,6 +116,9 @@ class CrossEntropyObjective(Objective):
         return total
 
     def __call__(self, model, mb: Batch, per_sample: bool = False) -> LossTerms:
+        if mb.pairs is not None:
+            raise UserError("preference data (chosen/rejected pairs) trains with a preference stage: "
+                            "stage=mpo, stage=dpo or stage=mpo_lora")
         hidden, targets, samples = supervised_hidden(model, mb)
         w = self.weighting(mb.num_supervised)[samples]
         if per_sample:

@@ -21,12 +21,16 @@ Frozen parameters cost their weight bytes only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from vlmtrain.config import PARTS
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlmtrain.config import PARTS, plain
 from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage
 from vlmtrain.models.internvl import build_from_config, part_of
+from vlmtrain.training.strategies import Sharding, deepspeed_sharding, sharding
 
 GiB = 1024**3
 
@@ -38,10 +42,10 @@ class PlanOptions:
     headroom_gb: float = 10.0
     """Kept free for activations, CUDA context and fragmentation when judging fit."""
     zero_stage: int | None = None
-    """Override the sharding read from hardware.strategy (0 = none, 1 optimizer, 2 + gradients,
+    """Override the sharding the strategy reports (0 = none, 1 optimizer, 2 + gradients,
     3 + weights)."""
     optimizer_offload: bool = False
-    """Optimizer state lives in CPU memory (DeepSpeed offload)."""
+    """Optimizer state lives in CPU memory (DeepSpeed offload), whatever the strategy says."""
 
 
 @dataclass(frozen=True)
@@ -59,54 +63,46 @@ BYTES = {
 }
 
 
-@dataclass(frozen=True)
-class Sharding:
-    zero_stage: int
-    deepspeed: bool
-    shard_ranks: int
-    """Ranks that one copy of the state is cut across."""
-    optimizer_offload: bool = False
+def devices_per_node(devices) -> int:
+    """hardware.devices as a number of ranks per node (``auto`` cannot be planned)."""
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    if isinstance(devices, str):
+        raise UserError(f"hardware.devices={devices!r}: give a number of GPUs per node to plan for")
+    return len(devices)
 
 
-DEEPSPEED_NAMES = {"deepspeed": 2, "deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_2_offload": 2,
-                   "deepspeed_stage_3": 3, "deepspeed_stage_3_offload": 3}
-FSDP_STAGES = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2, "NO_SHARD": 0, "HYBRID_SHARD": 3, "_HYBRID_SHARD_ZERO2": 2}
+def build_strategy(spec):
+    """hardware.strategy as the object the trainer gets (``vlmtrain.training.run.build_trainer``), or
+    the Lightning name it is. Without DeepSpeed installed its strategy cannot be built; its config is
+    then read as it stands (the strategy's ``config`` is that same dict)."""
+    if not isinstance(spec, DictConfig):
+        return spec
+    try:
+        return instantiate(spec)
+    except Exception as e:  # only a missing DeepSpeed is handled; everything else is re-raised
+        if "DeepSpeed" in str(spec.get("_target_", "")) and "deepspeed" in str(e).lower():
+            return OmegaConf.to_container(spec, resolve=True)
+        raise
 
 
 def sharding_of(hw, opts: PlanOptions) -> Sharding:
-    """What hardware.strategy shards: a Lightning strategy name, or a strategy config with a
-    ``_target_`` (DeepSpeedStrategy's ``stage`` / ``offload_optimizer``, FSDPStrategy's
-    ``sharding_strategy``)."""
-    if isinstance(hw.devices, int):
-        per_node = hw.devices
-    elif isinstance(hw.devices, str) and hw.devices.isdigit():
-        per_node = int(hw.devices)
-    elif isinstance(hw.devices, str):
-        raise UserError(f"hardware.devices={hw.devices!r}: give a number of GPUs per node to plan for")
+    """What hardware.strategy shards: the strategy is built and asked
+    (``vlmtrain.training.strategies.sharding``); ``plan.zero_stage`` / ``plan.optimizer_offload``
+    override it."""
+    per_node = devices_per_node(hw.devices)
+    strategy = build_strategy(hw.strategy)
+    if isinstance(strategy, dict):  # a DeepSpeed config, DeepSpeed not installed
+        sh = deepspeed_sharding(strategy.get("config") or {}, per_node * hw.num_nodes)
     else:
-        per_node = len(hw.devices)
-    world = per_node * hw.num_nodes
-    s = hw.strategy
-    stage, ds, offload, ranks = 0, False, opts.optimizer_offload, world
-    if isinstance(s, str):
-        if s in DEEPSPEED_NAMES:
-            stage, ds, offload = DEEPSPEED_NAMES[s], True, offload or s.endswith("offload")
-        elif s.startswith("fsdp"):
-            stage = 3
-    elif s is not None:
-        target = str(s.get("_target_", ""))
-        if "DeepSpeed" in target:
-            ds = True
-            stage = int(s.get("stage", 2))
-            offload = offload or bool(s.get("offload_optimizer", False))
-        elif "FSDP" in target:
-            name = str(s.get("sharding_strategy", "FULL_SHARD")).upper()
-            stage = FSDP_STAGES.get(name, 3)
-            if "HYBRID" in name:
-                ranks = world // hw.num_nodes
+        sh = sharding(strategy, hw.num_nodes, per_node)
     if opts.zero_stage is not None:
-        stage = opts.zero_stage
-    return Sharding(stage, ds, max(1, ranks), offload)
+        sh = replace(sh, zero_stage=opts.zero_stage)
+    if opts.optimizer_offload:
+        sh = replace(sh, optimizer_offload=True)
+    return replace(sh, shard_ranks=max(1, sh.shard_ranks))
 
 
 def bytes_of(precision: str, deepspeed: bool) -> Bytes:
@@ -138,10 +134,13 @@ def memory_per_gpu(total: int, trainable: int, b: Bytes, sh: Sharding) -> dict[s
     weights = total * b.weight / (n if sh.zero_stage >= 3 else 1)
     grads = trainable * b.grad / (n if sh.zero_stage >= 2 else 1)
     optim = trainable * b.optim / (n if sh.zero_stage >= 1 else 1)
-    cpu = 0.0
+    cpu, cpu_weights = 0.0, 0.0
     if sh.optimizer_offload:
         cpu, optim = optim, 0.0
-    return {"weights": weights, "gradients": grads, "optimizer": optim, "cpu_optimizer": cpu}
+    if sh.param_offload:
+        cpu_weights, weights = weights, 0.0
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "cpu_optimizer": cpu,
+            "cpu_weights": cpu_weights}
 
 
 def plan(cfg) -> dict:
@@ -153,9 +152,9 @@ def plan(cfg) -> dict:
     total = sum(c.total for c in counts.values())
     trainable = sum(c.trainable for c in counts.values())
     sh = sharding_of(cfg.hardware, cfg.plan)
-    b = bytes_of(cfg.hardware.precision, sh.deepspeed)
+    b = bytes_of(plain(cfg.hardware.precision), sh.deepspeed)
     mem = memory_per_gpu(total, trainable, b, sh)
-    by_stage = {z: memory_per_gpu(total, trainable, b, Sharding(z, sh.deepspeed, sh.shard_ranks, sh.optimizer_offload))
+    by_stage = {z: memory_per_gpu(total, trainable, b, replace(sh, zero_stage=z, param_offload=sh.param_offload and z >= 3))
                 for z in range(4)}
     return {"counts": counts, "total": total, "trainable": trainable, "sharding": sh, "bytes": b,
             "memory": mem, "by_stage": by_stage}
@@ -166,15 +165,18 @@ def report(cfg, result: dict) -> str:
     budget = cfg.plan.gpu_memory_gb - cfg.plan.headroom_gb
     world = sh.shard_ranks
     lines = [f"model {cfg.model.name}, stage {cfg.stage.name}"
-             + (f" (LoRA r={cfg.stage.lora.r} on {cfg.stage.lora.target_modules or list(cfg.stage.lora.targets)})"
+             + (f" (LoRA r={cfg.stage.lora.r} on {cfg.stage.lora.target_modules or [plain(t) for t in cfg.stage.lora.targets]})"
                 if cfg.stage.lora else ""),
              f"{'part':<24}{'total':>16}{'trainable':>16}"]
     for part, c in counts.items():
         lines.append(f"{part:<24}{c.total:>16,}{c.trainable:>16,}")
     lines.append(f"{'all':<24}{result['total']:>16,}{result['trainable']:>16,}")
     lines.append("")
-    lines.append(f"strategy {cfg.hardware.strategy!s} -> ZeRO-{sh.zero_stage} over {world} ranks"
-                 f"{' (optimizer offloaded to CPU)' if sh.optimizer_offload else ''}; precision "
+    spec = cfg.hardware.strategy
+    name = str(spec.get("_target_", spec)).rsplit(".", 1)[-1] if isinstance(spec, DictConfig) else str(spec)
+    lines.append(f"strategy {name} -> ZeRO-{sh.zero_stage} over {world} ranks"
+                 f"{' (optimizer offloaded to CPU)' if sh.optimizer_offload and not sh.param_offload else ''}"
+                 f"{' (weights and optimizer offloaded to CPU)' if sh.param_offload else ''}; precision "
                  f"{cfg.hardware.precision}: {b.weight} B/weight, {b.grad} B/grad, {b.optim} B/param optimizer state")
     mem = result["memory"]
     for k in ("weights", "gradients", "optimizer"):
@@ -185,6 +187,8 @@ def report(cfg, result: dict) -> str:
                  f"with {cfg.plan.headroom_gb:g} GiB kept for activations (not counted)")
     if mem["cpu_optimizer"]:
         lines.append(f"  CPU optimizer state: {mem['cpu_optimizer'] / GiB:.2f} GiB per rank")
+    if mem["cpu_weights"]:
+        lines.append(f"  CPU weights: {mem['cpu_weights'] / GiB:.2f} GiB per rank")
     lines.append("")
     lines.append("same run under each ZeRO stage (weights + gradients + optimizer per GPU):")
     for z, m in result["by_stage"].items():

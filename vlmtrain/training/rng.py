@@ -26,7 +26,7 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),  # type: ignore[attr-defined]
         "torch": _bytes(torch.get_rng_state()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -48,6 +48,6 @@ def gather_rng_states() -> list[dict]:
     mine = rng_state()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [mine]
-    states = [None] * dist.get_world_size()
+    states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, mine)
     return states

@@ -1,4 +1,7 @@
-"""Distributed strategies: FSDP2 sharding of the VLM, and strategy-correct gradient clipping.
+"""Distributed strategies: FSDP2 sharding of the VLM; what each strategy shards (``sharding``, which
+``vlmtrain plan`` asks); and how each runs one optimizer step's micro-batches (``step_protocol``:
+the gradient synchronisation around each micro-batch, clipping and the optimizer step), so the
+LightningModule's training_step holds no strategy-specific code.
 
 `conf/hardware/fsdp.yaml` picks ``FSDP2Strategy``: Lightning's ModelParallelStrategy (FSDP2,
 ``fully_shard``) with the sharding plan of an InternVL model. FSDP2 shards per parameter, so a
@@ -16,11 +19,13 @@ keeps the all-gathers on the fast intra-node links.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
 from vlmtrain.errors import UserError
@@ -78,6 +83,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.hybrid = hybrid
         self.cpu_offload = cpu_offload
 
+    def hybrid_over(self, num_nodes: int) -> bool:
+        """Whether the mesh is 2D (replicate over nodes, shard within a node) on ``num_nodes`` nodes."""
+        return num_nodes > 1 if self.hybrid is None else bool(self.hybrid)
+
+    def sharding(self, num_nodes: int, per_node: int) -> Sharding:
+        """What this strategy shards on ``num_nodes`` nodes of ``per_node`` ranks: ZeRO-3 like
+        (ZeRO-2 like when block weights stay gathered until backward), over the ranks of one node
+        when the mesh is hybrid, else over all; ``cpu_offload`` keeps weights and optimizer state in
+        CPU memory."""
+        ranks = per_node if self.hybrid_over(num_nodes) else per_node * num_nodes
+        return Sharding(3 if self.reshard_after_forward else 2, False, ranks,
+                        optimizer_offload=self.cpu_offload, param_offload=self.cpu_offload)
+
+    def micro_batch(self, i: int, n: int):
+        """Micro-batch ``i`` of a step's ``n``: all but the last skip the gradient reduce-scatter
+        when ``accumulate_unsharded`` (``block_backward_sync``)."""
+        return self.block_backward_sync() if i < n - 1 else _no_sync_change()
+
     @contextmanager
     def block_backward_sync(self):
         """With ``accumulate_unsharded``: backward without the gradient reduce-scatter and without
@@ -110,8 +133,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         """1D over all ranks, or (replicate over nodes, shard within a node) for hybrid sharding."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        hybrid = self.num_nodes > 1 if self.hybrid is None else self.hybrid
-        if not hybrid:
+        if not self.hybrid_over(self.num_nodes):
             return self.device_mesh["data_parallel"]
         return init_device_mesh(
             self.root_device.type, (self.num_nodes, self.num_processes), mesh_dim_names=("replicate", "shard")
@@ -163,11 +185,133 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """transformers' own per-layer checkpointing (non-reentrant) on the ViT and the LLM: the
     recomputation goes through each block's __call__, so FSDP2 gathers the block again for it."""
     for part in (model.model.vision_tower, model.model.language_model):
-        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
 
 
 def _block_class_candidates(model: nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.modules() if isinstance(m, nn.Module) and "Layer" in type(m).__name__}
+
+
+# -- what a strategy shards (vlmtrain plan asks) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sharding:
+    zero_stage: int
+    """0 none, 1 optimizer state, 2 + gradients, 3 + weights (DeepSpeed's ZeRO stages; FSDP's
+    equivalents)."""
+    deepspeed: bool
+    shard_ranks: int
+    """Ranks that one copy of the state is cut across."""
+    optimizer_offload: bool = False
+    """Optimizer state lives in CPU memory."""
+    param_offload: bool = False
+    """Weights live in CPU memory (ZeRO-3 offload_param, FSDP CPU offload)."""
+
+
+def deepspeed_sharding(config: dict, world: int) -> Sharding:
+    """What a DeepSpeed config (``DeepSpeedStrategy.config``) shards over ``world`` ranks."""
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        zero = {}
+
+    def offloaded(key: str) -> bool:
+        spec = zero.get(key)
+        return isinstance(spec, dict) and str(spec.get("device", "none")).lower() in ("cpu", "nvme")
+
+    stage = int(zero.get("stage", 0))
+    return Sharding(stage, True, world, optimizer_offload=offloaded("offload_optimizer"),
+                    param_offload=stage >= 3 and offloaded("offload_param"))
+
+
+FSDP1_STAGES = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2, "NO_SHARD": 0, "HYBRID_SHARD": 3, "_HYBRID_SHARD_ZERO2": 2}
+
+
+def sharding(strategy: Strategy | str | None, num_nodes: int, per_node: int) -> Sharding:
+    """What ``strategy`` (an instance, or a Lightning strategy name) shards on ``num_nodes`` nodes of
+    ``per_node`` ranks: asked of the strategy itself (``FSDP2Strategy.sharding``, DeepSpeed's
+    config, FSDP's sharding_strategy); DDP and one device shard nothing."""
+    world = per_node * num_nodes
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if strategy not in StrategyRegistry:
+            return Sharding(0, False, world)  # auto, ddp_*, single_device: whole copies
+        strategy = StrategyRegistry.get(strategy)
+    own = getattr(strategy, "sharding", None)
+    if callable(own):
+        return own(num_nodes, per_node)
+    if isinstance(strategy, DeepSpeedStrategy):
+        return deepspeed_sharding(strategy.config or {}, world)
+    if isinstance(strategy, FSDPStrategy):
+        name = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy)).upper()
+        offload = bool(getattr(strategy.cpu_offload, "offload_params", False))
+        return Sharding(FSDP1_STAGES.get(name, 3), False, per_node if "HYBRID" in name else world,
+                        optimizer_offload=offload, param_offload=offload)
+    return Sharding(0, False, world)
+
+
+# -- one optimizer step's micro-batches, as each strategy runs them --------------------------------------
+
+
+@contextmanager
+def _no_sync_change() -> Iterator[None]:
+    yield
+
+
+class StepProtocol:
+    """How a strategy runs a step's micro-batches: ``micro_batch(i, n)`` wraps micro-batch i's forward
+    and backward, ``step`` clips and steps once they all ran. This default (one device, DDP, FSDP2):
+    every backward synchronises as it goes (DDP all-reduces, FSDP2 reduce-scatters; FSDP2's own
+    ``micro_batch`` may defer that to the last), torch clips over the whole model, and a step
+    without any loss weight on any rank does not move the weights."""
+
+    def __init__(self, strategy: Any):
+        self.strategy = strategy
+
+    def micro_batch(self, i: int, n: int):
+        own = getattr(self.strategy, "micro_batch", None)
+        return own(i, n) if callable(own) else _no_sync_change()
+
+    def step(self, opt, max_norm: float | None, any_weight: bool) -> torch.Tensor:
+        """Clip, step if any weight (else keep the weights), return the total gradient norm."""
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = clip_grad_norm(self.strategy, params, max_norm)
+        if any_weight:
+            opt.step()
+        return grad_norm
+
+
+class DeepSpeedSteps(StepProtocol):
+    """DeepSpeed's gradient-accumulation boundary protocol. Lightning's manual optimisation runs the
+    whole step (every micro-batch's forward and backward) inside ONE engine forward, so before each
+    micro-batch after the first this does the bookkeeping ``DeepSpeedEngine.forward`` does before
+    every forward: without it ZeRO-3 (DeepSpeed 0.19, whose micro-step counter advances there)
+    treats every micro-batch as the first and copies its gradients over the previous ones instead
+    of accumulating them: only the last micro-batch's gradients reached the optimizer
+    (tests/test_strategies.py, fp32 on CPU ranks). Gradients are reduced and partitioned only at the
+    boundary (the last micro-batch). The engine clips inside ``step()`` (its config's
+    ``gradient_clipping``) and always steps; the norm is read after."""
+
+    @contextmanager
+    def micro_batch(self, i: int, n: int) -> Iterator[None]:
+        engine = self.strategy.model
+        if i > 0:
+            optimizer = getattr(engine, "optimizer", None)
+            if hasattr(optimizer, "clear_backward_seen_flag"):
+                optimizer.clear_backward_seen_flag()  # accumulate, not overwrite (ZeRO-3)
+        engine.set_gradient_accumulation_boundary(i == n - 1)
+        yield
+
+    def step(self, opt, max_norm: float | None, any_weight: bool) -> torch.Tensor:
+        opt.step()  # the engine clips (config gradient_clipping) and steps at the boundary
+        norm = self.strategy.model.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+
+def step_protocol(strategy) -> StepProtocol:
+    """The micro-batch synchronisation and optimizer step of ``strategy``."""
+    return DeepSpeedSteps(strategy) if isinstance(strategy, DeepSpeedStrategy) else StepProtocol(strategy)
 
 
 # -- gradient clipping that is right under every strategy -------------------------------------------------
@@ -179,10 +323,10 @@ def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: float | None)
     FSDP2: gradients are DTensor shards; torch's clip reduces the norm over the mesh.
     DeepSpeed: the engine owns the gradients (ZeRO partitions them) and clips inside
     ``step()`` from ``gradient_clipping`` in its config, so here we only read its norm after
-    the step (see ``deepspeed_grad_norm``).
+    the step (``DeepSpeedSteps.step``).
     """
     if isinstance(strategy, DeepSpeedStrategy):
-        raise RuntimeError("DeepSpeed clips inside engine.step(); read deepspeed_grad_norm() after it")
+        raise RuntimeError("DeepSpeed clips inside engine.step(); DeepSpeedSteps.step reads its norm after it")
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
@@ -191,24 +335,3 @@ def clip_grad_norm(strategy, params: list[torch.Tensor], max_norm: float | None)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
     return norm.detach()
-
-
-def deepspeed_next_micro_batch(strategy) -> None:
-    """Before each micro-batch after a step's first, under DeepSpeed: the bookkeeping that
-    ``DeepSpeedEngine.forward`` does before every forward. Lightning's manual optimisation runs the
-    whole step (every micro-batch's forward and backward) inside ONE engine forward, so without this
-    ZeRO-3 (DeepSpeed 0.19, whose micro-step counter advances there) treats every micro-batch as the
-    first and copies its gradients over the previous ones instead of accumulating them: only the last
-    micro-batch's gradients reached the optimizer (tests/test_strategies.py, fp32 on CPU ranks)."""
-    optimizer = getattr(strategy.model, "optimizer", None)
-    if hasattr(optimizer, "clear_backward_seen_flag"):
-        optimizer.clear_backward_seen_flag()
-
-
-def deepspeed_grad_norm(strategy) -> torch.Tensor:
-    norm = strategy.model.get_global_grad_norm()
-    return torch.as_tensor(float(norm) if norm is not None else float("nan"))
-
-
-def is_deepspeed(strategy) -> bool:
-    return isinstance(strategy, DeepSpeedStrategy)

@@ -84,15 +84,18 @@ def scrub_override(text: str) -> str:
     return ",".join(one(part) for part in text.split(","))
 
 
-def resolved_config(cfg: DictConfig) -> dict:
-    """The fully resolved config as plain containers, credentials redacted."""
-    return scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
+def resolved_config(cfg) -> dict:
+    """The fully resolved config (a DictConfig, or the dataclasses of ``vlmtrain.config``) as plain
+    containers of plain values (choices as their strings), credentials redacted."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    return scrub_secrets(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
-def save_config(cfg: DictConfig, path: Path) -> dict:
+def save_config(cfg, path: Path) -> dict:
     """Write the resolved, scrubbed config as YAML (rank zero only); returns it."""
     container = resolved_config(cfg)
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # Lightning sets the attribute at import
         OmegaConf.save(OmegaConf.create(container), path)
     return container
 
@@ -150,7 +153,7 @@ class CSVLogger(_LightningCSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment
+        return self._experiment  # type: ignore[return-value]  # our writer subclasses Lightning's
 
 
 def wandb_run_id(save_dir: str | os.PathLike, id: str | None = None) -> str:
@@ -160,7 +163,7 @@ def wandb_run_id(save_dir: str | os.PathLike, id: str | None = None) -> str:
     path = Path(save_dir) / RUN_ID_FILE
     stored = path.read_text().strip() if path.is_file() else None
     run_id = id or os.environ.get("WANDB_RUN_ID") or stored or uuid.uuid4().hex[:12]
-    if run_id != stored and rank_zero_only.rank == 0:
+    if run_id != stored and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(run_id + "\n")
@@ -200,7 +203,9 @@ class RunTracking(pl.Callback):
 
     def _params(self) -> dict:
         cfg = self.config
-        return resolved_config(cfg) if isinstance(cfg, DictConfig) else scrub_secrets(dict(cfg))
+        if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig):
+            return scrub_secrets(dict(cfg))
+        return resolved_config(cfg)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = self._params()
@@ -208,7 +213,7 @@ class RunTracking(pl.Callback):
             logger.log_hyperparams(params)  # loggers write on rank zero only
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        summary = pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}  # all ranks
+        summary = pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}  # type: ignore[operator]  # all ranks
         if trainer.global_rank != 0:
             return
         summary = {"global_step": trainer.global_step, "epochs": trainer.current_epoch, **summary}

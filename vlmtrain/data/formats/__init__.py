@@ -16,6 +16,7 @@ from vlmtrain.errors import UserError
 
 FORMATS = {
     "wds": "vlmtrain.data.formats.wds",
+    "preference": "vlmtrain.data.formats.preference",  # before internvl: its lines may hold conversations
     "cogvlm": "vlmtrain.data.formats.cogvlm",
     "swift": "vlmtrain.data.formats.swift",
     "llava": "vlmtrain.data.formats.llava",

@@ -166,7 +166,7 @@ def box_thousandths(bbox, bbox_type, size: tuple[int, int] | None) -> list[int]:
     if kind == "norm1000":
         out = [int(round(v)) for v in box]
     else:
-        w, h = (1, 1) if kind == "norm1" else size
+        w, h = (1, 1) if kind == "norm1" else size  # type: ignore[misc]  # pixel boxes come with their image size
         out = [int(round(v / (w if i % 2 == 0 else h) * 1000)) for i, v in enumerate(box)]
     if not all(0 <= v <= 1000 for v in out):
         raise SampleError("bad_bbox", f"bbox {list(bbox)} ({bbox_type or 'real'}) is outside its image")
