@@ -561,7 +561,7 @@ def markdown(results: dict) -> str:
            f"({results['pool']['tokens_timed']} tokens) after {results['warmup']} warm-up steps; "
            f"torch {results['torch']}, transformers {results['transformers']}."]
     if results["rows"]:
-        out += ["", "| row | tokens/s | step (s) | TFLOP/s | MFU | peak mem (GiB) | host wait | vs strong | graphs while timed |",
+        out += ["", "| row | tokens/s | step (s) | TFLOP/s | MFU | peak mem (GiB) | device idle between steps | vs strong | graphs while timed |",
                 "|---|---|---|---|---|---|---|---|---|"]
     strong = results["rows"].get("hf_strong", {}).get("tokens_per_s")
     for name in ROWS:

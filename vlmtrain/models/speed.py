@@ -9,6 +9,7 @@ from types import MethodType
 
 import torch
 from torch import nn
+from transformers.models.internvl.modeling_internvl import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
 from vlmtrain.errors import UserError
 
@@ -46,8 +47,6 @@ def fuse_vit_qkv(model) -> int:
 
 def _fused_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     """transformers' ``InternVLVisionAttention.forward`` with the three projections as one."""
-    from transformers.models.internvl.modeling_internvl import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
-
     b, s, _ = hidden_states.size()
     q, k, v = self.qkv(hidden_states).split(self.embed_dim, dim=-1)
     q, k = self.q_norm(q), self.k_norm(k)
@@ -77,6 +76,7 @@ def _fuse_qkv_keys(module, state_dict, prefix, local_metadata, strict, missing_k
 # -- selective activation checkpointing ---------------------------------------------------------------
 
 
+@functools.cache
 def _saved_ops() -> frozenset:
     """Ops whose outputs selective checkpointing keeps: the matmuls and the attention kernels
     (costly to recompute); everything else (norms, activations, residual adds, casts: cheap and
