@@ -191,6 +191,16 @@ def check_values(cfg) -> None:
                 errors.append(f"data.datasets.{name}.{_omegaconf_error(e)}")
                 continue
             errors += range_errors("DatasetConfig", entry.__getitem__, f"data.datasets.{name}.")
+    for key in ("model.vision.hidden_act", "model.projector_hidden_act"):  # transformers' activations
+        try:
+            act = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:
+            continue
+        if isinstance(act, str):
+            from transformers.activations import ACT2FN
+
+            if act not in ACT2FN:
+                errors.append(f"{key}={act!r} is not one of transformers' activations [{', '.join(sorted(ACT2FN))}]")
     stage, hw = node("stage"), node("hardware")
     try:
         batch = stage.global_batch_size if stage is not None else None
@@ -364,6 +374,10 @@ class DataConfig(Checked):
     """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""
     on_error: OnError = OnError("skip")
     """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
+    media_outside_root: bool = False
+    """Allow media paths that point outside their dataset's root (absolute paths, ``../``); by
+    default such a line is a counted ``media_outside_root`` skip, so data cannot read (or
+    ``vlmtrain shard`` copy) arbitrary files. Symlinks inside the root are followed either way."""
     micro_batch_size: int = 1
     collate: Any = None
     """How a step's samples become micro-batches (group ``data/collate``): ``padded`` (rows of
@@ -449,7 +463,11 @@ class HardwareConfig(Checked):
 class TrainerConfig:
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 0
-    """Also write a checkpoint every N optimizer steps (0: only at the end)."""
+    """Also write ``last.ckpt`` every N optimizer steps (0: by time, ``checkpoint_every_minutes``)."""
+    checkpoint_every_minutes: float = 30.0
+    """When ``checkpoint_every_n_steps`` is 0: also write ``last.ckpt`` at the first step boundary
+    after every this many minutes of training, so a crash or kill -9 loses at most that much
+    (0: only at the end and on preemption)."""
     checkpoint: bool = True
     """False: write no checkpoint at all (benchmarks; preemption then cannot save either)."""
     enable_progress_bar: bool = True
@@ -467,13 +485,17 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
-    init_parts: list[str] | None = None
+    init_parts: list[Part] | None = None
     """Parts of the model that ``init_from`` loads (of vision_tower, multi_modal_projector,
     language_model; lm_head goes with language_model); None: all. The others keep their
     initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
     resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
-    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
+    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path.
+    The run continues with its own config.yaml (``vlmtrain.training.resume_config``)."""
+    resume_changes: list[str] = field(default_factory=list)
+    """Keys a resumed run may change on purpose (``resume_changes=[stage.max_steps]``); any other
+    command-line key that differs from the run's config.yaml is refused, naming it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)

@@ -189,6 +189,8 @@ class StepCollator:
     """Splits one step's samples into micro-batches of at most micro_batch_size; counts skips."""
 
     def __init__(self, micro_batch_size: int, pad_id: int, tile_size: int):
+        if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+            raise UserError(f"data.micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
         self.micro_batch_size, self.pad_id, self.tile_size = micro_batch_size, pad_id, tile_size
 
     def __call__(self, items) -> Step:

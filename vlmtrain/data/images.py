@@ -35,7 +35,23 @@ def load_image(src, draft_size: tuple[int, int] | None = None) -> Image.Image:
         raise SampleError("missing_media", f"image not found: {src}") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise SampleError("corrupt_media", f"cannot decode image {src if not isinstance(src, bytes) else '<bytes>'}: {e}") from None
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. PIL's own ``convert("RGB")`` clips the integer modes of 16-bit PNGs
+    (``I;16``, ``I``) at 255, so a 16-bit image comes out white; these are scaled to 8 bits
+    instead (``F``: 0..1 floats are scaled, others clipped). Every other mode converts as PIL does."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def image_size(src) -> tuple[int, int]:
@@ -59,7 +75,7 @@ def jpeg_reencode(img, rng: random.Random) -> Image.Image:
     buf.seek(0)
     out = Image.open(buf)
     out.load()
-    return out if out.mode == "RGB" else out.convert("RGB")
+    return to_rgb(out)
 
 
 def rgb_array(img: Image.Image) -> np.ndarray:
@@ -67,7 +83,7 @@ def rgb_array(img: Image.Image) -> np.ndarray:
     goes through ``Image.tobytes``, which packs the image in 64 KB pieces and joins them (two
     copies, and most of the conversion's time for a photo)."""
     if img.mode != "RGB":
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(to_rgb(img))
     img.load()
     w, h = img.size
     encoder = Image._getencoder("RGB", "raw", "RGB")

@@ -7,7 +7,9 @@ from (seed, epoch, index) so every sample is reproducible wherever and whenever 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Skipped:
@@ -39,6 +43,24 @@ class Skipped:
     where: str
     message: str
     dataset: str = ""
+
+
+BAD_RECORD = "bad_record"
+"""The skip reason of a record whose reading failed in a way no reader check names (a wrong type
+deep inside, an unreadable file): still one counted line, never a dead loader."""
+
+_warned: set[tuple[str, str]] = set()
+
+
+def unreadable(record, e: Exception) -> SampleError:
+    """``e`` (raised while reading ``record``) as a counted skip; the first of each kind per file is
+    logged with its traceback, since it may be a bug rather than bad data."""
+    kind = (record.file, type(e).__name__)
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning("%s: unreadable record (%s: %s); skipped as %s, later ones of this kind in this file "
+                    "are only counted", record.where(), type(e).__name__, e, BAD_RECORD, exc_info=e)
+    return SampleError(BAD_RECORD, f"unreadable record ({type(e).__name__}: {e})")
 
 
 def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
@@ -90,6 +112,7 @@ class SourceDataset:
         self.reader = reader(self.format)
         self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
         self.records = self.reader.read(path)
+        self._root = os.path.normpath(os.path.abspath(self.root))
         self.pairs = hasattr(self.reader, "to_pair")
         """Preference data: each line is a PairSample (``vlmtrain.data.formats.preference``)."""
         self.reference = self.reader.load_reference(path) if self.pairs else None
@@ -97,6 +120,21 @@ class SourceDataset:
         # each dataset draws its own repeat subset: seeded by the run seed and the dataset's name
         self.indices = repeat_indices(len(self.records), cfg.repeat, [seed, zlib.crc32(name.encode())])
         self.tile_cache: TileCache | None = None
+
+
+    def confine(self, conv, allow_outside: bool = False) -> None:
+        """Media paths must lie under the dataset root (compared as written, so symlinks inside the
+        root still work); ``data.media_outside_root=true`` lifts this."""
+        if allow_outside:
+            return
+        for kind, items in (("image", conv.images), ("video", conv.videos)):
+            for src in items:
+                if not isinstance(src, (str, os.PathLike)):
+                    continue  # bytes from a shard, PIL images
+                p = os.path.normpath(os.path.abspath(src))
+                if os.path.commonpath([p, self._root]) != self._root:
+                    raise SampleError("media_outside_root", f"{kind} {src} is outside the dataset root {self._root} "
+                                                            "(data.media_outside_root=true allows it)")
 
 
 class MixtureDataset:
@@ -112,6 +150,14 @@ class MixtureDataset:
         self.cfg, self.seed, self.training = cfg, seed, training
         self.sources = [SourceDataset(name, d, seed) for name, d in dataset_configs(cfg.datasets).items()]
         for source in self.sources:
+            d = source.cfg
+            # checked here, in the main process: inside a loader worker these became tracebacks
+            if not (isinstance(d.n_max, int) and isinstance(d.min_tiles, int) and 1 <= d.min_tiles <= d.n_max):
+                raise UserError(f"dataset {source.name}: need 1 <= min_tiles <= n_max, got min_tiles={d.min_tiles!r}, "
+                                f"n_max={d.n_max!r}")
+            if not (isinstance(d.repeat, (int, float)) and math.isfinite(d.repeat) and d.repeat > 0):
+                raise UserError(f"dataset {source.name}: repeat must be a finite number > 0, got {d.repeat!r}")
+            get_template(d.template or cfg.template)  # an unknown template fails now, naming it
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
@@ -166,10 +212,15 @@ class MixtureDataset:
         """Line ``line`` of one source, encoded; a bad line is a Skipped (or raises, on_error=raise)."""
         record = source.records[line]
         try:
-            return self._build(source, record, rng, pixels)
+            try:
+                return self._build(source, record, rng, pixels)
+            except (SampleError, UserError):
+                raise
+            except Exception as e:  # any other failure of this one record: the loader must not die of it
+                raise unreadable(record, e) from e
         except SampleError as e:
             if self.cfg.on_error == "raise":
-                raise UserError(f"{record.where()}: {e}") from None
+                raise UserError(f"{record.where()}: {e}") from (e.__cause__ if e.reason == BAD_RECORD else None)
             return Skipped(e.reason, record.where(), str(e), source.name)
 
     def _frames(self, d: DatasetConfig) -> tuple[int, int]:
@@ -183,6 +234,7 @@ class MixtureDataset:
             return self._build_pair(source, record, rng, frames_seed, pixels)
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
+        source.confine(conv, self.cfg.media_outside_root)
         tiles, num_tiles, frames_per_video = self._media(source, conv, rng, frames_seed, pixels)
         return self._encode(source, conv, tiles, num_tiles, frames_per_video)
 

@@ -33,6 +33,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -111,7 +112,7 @@ def line_of(prompt: Prompt, chosen: str, rejected: str, provenance: dict) -> dic
     for user, answer in prompt.history:
         conversations += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
     conversations.append({"from": "human", "value": prompt.query})
-    line = {}
+    line: dict[str, Any] = {}
     if prompt.images:
         line["image"] = [str(Path(p).resolve()) for p in prompt.images]
     if prompt.videos:

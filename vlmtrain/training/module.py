@@ -48,6 +48,9 @@ class VLMTrainingModule(pl.LightningModule):
         self.stage_cfg = stage_cfg
         self.automatic_optimization = False
         self.skipped = Counter()
+        self.empty_steps = 0
+        """Loader steps without a supervised token on any rank (not trained, not counted as steps)."""
+        self._epoch_items = self._epoch_trained = 0
         self.truncated = 0  # samples cut to max_seq_len by dropping text turns (data.too_long)
         self.peak_tflops = peak_tflops
         """Peak dense TFLOP/s of one device for the MFU estimate; None: from the GPU's name."""
@@ -73,6 +76,17 @@ class VLMTrainingModule(pl.LightningModule):
         # whether to step: on one process from the host copy, so the host never waits for the device
         # here (a sync per step would stop it queueing the next step while this one runs)
         any_weight = bool(w_local > 0) if world == 1 else bool(w_total > 0)
+        self._epoch_items += 1
+        if not any_weight:
+            # no supervised token on any rank (every sample skipped, or none has an answer token):
+            # nothing to learn from, so no update, no scheduler step and no loss (a 0.0 would pull
+            # the curves and final_loss down); the global step does not advance, its skips count
+            for s in step.skipped:
+                self.skipped[s.reason] += 1
+            self.empty_steps += 1
+            self._not_a_step()
+            return None
+        self._epoch_trained += 1
         num_total = torch.zeros((), device=self.device)
         if self.meter is not None:
             self.meter.count(step)
@@ -110,6 +124,16 @@ class VLMTrainingModule(pl.LightningModule):
             objective.end_step(stats)
             extra = {f"train/{k}": v for k, v in objective.metrics(stats, w_total).items()}
         self._log_step(step, loss, grad_norm, dataset_loss, extra)
+
+    def _not_a_step(self) -> None:
+        """Keep Lightning from counting and logging a step that trained nothing: it would log the
+        previous step's values again (they stay in its result collection) at the next log step."""
+        results = self.trainer._results
+        if results is not None:
+            for key in [k for k in results if k.startswith("training_step.")]:
+                del results[key]
+        # the loggers' step axis (and log_every_n_steps) counts batches that stepped: not this one
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
 
     # -- metrics (vlmtrain.training.metrics computes them; loggers are rank zero only) --------------
     def on_train_start(self) -> None:
@@ -158,7 +182,23 @@ class VLMTrainingModule(pl.LightningModule):
         self.meter.collect(self._gather, self.skipped)
         return self.meter.summary()
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_items = self._epoch_trained = 0
+
+    def skip_report(self) -> str:
+        return ", ".join(f"{r}: {c}" for r, c in sorted(self.skipped.items())) or "none"
+
     def on_train_epoch_end(self) -> None:
+        if self._epoch_items and not self._epoch_trained:
+            # the same data comes every epoch: an epoch with nothing to train on means the run
+            # would train on nothing (and, under stage.max_steps, never end)
+            raise UserError(
+                f"epoch {self.current_epoch}: none of its {self._epoch_items} steps had a supervised token, "
+                f"nothing was trained (skipped samples by reason: {self.skip_report()}); "
+                "fix the data (data.on_error=raise names the first bad line) or data.max_seq_len")
+        if self.empty_steps:
+            print(f"[vlmtrain] epoch {self.current_epoch}: steps without a supervised token so far (not trained): "
+                  f"{self.empty_steps}")
         if self.skipped:
             report = ", ".join(f"{r}: {c}" for r, c in sorted(self.skipped.items()))
             print(f"[vlmtrain] epoch {self.current_epoch}: skipped samples so far by reason: {report}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmtrain.data.conversation import Conversation, SampleError
-from vlmtrain.data.formats.source import Record
+from vlmtrain.data.formats.source import Record, decode_utf8
 from vlmtrain.data.placeholders import place_media
 from vlmtrain.errors import MissingPathError
 
@@ -28,7 +28,7 @@ class LabelRecord(Record):
 
     def parse(self) -> dict:
         try:
-            text = Path(self.file).read_text(encoding="utf-8")
+            text = decode_utf8(Path(self.file).read_bytes(), "label file")
         except OSError as e:
             raise SampleError("missing_media", f"cannot read label file: {e}") from None
         obj = Record(self.file, self.line, text).parse()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats import internvl
@@ -68,7 +69,7 @@ def to_pair(obj: dict, root: Path) -> tuple[Conversation, Conversation]:
         raise SampleError("identical_pair", "'chosen' and 'rejected' are the same answer")
     if "images" in obj and "image" in obj:
         raise SampleError("bad_media", "a pair has both 'image' and 'images'")
-    base = {"conversations": _prompt_messages(obj), "image": obj.get("images", obj.get("image")),
+    base: dict[str, Any] = {"conversations": _prompt_messages(obj), "image": obj.get("images", obj.get("image")),
             "video": obj.get("video")}
     if "system" in obj:
         if not isinstance(obj["system"], str):
