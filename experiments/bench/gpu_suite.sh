@@ -18,7 +18,8 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash experiments/bench/gpu_suite.sh --ablation
 #
 # Options (environment): BUDGET=500 (seconds for the whole suite; rows that would start too late are
-# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive.
+# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive,
+# HF_ATTN=auto (hf_strong's attn_implementation: flash_attention_3/2 when installed, else sdpa; e.g. flex_attention).
 # `bash experiments/bench/gpu_suite.sh --cpu` runs the same suite on the CPU with the tiny model (a test
 # of the script, not a measurement). Needs no webdataset, wandb, deepspeed, flash-attn or av.
 set -uo pipefail
@@ -68,7 +69,7 @@ if [ "$CPU" = 1 ]; then
 else
   DEVICE=cuda; STEPS=${STEPS:-5}; WARMUP=${WARMUP:-7}
   if [ "$ABLATION" = 1 ]; then SIZES=${SIZES:-"2b 1b"}; else SIZES=${SIZES:-"1b 2b"}; fi
-  COMMON=(--device cuda)
+  COMMON=(--device cuda --hf-attn "${HF_ATTN:-auto}")
 fi
 ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive}
 
