@@ -79,7 +79,7 @@ else:
     DType = choice("DType", ["bfloat16", "float16", "float32"])
     Template = choice("Template", TEMPLATES)
     """Chat templates: the names of vlmtrain.data.templates.TEMPLATES."""
-    DataFormat = choice("DataFormat", ["internvl", "swift", "llava", "cogvlm", "wds", "meta"])
+    DataFormat = choice("DataFormat", ["internvl", "swift", "llava", "cogvlm", "wds", "preference", "meta"])
     """Annotation readers: vlmtrain.data.formats.FORMATS plus ``meta`` (a meta file of datasets);
     named here because formats imports this module (a test keeps them equal)."""
     TooLong = choice("TooLong", ["skip", "truncate_text"])
