@@ -109,3 +109,26 @@ def test_strict_loader_names_the_first_bad_key():
         load_strict(model, {k: v for k, v in good.items() if k != "1.bias"}, "x.ckpt")
     load_strict(model, {"1.weight": good["1.weight"], "1.bias": torch.ones(1)}, "x.ckpt", prefixes=["1."])  # one part
     assert model.state_dict()["1.bias"].item() == 1.0
+
+
+def test_init_parts_moves_the_vit_onto_another_llm(tmp_path):
+    """init_parts=[vision_tower]: the ViT comes from a run whose LLM has another size; the rest of
+    the new model keeps its initialisation (the recipe's progressive scaling)."""
+    from conftest import compose_config
+    from vlmtrain.models.build import build_model, load_tokenizer
+    from vlmtrain.training.run import init_weights_from
+
+    _, small, _ = make_run_dir(tmp_path / "small")
+    cfg = compose_config(["model.llm.config.hidden_size=96", "model.llm.config.intermediate_size=192"])
+    tok = load_tokenizer(cfg.model)
+    big = build_model(cfg.model, tok, 5)
+    fresh = {k: v.clone() for k, v in big.state_dict().items()}
+    with pytest.raises(UserError, match="shape mismatch"):
+        init_weights_from(big, str(tmp_path / "small"))
+    init_weights_from(big, str(tmp_path / "small"), ["vision_tower"])
+    own, src = big.state_dict(), small.state_dict()
+    vit = [k for k in own if k.startswith("model.vision_tower.")]
+    assert vit and all(torch.equal(own[k], src[k]) for k in vit)
+    assert all(torch.equal(own[k], fresh[k]) for k in own if k not in vit)
+    with pytest.raises(UserError, match="init_parts"):
+        init_weights_from(big, str(tmp_path / "small"), ["vit"])

@@ -217,3 +217,25 @@ def test_ensure_demo_dataset_concurrent(tmp_path):
     reference = make_shapes_dataset(tmp_path / "ref", DEMO_NUM_SAMPLES, seed=0)
     assert (root / "annotations.jsonl").read_bytes() == reference.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "ref"]
+
+
+def test_describe_long_answers(tmp_path):
+    """describe > 0: a share of single-image lines asks for every shape left to right, checked
+    against the sidecar; describe = 0 draws nothing extra (the default data stays as it was)."""
+    from vlmtrain.data.synthetic import describe_answer  # noqa: F401  (public: evaluations use it)
+
+    plain = make_shapes_dataset(tmp_path / "a", 60, seed=5)
+    zero = make_shapes_dataset(tmp_path / "b", 60, seed=5, describe=0.0)
+    assert plain.read_bytes() == zero.read_bytes()
+    path = make_shapes_dataset(tmp_path / "c", 200, seed=5, describe=0.5)
+    meta = json.loads(shapes_metadata_path(tmp_path / "c").read_text())
+    lines = [l for l in _read(path) if l["question_types"] == ["one_image/describe"]]
+    singles = [l for l in _read(path) if isinstance(l.get("image"), str)]
+    assert 0.3 < len(lines) / len(singles) < 0.7
+    for line in lines:
+        shapes = sorted(meta[line["image"]]["shapes"], key=lambda s: s["box"][0] + s["box"][2])
+        want = ", ".join(f"{s['colour']} {s['shape']}" for s in shapes)
+        assert line["conversations"][1]["value"] == want
+        assert line["conversations"][0]["value"].startswith("<image>\n")
+    with pytest.raises(ValueError, match="describe"):
+        make_shapes_dataset(tmp_path / "d", 5, seed=0, describe=2)

@@ -290,6 +290,9 @@ class DatasetConfig(Checked):
     """r < 1: a seeded random subset of round(N*r) lines; r > 1: floor(r) copies plus a fraction."""
     jpeg_augment: bool | None = None
     """Random JPEG re-encoding; None: on for image datasets, off for video."""
+    tile_cache: str | None = None
+    """A folder of pre-tiled images (``vlmtrain.data.tile_cache.build_tile_cache``): their tiles are
+    read from it instead of decoded and resized (the JPEG augmentation still runs per sample)."""
     template: Template | None = None
     system: str | None = None
     min_frames: int | None = None
@@ -454,6 +457,10 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
+    init_parts: list[str] | None = None
+    """Parts of the model that ``init_from`` loads (of vision_tower, multi_modal_projector,
+    language_model; lm_head goes with language_model); None: all. The others keep their
+    initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
     resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
     ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""

@@ -75,30 +75,61 @@ IMAGE_KINDS = ("one_image", "two_images")
 def _make_chunk(args) -> Path:
     from vlmtrain.data.synthetic import make_shapes_dataset
 
-    out, n, split, side_range = args
-    return make_shapes_dataset(out, n, seed=SEED, split=split, side_range=side_range)
+    out, n, split, side_range, describe = args
+    return make_shapes_dataset(out, n, seed=SEED, split=split, side_range=side_range, describe=describe)
 
 
 def make_data(data_dir: Path, n_train: int, n_heldout: int, procs: int,
-              side_range: tuple[int, int] = SIDE_RANGE) -> tuple[Path, Path]:
+              side_range: tuple[int, int] = SIDE_RANGE, describe: float = 0.0,
+              tile_cache: bool = False) -> tuple[Path, Path]:
     """annotations.jsonl (train: ``procs`` chunks, each its own split name so images never collide)
-    and annotations_val.jsonl (held out: images the train chunks never draw)."""
+    and annotations_val.jsonl (held out: images the train chunks never draw). ``describe``: the share
+    of single-image lines with a long answer (``make_shapes_dataset``). ``tile_cache``: also the
+    train images' tiles in ``tiles/`` (``vlmtrain.data.tile_cache``), one 224 px tile per image."""
     train, val = data_dir / "annotations.jsonl", data_dir / "annotations_val.jsonl"
     done = data_dir / ".complete"
-    want = f"{n_train} {n_heldout} {procs} {side_range[0]} {side_range[1]}\n"
+    want = f"{n_train} {n_heldout} {procs} {side_range[0]} {side_range[1]}" + (f" describe {describe}" if describe else "")
+    want += " tiles\n" if tile_cache else "\n"
     if done.is_file() and done.read_text() == want:
         return train, val
     chunks = [(n_train * (i + 1)) // procs - (n_train * i) // procs for i in range(procs)]
-    jobs = [(data_dir, n, f"train{i}", side_range) for i, n in enumerate(chunks)]
-    jobs.append((data_dir, n_heldout, "val", side_range))
+    jobs = [(data_dir, n, f"train{i}", side_range, describe) for i, n in enumerate(chunks)]
+    jobs.append((data_dir, n_heldout, "val", side_range, describe))
     with ProcessPoolExecutor(procs) as pool:
         paths = list(pool.map(_make_chunk, jobs))
     with open(train, "w") as f:
         for p in paths[:-1]:
             f.write(p.read_text())
             p.unlink()
+    if tile_cache:
+        from vlmtrain.data.tile_cache import build_tile_cache
+
+        build_tile_cache(train, data_dir / "tiles", tile_size=224, n_max=1, procs=procs)
     done.write_text(want)
     return train, val
+
+
+def make_degraded(val: Path, out_dir: Path, quality: tuple[int, int], seed: int = SEED) -> Path:
+    """The held-out split with every image re-encoded as JPEG at a quality drawn uniformly from
+    ``quality`` (seeded per image), under ``out_dir`` with the same relative paths (a png stays
+    named .png: PIL reads the content, not the name); its annotation file."""
+    import random
+
+    from PIL import Image
+
+    lines = val.read_text().splitlines()
+    for line in lines:
+        image = json.loads(line).get("image")
+        for rel in [image] if isinstance(image, str) else image or []:
+            dst = out_dir / rel
+            if dst.is_file():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            q = random.Random(f"{seed}:{rel}").randint(*quality)
+            Image.open(val.parent / rel).convert("RGB").save(dst, format="JPEG", quality=q)
+    path = out_dir / val.name
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def question_text(human: str) -> str:
@@ -159,12 +190,12 @@ def step_rate(curve: dict, batch: int) -> float | None:
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-def run_eval(ckpt: Path, val: Path, out: Path, batch_size: int, device: str) -> dict:
+def run_eval(ckpt: Path, val: Path, out: Path, batch_size: int, device: str, max_new_tokens: int = 4) -> dict:
     """``python -m vlmtrain.eval`` on the held-out split; its metrics.json."""
     cmd = [sys.executable, "-m", "vlmtrain.eval", f"ckpt={ckpt}", f"out={out}",
            f"data.datasets.shapes_val.path={val}", "data.datasets.shapes_val.n_max=1",
            f"data.system='{SYSTEM}'", "eval.group_by=question_types", f"eval.batch_size={batch_size}",
-           "generation.max_new_tokens=4", f"device={device}"]
+           f"generation.max_new_tokens={max_new_tokens}", f"device={device}"]
     print("eval:", " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -246,6 +277,27 @@ def main():
     ap.add_argument("--startup", type=float, default=15.0, help="seconds a stage spends before its first step")
     ap.add_argument("--gen-procs", type=int, default=min(16, os.cpu_count() or 1), help="processes generating data")
     ap.add_argument("--eval-batch", type=int, default=128)
+    ap.add_argument("--data", help="generated data directory (default: --work/data); runs can share one")
+    ap.add_argument("--describe", type=float, default=0.0,
+                    help="share of single-image lines with a long answer (one_image/describe; the loss-averaging proof)")
+    ap.add_argument("--tile-cache", action="store_true",
+                    help="train from pre-tiled images (data.datasets.shapes.tile_cache): decoding and resizing once")
+    ap.add_argument("--time-boxed", action="store_true",
+                    help="stage 2's cosine completes when its time is up (optim.scheduler.seconds), "
+                         "not cut by the time limit on a slow host; its step count is then only a cap")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="of the evaluation (default: cuda if available; "
+                    "training's is the hardware group's, e.g. hardware=cpu)")
+    ap.add_argument("--prune-checkpoints", action="store_true",
+                    help="delete a stage's checkpoints once the next stage has loaded them (scratch space)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                    help="the stages to run, in the recipe's order (e.g. mlp_warmup instruction_tuning)")
+    ap.add_argument("--init-from", help="the first stage starts from this run's weights (--init-parts of them)")
+    ap.add_argument("--init-parts", nargs="+", default=["vision_tower"],
+                    help="parts --init-from loads (init_parts; default the ViT: progressive scaling)")
+    ap.add_argument("--warmup2", type=int, default=100, help="stage 2's warmup steps when --time-boxed")
+    ap.add_argument("--max-new-tokens", type=int, default=4, help="generation limit of the evaluation")
+    ap.add_argument("--degraded", type=int, nargs=2, metavar=("QMIN", "QMAX"),
+                    help="also evaluate on the held-out images re-encoded as JPEG at quality QMIN..QMAX")
     ap.add_argument("--plot", metavar="OUT", help="only redraw OUT/loss_curve.png from OUT/learning_proof.json")
     args, overrides = ap.parse_known_args()
     if args.plot:
@@ -255,11 +307,14 @@ def main():
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out
     out.mkdir(parents=True, exist_ok=True)
-    train_path, val_path = make_data(work / "data", args.train, args.heldout, max(1, args.gen_procs),
-                                     tuple(args.side_range))
+    data_dir = Path(args.data).resolve() if args.data else work / "data"
+    train_path, val_path = make_data(data_dir, args.train, args.heldout, max(1, args.gen_procs),
+                                     tuple(args.side_range), args.describe, args.tile_cache)
     times = {"data": time.time() - t0}
     print(f"data: {args.train} train / {args.heldout} held-out lines in {times['data']:.0f}s", flush=True)
-    os.environ["LEARNING_PROOF_DATA"] = str(work / "data")
+    os.environ["LEARNING_PROOF_DATA"] = str(data_dir)
+    if args.tile_cache:
+        overrides = [f"+data.datasets.shapes.tile_cache={data_dir / 'tiles'}", *overrides]
 
     import torch
     from omegaconf import open_dict
@@ -270,6 +325,8 @@ def main():
     register()
     prev, curves, steps_run, steps_done, rates, rate = None, {}, {}, {}, {}, None
     for stage, lr, steps in zip(STAGES, args.lr, args.steps):
+        if stage not in args.stages:
+            continue
         t = time.time()
         run_dir = work / stage
         left = args.budget - (t - t0) - args.eval_reserve
@@ -281,6 +338,10 @@ def main():
                   flush=True)
         steps_run[stage] = steps
         init = [f"init_from={prev}"] if prev else []
+        if prev is None and args.init_from:  # the first stage run starts from another run's parts
+            init = [f"init_from={Path(args.init_from).resolve()}", f"init_parts=[{','.join(args.init_parts)}]"]
+        if args.time_boxed and stage == STAGES[-1]:
+            init += [f"+optim.scheduler.seconds={max(1.0, left - args.startup):.0f}", f"stage.warmup_steps={args.warmup2}"]
         cfg = compose_cfg([f"stage={stage}", "stage.max_epochs=-1", f"stage.max_steps={steps}", f"stage.lr={lr}", *init,
                            f"trainer.max_time={max_time(left)}", *STAGE_OVERRIDES.get(stage, []), *overrides])
         with open_dict(cfg):
@@ -297,18 +358,34 @@ def main():
             rate = rates[stage] = measured
         print(f"{stage}: {done}/{steps} steps in {times[stage]:.0f}s, loss {curves[stage]['loss'][:1]} .. "
               f"{curves[stage]['loss'][-1:]}", flush=True)
+        if args.prune_checkpoints and prev is not None:
+            shutil.rmtree(prev / "checkpoints", ignore_errors=True)  # the next stage has started from it
         prev = run_dir
 
     t = time.time()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = run_eval(prev, val_path, out / "eval", args.eval_batch, device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = run_eval(prev, val_path, out / "eval", args.eval_batch, device, args.max_new_tokens)
     times["eval"] = time.time() - t
-    accuracy = score_predictions(out / "eval" / "predictions.jsonl", *blind_baseline(train_path))
+    baseline = blind_baseline(train_path)
+    accuracy = score_predictions(out / "eval" / "predictions.jsonl", *baseline)
+    degraded = None
+    if args.degraded:
+        t = time.time()
+        q = tuple(args.degraded)
+        dval = make_degraded(val_path, data_dir / f"val_jpeg_q{q[0]}_{q[1]}", q)
+        run_eval(prev, dval, out / "eval_degraded", args.eval_batch, device, args.max_new_tokens)
+        degraded = {"quality": list(q),
+                    "accuracy": score_predictions(out / "eval_degraded" / "predictions.jsonl", *baseline)}
+        times["eval_degraded"] = time.time() - t
     shapes = confusion(out / "eval" / "predictions.jsonl")
     times["total"] = time.time() - t0
     result = {
         "accuracy": accuracy,
         "shape_at_confusion": shapes,
+        "degraded": degraded,
+        "tile_cache": args.tile_cache,
+        "time_boxed": args.time_boxed,
+        "describe": args.describe,
         "eval_metrics": metrics,
         "seconds": times,
         "curves": curves,
@@ -316,6 +393,8 @@ def main():
         "steps_done": steps_done,
         "steps_per_s": rates,
         "lr": dict(zip(STAGES, args.lr)),
+        "stages": args.stages,
+        "init_from": args.init_from and {"run": str(args.init_from), "parts": args.init_parts},
         "side_range": args.side_range,
         "overrides": overrides,
         "train_lines": args.train,

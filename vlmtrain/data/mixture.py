@@ -25,6 +25,7 @@ from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel
 from vlmtrain.data.meta import expand_meta
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
+from vlmtrain.data.tile_cache import TileCache, settings
 from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
@@ -95,6 +96,7 @@ class SourceDataset:
         """Precomputed reference log-probs stored beside the data (None: none)."""
         # each dataset draws its own repeat subset: seeded by the run seed and the dataset's name
         self.indices = repeat_indices(len(self.records), cfg.repeat, [seed, zlib.crc32(name.encode())])
+        self.tile_cache: TileCache | None = None
 
 
 class MixtureDataset:
@@ -114,6 +116,11 @@ class MixtureDataset:
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
         for source in self.sources:
+            if source.cfg.tile_cache:
+                expected = settings(cfg.tile_size, source.cfg.n_max, source.cfg.min_tiles, cfg.use_thumbnail)
+                expected["fast_resize"] = bool(cfg.fast_resize)
+                source.tile_cache = TileCache(source.cfg.tile_cache, expected,
+                                              f"data.datasets.{source.name}.tile_cache")
             if source.reference is not None:  # precomputed reference log-probs: computed on these inputs?
                 source.reference.check(self.reference_settings(source))
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
@@ -223,7 +230,10 @@ class MixtureDataset:
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
                     num_tiles.append(cols * rows + (1 if self.cfg.use_thumbnail and cols * rows > 1 else 0))
                     continue
-                if self.cfg.fast_resize:
+                cached = source.tile_cache.get(src, source.root, per_image) if source.tile_cache else None
+                if cached is not None:
+                    img_tiles = cached
+                elif self.cfg.fast_resize:
                     # grid from the header's size, decode no larger than the grid needs, torch resize
                     w, h = image_size(src)
                     grid = choose_grid(w, h, d.min_tiles, per_image, size)

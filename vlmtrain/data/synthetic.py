@@ -94,6 +94,7 @@ def make_shapes_dataset(
     seed: int,
     split: str = "train",
     side_range: tuple[int, int] = (160, 640),
+    describe: float = 0.0,
 ) -> Path:
     """Write ``num_samples`` jsonl lines and their images under ``out_dir``; return the jsonl path.
 
@@ -101,7 +102,14 @@ def make_shapes_dataset(
     part of the random seed, so a held-out split never repeats training images. Several splits
     can share one ``out_dir`` (image names carry the split). Besides the InternVL keys, a
     ``shapes_{split}.json`` sidecar records every drawn shape.
+
+    ``describe``: the share of single-image lines that ask instead for a long answer, every shape
+    from left to right (``one_image/describe``: "red circle, blue square", 2-8 words against the
+    other kinds' one), for comparing loss averagings on short and long answers. 0 draws nothing
+    extra, so the default data is unchanged.
     """
+    if not 0.0 <= describe <= 1.0:
+        raise ValueError(f"describe must be a share in [0, 1], got {describe}")
     if side_range[0] < 64 or side_range[0] > side_range[1]:
         raise ValueError(f"side_range must be (min, max) with 64 <= min <= max, got {side_range}")
     out_dir = Path(out_dir)
@@ -142,7 +150,10 @@ def make_shapes_dataset(
         if kind == "single_image":
             rel, shapes, (width, height) = new_image()
             line.update(image=rel, width=width, height=height)
-            line["conversations"], line["question_types"] = _single_image_turns(rng, shapes)
+            if describe and rng.random() < describe:
+                line["conversations"], line["question_types"] = _describe_turns(shapes)
+            else:
+                line["conversations"], line["question_types"] = _single_image_turns(rng, shapes)
         elif kind == "multi_image":
             rel1, shapes1, size1 = new_image()
             rel2, shapes2, size2 = new_image(exclude_count=len(shapes1))
@@ -315,6 +326,16 @@ def _single_image_turns(rng: random.Random, shapes: list[DrawnShape]) -> tuple[l
             question = "<image>\n" + question
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     return turns, [f"one_image/{k}" for k in kinds]
+
+
+def describe_answer(shapes: list[DrawnShape]) -> str:
+    """Every shape as "colour shape", left to right, comma-separated."""
+    return ", ".join(f"{s.colour} {s.shape}" for s in sorted(shapes, key=lambda s: s.centre[0]))
+
+
+def _describe_turns(shapes: list[DrawnShape]) -> tuple[list[dict], list[str]]:
+    question = "<image>\nList the shapes from left to right, each as colour and shape."
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": describe_answer(shapes)}], ["one_image/describe"]
 
 
 def _multi_image_turns(

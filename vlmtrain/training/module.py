@@ -192,13 +192,19 @@ class VLMTrainingModule(pl.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        groups = param_groups(self.model, list(self.optim_cfg.no_decay), self.optim_cfg.get("lr"),
-                              dict(self.optim_cfg.get("lr_scale") or {}))
-        optimizer = instantiate(self.optim_cfg.optimizer)(groups)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = self.stage_cfg.warmup_steps or int(round(self.stage_cfg.warmup_ratio * total))
-        scheduler = instantiate(self.optim_cfg.scheduler)(optimizer, total_steps=total, warmup_steps=warmup)
+        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.stage_cfg,
+                                               int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg, stage_cfg, total_steps: int):
+    """The configured optimizer over ``param_groups`` and its per-step scheduler for a run of
+    ``total_steps`` optimizer steps (warmup from the stage)."""
+    groups = param_groups(model, list(optim_cfg.no_decay), optim_cfg.get("lr"), dict(optim_cfg.get("lr_scale") or {}))
+    optimizer = instantiate(optim_cfg.optimizer)(groups)
+    warmup = stage_cfg.warmup_steps or int(round(stage_cfg.warmup_ratio * total_steps))
+    scheduler = instantiate(optim_cfg.scheduler)(optimizer, total_steps=total_steps, warmup_steps=warmup)
+    return optimizer, scheduler
 
 
 def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,

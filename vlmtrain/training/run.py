@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from vlmtrain.config import TrainConfig, plain, typed
+from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
 from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.models.lora import save_adapter
@@ -33,15 +34,30 @@ from vlmtrain.training.tracking import RunTracking, save_config, scrub_hydra_rec
 log = logging.getLogger("vlmtrain")
 
 
-def init_weights_from(model: torch.nn.Module, path: str) -> None:
-    """Start from another run's weights (``init_from``; a LoRA run's come merged)."""
+PART_PREFIXES = {"vision_tower": ("model.vision_tower.",), "multi_modal_projector": ("model.multi_modal_projector.",),
+                 "language_model": ("model.language_model.", "lm_head.")}
+
+
+def init_weights_from(model: torch.nn.Module, path: str, parts=None) -> None:
+    """Start from another run's weights (``init_from``; a LoRA run's come merged); ``parts``
+    (``init_parts``): only those parts' weights, the rest as initialised."""
     ckpt = find_checkpoint(path, "init_from")
-    load_strict(model, read_weights(ckpt, "init_from"), str(ckpt))
-    log.info("initialised weights from %s", ckpt)
+    state = read_weights(ckpt, "init_from")
+    if parts is None:
+        load_strict(model, state, str(ckpt))
+    else:
+        bad = [p for p in parts if p not in PART_PREFIXES]
+        if bad or not parts:
+            raise UserError(f"init_parts: {bad or parts}: must be a non-empty list of {list(PART_PREFIXES)}")
+        prefixes = tuple(x for p in parts for x in PART_PREFIXES[p])
+        load_strict(model, {k: v for k, v in state.items() if k.startswith(prefixes)}, str(ckpt), list(prefixes))
+    log.info("initialised %s from %s", "weights" if parts is None else "+".join(parts), ckpt)
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None) -> pl.Trainer:
-    """The Lightning Trainer of a run; ``record`` is the config the logger records (default: ``cfg``)."""
+def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = None,
+                  callbacks: list | None = None) -> pl.Trainer:
+    """The Lightning Trainer of a run; ``record`` is the config the logger records (default: ``cfg``);
+    ``callbacks`` are added after vlmtrain's own (the bench's clock)."""
     hw = cfg.hardware
     strategy = instantiate(hw.strategy) if isinstance(hw.strategy, DictConfig) else hw.strategy
     checkpoint = AtomicModelCheckpoint(
@@ -66,7 +82,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = N
         max_steps=cfg.stage.max_steps,
         max_time=cfg.trainer.max_time,
         logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else []) + [RunTracking(record if record is not None else cfg, run_dir)],
+        callbacks=([checkpoint, Preemption(checkpoint)] if cfg.trainer.checkpoint else [])
+        + [RunTracking(record if record is not None else cfg, run_dir)] + list(callbacks or []),
         enable_checkpointing=cfg.trainer.checkpoint,
         plugins=plugins,
         default_root_dir=str(run_dir),
@@ -77,22 +94,15 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, record: DictConfig | None = N
     )
 
 
-def train(composed: DictConfig | TrainConfig) -> Path:
-    cfg = typed(composed)  # once: resolved, choices as Enums, ranges checked
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = composed if isinstance(composed, DictConfig) else None
-    save_config(record if record is not None else cfg, run_dir / "config.yaml")  # resolved, credentials redacted
-    scrub_hydra_records(run_dir)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    resume = find_resume_checkpoint(cfg.resume, run_dir)
+def build_parts(cfg: TrainConfig, resume: Path | None = None):
+    """The tokenizer, model (stage applied), data module and LightningModule of a run, as
+    ``vlmtrain train`` builds them (the bench builds them here too)."""
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     if resume is not None:
         log.info("resuming from %s (model, optimizer, scheduler, RNG, data position)", resume)
     elif cfg.init_from:
-        init_weights_from(model, cfg.init_from)
+        init_weights_from(model, cfg.init_from, list(cfg.init_parts) if cfg.init_parts is not None else None)
     trainable = apply_stage(model, cfg.stage)
     log.info("stage %s: %d trainable tensors", cfg.stage.name, len(trainable))
 
@@ -104,7 +114,21 @@ def train(composed: DictConfig | TrainConfig) -> Path:
     )
     module = VLMTrainingModule(model, build_objective(cfg.stage, cfg.loss), cfg.optim, cfg.stage,
                                peak_tflops=cfg.trainer.peak_tflops)
-    trainer = build_trainer(cfg, run_dir, record)
+    return tokenizer, model, data, module
+
+
+def train(composed: DictConfig | TrainConfig, callbacks: list | None = None) -> Path:
+    cfg = typed(composed)  # once: resolved, choices as Enums, ranges checked
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = composed if isinstance(composed, DictConfig) else None
+    save_config(record if record is not None else cfg, run_dir / "config.yaml")  # resolved, credentials redacted
+    scrub_hydra_records(run_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    resume = find_resume_checkpoint(cfg.resume, run_dir)
+    tokenizer, model, data, module = build_parts(cfg, resume)
+    trainer = build_trainer(cfg, run_dir, record, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume is not None else None)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.stage.lora is not None:

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU suite of issue 21, in ONE device call on one H200 (10-minute hard limit; budgeted for ~8.5 min):
+#   1. the processor check (experiments/bench/processor_check.py: vlmtrain export -> transformers'
+#      AutoProcessor + AutoModelForImageTextToText vs vlmtrain chat; PASS/FAIL JSON)
+#   2. experiments/bench/throughput.py, rows trainer / loop / hf_strong / hf_naive, for
+#      experiment=bench_internvl2_5_1b and then bench_internvl2_5_2b (random weights)
+# Everything lands under $OUT: env.txt, processor_check.{json,log}, throughput_<size>.{json,md,log}, summary.md.
+#
+# The device command (one line, from the repository root; .whl/ holds the hydra-core, omegaconf and
+# antlr4-python3-runtime wheels the device's python3 lacks):
+#
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash experiments/bench/gpu_suite.sh
+#
+# Options (environment): BUDGET=500 (seconds for the whole suite; rows that would start too late are
+# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive.
+# `bash experiments/bench/gpu_suite.sh --cpu` runs the same suite on the CPU with the tiny model (a test
+# of the script, not a measurement). Needs no webdataset, wandb, deepspeed, flash-attn or av.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CPU=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu) CPU=1 ;;
+    *) echo "gpu_suite.sh: unknown option $arg (--cpu)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/gpu_suite_out}
+mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET=${BUDGET:-500}
+END=$((START + BUDGET))
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/vlmtrain_inductor}   # shared by the rows: the second compile of a block is a cache hit
+export TOKENIZERS_PARALLELISM=false
+export WANDB_MODE=disabled
+left() { echo $((END - $(date +%s))); }
+
+{
+  date -u +"%Y-%m-%d %H:%M:%S UTC"
+  git log -1 --format="commit %H %s" 2>/dev/null || echo "commit: (no git)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,power.limit --format=csv 2>/dev/null || echo "no nvidia-smi"
+  nproc
+  $PY - <<'EOF'
+import importlib
+for m in ("torch", "transformers", "lightning", "hydra", "omegaconf", "triton", "torchvision", "peft", "torchao",
+          "flash_attn", "flash_attn_interface", "liger_kernel", "swift"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:
+        print(m, "missing:", type(e).__name__)
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$CPU" = 1 ]; then
+  DEVICE=cpu; SIZES=${SIZES:-tiny}; STEPS=${STEPS:-1}; WARMUP=${WARMUP:-1}
+  COMMON=(--device cpu --samples-per-step 2 --text 10 30 --peak-tflops 1)
+else
+  DEVICE=cuda; SIZES=${SIZES:-"1b 2b"}; STEPS=${STEPS:-5}; WARMUP=${WARMUP:-7}
+  COMMON=(--device cuda)
+fi
+ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive}
+
+echo "== processor check ($(left)s left)"
+timeout 150 $PY experiments/bench/processor_check.py --device "$DEVICE" --out "$OUT/processor_check.json" \
+  > "$OUT/processor_check.log" 2>&1
+echo "processor check rc=$? result=$(grep -o '"result": "[A-Z]*"' "$OUT/processor_check.json" 2>/dev/null || echo none)"
+
+n=$(echo $SIZES | wc -w)
+i=0
+for size in $SIZES; do
+  i=$((i + 1))
+  # this size's share of what is left (the 2b rows take ~1.5x the 1b's: give the first size 40%)
+  if [ "$i" -lt "$n" ]; then share=$(( $(left) * 40 / 100 )); else share=$(( $(left) - 5 )); fi
+  deadline=$(( $(date +%s) + share ))
+  if [ "$size" = tiny ]; then EXP=(); else EXP=(experiment=bench_internvl2_5_$size); fi
+  echo "== throughput $size (${share}s of $(left)s left)"
+  timeout $((share + 40)) $PY experiments/bench/throughput.py "${EXP[@]}" "${COMMON[@]}" --rows "$ROWS" \
+    --steps "$STEPS" --warmup "$WARMUP" --deadline "$deadline" \
+    --out "$OUT/throughput_$size.json" --md "$OUT/throughput_$size.md" > "$OUT/throughput_$size.log" 2>&1
+  echo "throughput $size rc=$?"
+  grep -E "^(internvl|tiny)[^ ]* (trainer|loop|hf_strong|hf_naive):|Error|error:" "$OUT/throughput_$size.log" | tail -8
+done
+
+{
+  echo "# GPU suite, $(date -u +%Y-%m-%d) ($(($(date +%s) - START)) s)"
+  echo
+  echo '```'; cat "$OUT/env.txt"; echo '```'
+  echo
+  echo "## Processor check"
+  echo '```'; cat "$OUT/processor_check.json" 2>/dev/null || tail -5 "$OUT/processor_check.log"; echo '```'
+  for size in $SIZES; do echo; cat "$OUT/throughput_$size.md" 2>/dev/null || echo "($size: no table; see throughput_$size.log)"; done
+} > "$OUT/summary.md"
+echo "== done in $(($(date +%s) - START)) s"
+cat "$OUT/summary.md" | tail -40
