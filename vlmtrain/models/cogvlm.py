@@ -562,7 +562,7 @@ def cogvlm_config(cfg, image_token_id: int | None) -> CogVLMConfig:
         from vlmtrain.errors import UserError
 
         raise UserError(f"model.llm.config: {sorted(unknown)} do not apply to CogVLM's LLM (keys: {sorted(LLM_KEYS)})")
-    text.pop("model_type", None)
+    text.pop("model_type", None)  # type: ignore[call-arg]  # stubs narrower than the code's use
     vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
                   intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
                   layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
