@@ -216,6 +216,42 @@ def step_tokens(step: Step) -> int:
     return sum(int(mb.attention_mask.sum()) for mb in step.micro_batches if not mb.zero_weight)
 
 
+class SyncRecorder:
+    """The synchronising CUDA calls of one step and where they come from (``torch.cuda.set_sync_debug_mode``):
+    each makes the host wait for the GPU, so the GPU idles while the host queues what follows. The
+    trainer row's device-idle figure counts only the gaps between steps; these are the ones inside."""
+
+    def __init__(self):
+        self.sites: dict[str, int] = {}
+        self.on = False
+
+    def start(self):
+        import traceback
+        import warnings
+
+        self._show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-4:]
+            site = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+        warnings.showwarning = show
+        self._filters = warnings.filters[:]
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        self.on = True
+        return self
+
+    def stop(self):
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._show
+        warnings.filters[:] = self._filters
+        self.on = False
+
+
 def make_step_clock(warmup: int, device):
     """A Lightning callback timing the trainer's steps (built here: the bench imports Lightning only
     for the trainer row)."""
@@ -233,9 +269,13 @@ def make_step_clock(warmup: int, device):
                 self.graphs = graphs_compiled()
             self.tokens.append(step_tokens(batch))
             self.micro.append(len(batch.micro_batches))
+            if self.clock.cuda and len(self.starts) == warmup - 1:
+                self.syncs = SyncRecorder().start()  # the last warm-up step: where the host waits for the GPU
             self.starts.append(self.clock.mark())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if getattr(self, "syncs", None) is not None and self.syncs.on:
+                self.syncs.stop()
             self.ends.append(self.clock.mark())
 
         def result(self) -> dict:
@@ -250,7 +290,8 @@ def make_step_clock(warmup: int, device):
                     "graphs_compiled_while_timed": graphs_compiled() - (self.graphs or 0),
                     "tokens_seen": sum(self.tokens[warmup:]),
                     "host_wait_seconds": sum(waits), "host_wait_share": sum(waits) / window,
-                    "host_wait_max_ms": 1e3 * max(waits, default=0.0)}
+                    "host_wait_max_ms": 1e3 * max(waits, default=0.0),
+                    "host_syncs_in_a_warmup_step": self.syncs.sites if getattr(self, "syncs", None) else None}
 
     return StepClock()
 
@@ -678,6 +719,11 @@ def main(argv=None) -> dict:
             row = finish_row(fn(), stats, peak)
         except torch.OutOfMemoryError as e:
             row = {"error": f"out of memory: {str(e).splitlines()[0][:120]}"}
+        except Exception as e:  # one row's failure must not cost the others of the call
+            import traceback
+
+            traceback.print_exc()
+            row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         row["row_wall_seconds"] = time.perf_counter() - t
         free_memory(device)
         where[key] = row
