@@ -24,7 +24,8 @@
 #
 # Options (environment): BUDGET=500 (seconds for the whole suite; rows that would start too late are
 # recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES (1b; "2b 1b" with --ablation),
-# ROWS=trainer,loop,hf_strong,hf_naive, NO_PROCESSOR=1, HF_ATTN=auto (hf_strong's attn_implementation:
+# ROWS=trainer,loop,hf_strong,hf_naive,hf_strong_flex (the last: the strong row with transformers'
+# flex_attention, last because the budget may skip it), NO_PROCESSOR=1, HF_ATTN=auto (hf_strong's attn_implementation:
 # flash_attention_3/2 when installed, else sdpa; e.g. flex_attention).
 # `bash experiments/bench/gpu_suite.sh --cpu` runs the same suite on the CPU with the tiny model (a test
 # of the script, not a measurement). Needs no webdataset, wandb, deepspeed, flash-attn or av.
@@ -77,7 +78,7 @@ else
   if [ "$ABLATION" = 1 ]; then SIZES=${SIZES:-"2b 1b"}; else SIZES=${SIZES:-1b}; fi
   COMMON=(--device cuda --hf-attn "${HF_ATTN:-auto}")
 fi
-ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive}
+if [ "$CPU" = 1 ]; then ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive}; else ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive,hf_strong_flex}; fi
 
 if [ "$ABLATION" = 1 ]; then
   MODE=(--ablation); TAG=ablation_; FIRST_SHARE=${FIRST_SHARE:-65}
@@ -105,7 +106,7 @@ for size in $SIZES; do
     --steps "$STEPS" --warmup "$WARMUP" --deadline "$deadline" \
     --out "$OUT/throughput_$TAG$size.json" --md "$OUT/throughput_$TAG$size.md" > "$OUT/throughput_$TAG$size.log" 2>&1
   echo "throughput $TAG$size rc=$?"
-  grep -E "^(internvl|tiny)[^ ]* (trainer|loop|hf_strong|hf_naive|ablation/[a-z0-9_]*):|Error|error:" \
+  grep -E "^(internvl|tiny)[^ ]* (trainer|loop|hf_strong|hf_naive|hf_strong_flex|ablation/[a-z0-9_]*):|Error|error:" \
     "$OUT/throughput_$TAG$size.log" | tail -8
 done
 
