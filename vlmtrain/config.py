@@ -71,8 +71,9 @@ if TYPE_CHECKING:  # mypy cannot follow the functional API with computed members
     Accelerator = Choice
     Precision = Choice
 else:
-    Part = choice("Part", PARTS)
-    """The model's three parts (stage.trainable, model.compile)."""
+    Part = choice("Part", (*PARTS, "visual_expert"))
+    """The model's three parts (stage.trainable, model.compile), and the freeze groups a family adds
+    (CogVLM's ``visual_expert``); ``Family.parts`` says which a model has (``apply_stage`` checks)."""
     NormType = choice("NormType", ["layer_norm", "rms_norm"])
     Attention = choice("Attention", ["auto", "flash_attn", "varlen", "flex", "sdpa"])
     """model.attention: ``auto`` or a backend of vlmtrain.models.attention.BACKENDS (a test keeps them equal)."""
@@ -84,8 +85,9 @@ else:
     named here because formats imports this module (a test keeps them equal)."""
     TooLong = choice("TooLong", ["skip", "truncate_text"])
     OnError = choice("OnError", ["skip", "raise"])
-    LoraTarget = choice("LoraTarget", ["llm_attention", "llm_mlp", "vit"])
-    """Named groups of linear layers: the keys of vlmtrain.models.lora.TARGETS (a test keeps them equal)."""
+    LoraTarget = choice("LoraTarget", ["llm_attention", "llm_mlp", "vit", "expert_attention", "expert_mlp"])
+    """Named groups of linear layers: the keys of vlmtrain.models.lora.TARGETS (a test keeps them
+    equal), plus CogVLM's visual-expert groups (``CogVLMFamily.lora_targets``)."""
     Accelerator = choice("Accelerator", ["cpu", "gpu", "cuda", "mps", "tpu", "auto"])
     """Lightning's accelerator names."""
     Precision = choice("Precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
@@ -232,6 +234,8 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     layer_scale_init_value: float = 0.1
     hidden_act: str = "gelu"
+    config: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the family's vision config (e.g. CLIP's ``projection_dim``)."""
     sincos_position_init: bool = False
     """Random init only: start the learned position embeddings at fixed 2D sin-cos values (as MAE
     does) instead of transformers' zeros, so a ViT trained from scratch knows where each patch is
@@ -251,6 +255,9 @@ class LLMConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    family: Any = None
+    """The model family, a component (``_target_``, ``vlmtrain.models.family.Family``) with the
+    family's own settings as keyword arguments; None: InternVL (``InternVLFamily``)."""
     path: str | None = None
     """A local InternVL checkpoint (HF-native or OpenGVLab layout). None: random init."""
     tokenizer: str | None = None
@@ -261,6 +268,9 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
     template: Template = Template("internvl2_5")
+    image_mode: str = "tile"
+    """How an image becomes tiles at inference (chat, eval) and, by default, in training
+    (``data.image_mode``): tile, pad, crop or resize (``vlmtrain.data.tiling.IMAGE_MODES``)."""
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -365,6 +375,12 @@ class DataConfig(Checked):
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
     use_thumbnail: bool = True
+    image_mode: str | None = None
+    """How an image becomes the ViT's tiles (``vlmtrain.data.tiling.IMAGE_MODES``); None: the
+    model's (``model.image_mode``, carried by the family's ImageLayout). ``tile``
+    (InternVL's dynamic tiling, n_max tiles + thumbnail), ``pad`` (LLaVA's pad to square with the
+    mean colour, one tile), ``crop`` (CLIP's shortest side to the tile size, centre crop, one
+    tile) or ``resize`` (squashed to the tile, one tile: BLIP-2 / MiniGPT-4)."""
     fast_resize: bool = False
     """Opt-in approximate pixels: decode JPEGs at the smallest DCT scale that covers the tile grid
     and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels
@@ -432,12 +448,17 @@ class StageConfig(Checked):
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     """Fraction of the run's optimizer steps used for warmup (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    """Where the cosine ends, as a fraction of the peak lr (MiniGPT-4's min_lr / init_lr)."""
     drop_path: float = 0.0
     """Stochastic depth of the ViT, rising linearly over its layers to this value."""
     global_batch_size: int = 512
     """Samples per optimizer step over all ranks; gradient accumulation makes up the rest."""
     max_steps: int = -1
     max_epochs: int = 1
+    lr_scale: dict[str, float] | None = None
+    """Per-part lr multipliers the stage's recipe pins (CogVLM's SFT: ``{vision_tower: 0.1}``);
+    ``optim.lr_scale`` defaults to it."""
     lora: LoraConfig | None = None
     """Adapters on frozen parts; ``trainable`` parts (e.g. the projector) still train fully."""
     objective: Any = None
@@ -554,7 +575,7 @@ def schema_node(cls):
     from omegaconf import OmegaConf
 
     schema = OmegaConf.structured(cls)
-    if "data" in schema:
+    if "data" in schema and OmegaConf.is_config(schema.data) and "datasets" in schema.data:
         OmegaConf.set_struct(schema.data.datasets, False)
     return schema
 

@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from vlmtrain.data.conversation import SampleError
+from vlmtrain.data.placeholders import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_QUALITY = (75, 100)
 
 
@@ -111,28 +110,30 @@ def to_pixel_bytes(tiles) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> float32, ImageNet-normalised: (x / 255 - mean) / std, on the tensor's
-    device. Float input is taken as already normalised and returned as it is."""
+def normalize_pixels(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> float32, (x / 255 - mean) / std (ImageNet's by default, a family's
+    ``ImageLayout.mean/std`` otherwise), on the tensor's device. Float input is taken as already
+    normalised and returned as it is."""
     if pixels.is_floating_point():
         return pixels
-    mean, inv_std = _normalisation(pixels.device)
+    mean, inv_std = _normalisation(pixels.device, tuple(mean), tuple(std))
     return (pixels.float() - mean) * inv_std
 
 
-_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_NORMALISATION: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalisation(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """(255 mean, 1 / (255 std)) as (3, 1, 1) tensors on ``device``, made once per device: a fresh
     host-to-device copy on every training step would make the host wait for the GPU's queue."""
-    if device not in _NORMALISATION:
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1) * 255
-        _NORMALISATION[device] = (mean, 1 / (torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1) * 255))
-    return _NORMALISATION[device]
+    key = (device, mean, std)
+    if key not in _NORMALISATION:
+        m = torch.tensor(mean, device=device).view(3, 1, 1) * 255
+        _NORMALISATION[key] = (m, 1 / (torch.tensor(std, device=device).view(3, 1, 1) * 255))
+    return _NORMALISATION[key]
 
 
-def to_pixel_values(tiles) -> torch.Tensor:
-    """Tiles -> (N, 3, S, S) float32, ImageNet-normalised on the host: what transformers' InternVL
-    takes (generation, export checks)."""
-    return normalize_pixels(to_pixel_bytes(tiles))
+def to_pixel_values(tiles, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Tiles -> (N, 3, S, S) float32, normalised on the host: what transformers' native classes
+    take (generation, export checks)."""
+    return normalize_pixels(to_pixel_bytes(tiles), mean, std)

@@ -25,10 +25,19 @@ from vlmtrain.data.encode import ConversationEncoder, EncodedSample, PairSample
 from vlmtrain.data.formats import META, guess_format, reader
 from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_bytes
 from vlmtrain.data.meta import expand_meta
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.tile_cache import TileCache, settings
-from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
+from vlmtrain.data.tiling import (
+    check_image_mode,
+    choose_grid,
+    single_tile,
+    tile_image,
+    tile_image_fast,
+    tiles_per_image,
+)
+from vlmtrain.data.token_types import sample_token_types
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
 
@@ -138,7 +147,10 @@ class SourceDataset:
 
 
 class MixtureDataset:
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, seed: int = 0, training: bool = True):
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: ImageLayout | int, seed: int = 0,
+                 training: bool = True):
+        """``tokens_per_tile``: the model family's ImageLayout (``family.image_layout``; an int:
+        InternVL's layout with that many tokens per tile)."""
         if isinstance(cfg, DictConfig):
             # resolve once: a DictConfig re-parses interpolations (tile_size, template) on every read,
             # which cost a third of the time of building a one-tile sample
@@ -170,6 +182,8 @@ class MixtureDataset:
             if source.reference is not None:  # precomputed reference log-probs: computed on these inputs?
                 source.reference.check(self.reference_settings(source))
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
+        self.layout = self.encoder.layout
+        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -256,6 +270,9 @@ class MixtureDataset:
         template = get_template(d.template or self.cfg.template)
         system = d.system if d.system is not None else self.cfg.system
         input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
+        token_types = positions = None
+        if self.layout.token_types:  # CogVLM: the visual expert's routing and its position-id rule
+            token_types, positions = sample_token_types(input_ids, self.encoder.img_context)
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
@@ -263,6 +280,8 @@ class MixtureDataset:
             num_tiles=num_tiles,
             dataset=source.name,
             truncated=self.encoder.last_truncated,
+            token_type_ids=token_types,
+            position_ids=positions,
         )
 
     def _media(self, source: SourceDataset, conv, rng: random.Random, frames_seed: int, pixels: bool = True):
@@ -276,7 +295,15 @@ class MixtureDataset:
         jpeg_frames = self.training and d.jpeg_augment is True
         tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
         for kind, src in media:
-            if kind == "image":
+            if kind == "image" and self.image_mode != "tile":
+                if not pixels:
+                    image_size(src)  # the image must open, as with pixels
+                    num_tiles.append(1)
+                    continue
+                tile = single_tile(load_image(src), self.image_mode, size, self.layout.mean)
+                tiles.append(jpeg_reencode(tile, rng) if jpeg_images else tile)
+                num_tiles.append(1)
+            elif kind == "image":
                 if not pixels:
                     w, h = image_size(src)
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
@@ -322,9 +349,7 @@ def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:
     """(MixtureDataset, tokenizer) for a composed training config (model, data, seed), as training
     builds them: what the data tools (preview, stats) read."""
     from vlmtrain.models.build import load_tokenizer
-    from vlmtrain.models.internvl import tokens_per_tile
+    from vlmtrain.models.family import image_layout
 
     tokenizer = load_tokenizer(cfg.model)
-    v = cfg.model.vision
-    n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
-    return MixtureDataset(cfg.data, tokenizer, n, cfg.seed, training=training), tokenizer
+    return MixtureDataset(cfg.data, tokenizer, image_layout(cfg.model), cfg.seed, training=training), tokenizer

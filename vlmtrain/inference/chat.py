@@ -61,7 +61,7 @@ class ChatSession:
         for piece in self.engine.stream(prompt, self.gen):
             pieces.append(piece)
             write(piece)
-        answer = "".join(pieces).strip()
+        answer = self.engine.answer("".join(pieces))
         self.history.append((query, answer))
         self.images += list(images)
         self.videos += list(videos)

@@ -33,12 +33,12 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
+from vlmtrain.config import Choice, DataConfig, DatasetConfig, choice, dataset_config
 from vlmtrain.data.collate import pad_pairs
 from vlmtrain.data.encode import PairSample
 from vlmtrain.data.formats import guess_format
@@ -52,17 +52,24 @@ from vlmtrain.models.internvl import tokens_per_tile
 
 log = logging.getLogger("vlmtrain")
 
+if TYPE_CHECKING:
+    PairMode = Choice
+    Match = Choice
+else:
+    PairMode = choice("PairMode", ["build", "reference"], module=__name__)
+    Match = choice("Match", ["exact", "relaxed"], module=__name__)
+
 
 @dataclass
 class PairOptions:
-    mode: str = "build"
+    mode: PairMode = PairMode("build")
     """build: sample pairs (then their reference log-probs); reference: only the log-probs pass."""
     samples: int = 4
     """Answers sampled per question."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    match: str = "relaxed"
+    match: Match = Match("relaxed")
     """exact or relaxed (case, punctuation, whitespace normalised): what counts as a correct answer."""
     dropout_ntp: bool = True
     """Questions whose samples are all correct get a DropoutNTP pair."""
@@ -235,11 +242,7 @@ def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size
 
 
 def build_pairs(cfg: DictConfig) -> dict:
-    opts = PairOptions(**OmegaConf.to_container(cfg.pairs, resolve=True))
-    if opts.mode not in ("build", "reference"):
-        raise UserError(f"pairs.mode must be build or reference, got {opts.mode!r}")
-    if opts.match not in ("exact", "relaxed"):
-        raise UserError(f"pairs.match must be exact or relaxed, got {opts.match!r}")
+    opts: PairOptions = OmegaConf.to_object(cfg.pairs)
     if opts.samples < 1 or not 0.0 <= opts.truncate < 1.0:
         raise UserError("pairs.samples must be >= 1 and pairs.truncate in [0, 1)")
     torch.manual_seed(opts.seed)

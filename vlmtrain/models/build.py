@@ -5,15 +5,13 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-from vlmtrain.config import PARTS, ModelConfig, StageConfig, plain
+from vlmtrain.config import ModelConfig, StageConfig, plain
 from vlmtrain.errors import UserError
 from vlmtrain.models.attention import use_packed_attention
+from vlmtrain.models.family import family_of
 from vlmtrain.models.internvl import (
-    IMAGE_TOKENS,
-    add_drop_path,
     build_from_config,
     compile_blocks,
-    part_of,
     set_activation_checkpointing,
     transformer_blocks,
 )
@@ -39,7 +37,7 @@ def load_tokenizer(cfg: ModelConfig):
                 "(e.g. the matching -hf release's)"
             ) from None
         raise UserError(f"cannot load a tokenizer from {path}: {e}") from None
-    missing = [t for t in IMAGE_TOKENS if t not in tok.get_vocab()]
+    missing = [t for t in family_of(cfg).layout(cfg).special_tokens if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
@@ -69,9 +67,11 @@ def rows_needed(tokenizer) -> int:
 
 
 def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForConditionalGeneration:
-    """The configured architecture with the weights the config names (``model.path``,
-    ``model.vision.path``, ``model.llm.path``); parts no path names are randomly initialised."""
-    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    """The configured architecture (``model.family``) with the weights the config names
+    (``model.path``, ``model.vision.path``, ``model.llm.path``); parts no path names are randomly
+    initialised."""
+    context = family_of(cfg).layout(cfg).context
+    image_token_id = tokenizer.convert_tokens_to_ids(context)
     vocab = cfg.llm.config.get("vocab_size")
     needed = rows_needed(tokenizer)
     if vocab is not None and vocab < needed:
@@ -79,7 +79,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
     tokenizer_from_checkpoint = bool(cfg.tokenizer or cfg.path or cfg.llm.path)
     if tokenizer_from_checkpoint and cfg.image_token_id is not None and cfg.image_token_id != image_token_id:
         raise UserError(
-            f"model.image_token_id={cfg.image_token_id} but the tokenizer puts <IMG_CONTEXT> at {image_token_id}"
+            f"model.image_token_id={cfg.image_token_id} but the tokenizer puts {context} at {image_token_id}"
         )
     # a whole checkpoint overwrites every weight (strictly checked): skip the random init
     model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
@@ -127,21 +127,23 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
 
     Returns the names of the trainable parameters.
     """
-    unknown = set(stage.trainable) - set(PARTS)
+    fam = family_of(model)
+    unknown = set(stage.trainable) - set(fam.parts)
     if unknown:
-        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(fam.parts)}")
     if stage.lora is not None:
         add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []
     for name, p in model.named_parameters():
         is_adapter = is_lora_key(name)
-        if is_adapter and part_of(name) in stage.trainable:
+        part = fam.part_of(name)
+        if is_adapter and part in stage.trainable:
             raise UserError(
-                f"stage: {part_of(name)} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
+                f"stage: {part} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
             )
-        p.requires_grad_(is_adapter or part_of(name) in stage.trainable)
+        p.requires_grad_(is_adapter or part in stage.trainable)
         if p.requires_grad:
             trainable.append(name)
     if "vision_tower" in stage.trainable:
-        add_drop_path(model.model.vision_tower, stage.drop_path)
+        fam.add_drop_path(model, stage.drop_path)
     return trainable

@@ -43,9 +43,10 @@ def init_loader_worker(worker_id: int, rank: int = 0) -> None:
 
 
 class VLMDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, global_batch_size: int, seed: int,
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile, global_batch_size: int, seed: int,
                  tile_cost: float = 0.0):
-        """tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
+        """tokens_per_tile: the model family's ImageLayout (or InternVL's tokens per tile);
+        tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
         super().__init__()
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.global_batch_size, self.tile_cost = global_batch_size, tile_cost
@@ -80,10 +81,11 @@ class VLMDataModule(pl.LightningDataModule):
 
     def collator(self, pad_id: int):
         """The configured step collator (``data.collate``), padded by default."""
+        token_types = self.dataset.layout.token_types  # CogVLM: filler batches carry token types too
         if self.cfg.collate is None:
-            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size)
+            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size, token_types)
         try:
-            return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
+            return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size, token_types=token_types)
         except InstantiationException as e:
             if isinstance(e.__cause__, UserError):  # a value the user gave: one line, not Hydra's wrapper
                 raise e.__cause__ from None

@@ -17,11 +17,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
-from vlmtrain.config import PARTS, StageConfig
+from vlmtrain.config import StageConfig
 from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
-from vlmtrain.models.internvl import part_of
-from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
+from vlmtrain.models.family import family_of
+from vlmtrain.training.flops import peak_flops_per_device, trainable_states
 from vlmtrain.training.master_weights import MasterWeightOptimizer
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.objective import Objective
@@ -140,7 +140,7 @@ class VLMTrainingModule(pl.LightningModule):
         peak = self.peak_tflops * 1e12 if self.peak_tflops else None
         if peak is None and self.device.type == "cuda":
             peak = peak_flops_per_device(torch.cuda.get_device_name(self.device))
-        self.meter = StepMeter(InternVLDims.from_hf_config(self.model.config), trainable_states(self.model),
+        self.meter = StepMeter(family_of(self.model).flops_dims(self.model.config), trainable_states(self.model),
                                self.trainer.world_size, peak)
         if getattr(self, "_meter_state", None):
             self.meter.load_state_dict(self._meter_state)  # resumed: the summary covers the whole run
@@ -265,12 +265,14 @@ def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,
     ``lr_scale`` (``optim.lr_scale``, e.g. ``{vision_tower: 0.1}``), into groups of their own at
     ``lr x scale`` (named ``vision_tower/decay``...). Unscaled parts share ``decay`` / ``no_decay``,
     in that order, so runs without scales keep their group layout (and resume from older checkpoints)."""
-    bad = {k: v for k, v in lr_scale.items() if k not in PARTS or not float(v) > 0}
+    parts = family_of(model).parts
+    bad = {k: v for k, v in lr_scale.items() if k not in parts or not float(v) > 0}
     if bad:
-        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(PARTS)}, values > 0")
+        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(parts)}, values > 0")
     if lr_scale and lr is None:
         raise UserError("optim.lr_scale needs optim.lr (the lr it scales)")
     split: dict[tuple[str, bool], list] = {}
+    part_of = family_of(model).part_of
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen parameters never reach the optimizer

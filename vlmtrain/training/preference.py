@@ -178,7 +178,8 @@ class PreferenceObjective(Objective):
         dev = logps.device
         if not len(policy):  # a filler micro-batch: the graph runs, nothing counts
             return LossTerms(logps.sum() * 0.0, stats={k: torch.zeros((), device=dev) for k in STATS})
-        counts = mb.num_supervised.to(dev)[mb.pairs[:, 0]].clamp(min=1).float()  # type: ignore[index]  # pair batches
+        assert mb.pairs is not None
+        counts = mb.num_supervised.to(dev)[mb.pairs[:, 0]].clamp(min=1).float()
         ratios = policy - ref
         dpo = dpo_sigmoid(ratios[:, 0], ratios[:, 1], self.beta)
         bco = bco_pair(ratios[:, 0], ratios[:, 1], self.beta, self.delta.to(dev, torch.float32))

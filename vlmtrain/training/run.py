@@ -26,12 +26,12 @@ from omegaconf import DictConfig
 from vlmtrain.config import TrainConfig, plain, typed
 from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage, build_model, load_tokenizer
-from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.models.family import family_of
 from vlmtrain.models.lora import save_adapter
 from vlmtrain.models.run_checkpoint import find_checkpoint, find_resume_checkpoint, load_strict, read_weights
 from vlmtrain.training.checkpointing import AtomicModelCheckpoint, Preemption
 from vlmtrain.training.datamodule import VLMDataModule
-from vlmtrain.training.flops import InternVLDims, tile_cost_in_tokens
+from vlmtrain.training.flops import tile_cost_in_tokens
 from vlmtrain.training.module import VLMTrainingModule
 from vlmtrain.training.objective import build_objective
 from vlmtrain.training.resume_config import restore_run_config
@@ -148,14 +148,11 @@ def build_parts(cfg: TrainConfig, resume: Path | None = None):
     """The tokenizer, model (stage applied), data module and LightningModule of a run, as
     ``vlmtrain train`` builds them (the bench builds them here too)."""
     tokenizer = load_tokenizer(cfg.model)
-    v = cfg.model.vision
+    fam = family_of(cfg.model)
     # the data first: a wrong path or a bad data setting fails before the model is built
-    data = VLMDataModule(
-        cfg.data, tokenizer, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio),
-        cfg.stage.global_batch_size, cfg.seed,
-    )
+    data = VLMDataModule(cfg.data, tokenizer, fam.layout(cfg.model), cfg.stage.global_batch_size, cfg.seed)
     model = build_model(cfg.model, tokenizer, cfg.seed)
-    data.tile_cost = tile_cost_in_tokens(InternVLDims.from_hf_config(model.config))  # for data.balance_ranks
+    data.tile_cost = tile_cost_in_tokens(fam.flops_dims(model.config))  # for data.balance_ranks
     if resume is not None:
         log.info("resuming from %s (model, optimizer, scheduler, RNG, data position)", resume)
     elif cfg.init_from:
