@@ -477,6 +477,15 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_attn_implementation(self, attn_implementation):
+        """``vlmtrain.models.attention.use_packed_attention`` names the language model's packed
+        backend (``packed_<backend>``); CogVLM's layers call the attention helpers themselves."""
+        from vlmtrain.models.attention import PREFIX
+
+        name = attn_implementation.get("text_config") if isinstance(attn_implementation, dict) else attn_implementation
+        if isinstance(name, str) and name.startswith(PREFIX):
+            set_packed_backend(self, name[len(PREFIX):])
+
     def forward(self, input_ids=None, pixel_values=None, token_type_ids=None, attention_mask=None,
                 position_ids=None, cache=None, inputs_embeds=None, use_cache=None, labels=None,
                 logits_to_keep=0, **kwargs):
