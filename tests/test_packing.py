@@ -169,7 +169,9 @@ def test_unknown_checkpointing_part_fails_naming_the_key(tiny):
 
 def test_unknown_attention_backend_fails_naming_the_key(tiny):
     cfg, tok, _, _ = tiny
-    with pytest.raises(ValueError, match="model.attention"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="model.attention"):  # at compose, naming the key
         build_model(compose_config(["model.attention=flash9"]).model, tok)
 
 
