@@ -12,6 +12,7 @@ from PIL import Image
 
 from vlmtrain.data.conversation import SampleError
 from vlmtrain.data.placeholders import IMAGENET_MEAN, IMAGENET_STD
+
 JPEG_QUALITY = (75, 100)
 
 

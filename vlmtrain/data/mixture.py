@@ -25,11 +25,18 @@ from vlmtrain.data.encode import ConversationEncoder, EncodedSample, PairSample
 from vlmtrain.data.formats import META, guess_format, reader
 from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_bytes
 from vlmtrain.data.meta import expand_meta
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
-from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.tile_cache import TileCache, settings
-from vlmtrain.data.tiling import check_image_mode, choose_grid, single_tile, tile_image, tile_image_fast, tiles_per_image
+from vlmtrain.data.tiling import (
+    check_image_mode,
+    choose_grid,
+    single_tile,
+    tile_image,
+    tile_image_fast,
+    tiles_per_image,
+)
 from vlmtrain.data.token_types import sample_token_types
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError

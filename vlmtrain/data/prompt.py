@@ -16,10 +16,10 @@ from PIL import Image
 
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.images import load_image, to_pixel_values
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.render import Rendered, Renderer
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import ChatTemplate
-from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.tiling import check_image_mode, single_tile, tile_image, tiles_per_image
 from vlmtrain.data.video import read_frames
 from vlmtrain.errors import UserError

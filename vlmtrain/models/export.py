@@ -33,6 +33,7 @@ from vlmtrain.data.templates import ChatTemplate, get_template
 from vlmtrain.models.checkpoint import MODEL_CONFIG_FILE, load_trained
 from vlmtrain.models.family import family_of
 
+
 def export_tokenizer(tokenizer, template: ChatTemplate, out: Path, processor_tokens: dict[str, str] | None = None,
                      image_placeholder: str = "<IMG_CONTEXT>"):
     """Save the tokenizer with the chat template and the processor's image-token attributes

@@ -19,8 +19,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlmtrain.config import PARTS, ModelConfig
 from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
-from vlmtrain.errors import UserError
 from vlmtrain.data.placeholders import ImageLayout
+from vlmtrain.errors import UserError
 from vlmtrain.models.family import Family, drop_path_hooks, vision_no_grad
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
