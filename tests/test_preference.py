@@ -305,8 +305,8 @@ class Recorder(Callback):
 
 
 def _train(monkeypatch, overrides, run_dir, recorder):
-    def with_recorder(cfg, rd):
-        trainer = build_trainer(cfg, rd)  # the real one, imported before any patch
+    def with_recorder(cfg, rd, *args, **kwargs):  # train passes the logged config and extra callbacks too
+        trainer = build_trainer(cfg, rd, *args, **kwargs)  # the real one, imported before any patch
         trainer.callbacks.insert(0, recorder)
         return trainer
 
@@ -371,3 +371,33 @@ def test_sft_then_pairs_then_mpo_and_dpo(tmp_path):
                     "train/loss/dpo", "train/loss/bco", "train/loss/sft", "train/bco/delta"):
             assert key in header, key
         assert len(rows) == 3
+
+
+def test_adapter_reference_is_the_base_model_and_restores_the_policy(tmp_path):
+    from vlmtrain.models.build import apply_stage
+    from vlmtrain.training.preference import AdapterReference, pair_logps
+
+    cfg, tok, ds = _setup(tmp_path, n=2)
+    model = _model(cfg, tok)
+    mb = StepCollator(2, tok.pad_token_id, 224)([ds.load(i) for i in range(2)]).micro_batches[0]
+    with torch.no_grad():
+        base = pair_logps(sample_logps(model, mb), mb)
+    lora_cfg = compose_config(["model=tiny", "stage=mpo_lora"])
+    apply_stage(model, OmegaConf.to_object(lora_cfg.stage))
+    reference = AdapterReference()
+    assert reference.setup(model) is None  # no copy
+    with torch.no_grad():  # trained adapters: the policy is no longer the base model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.train()
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    ref = reference(model, mb)
+    assert torch.allclose(ref, base, atol=1e-5)
+    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(pair_logps(sample_logps(model, mb), mb), base, atol=1e-3)
+    with pytest.raises(UserError, match="stage.trainable"):  # a fully trained part would move the reference
+        model.model.multi_modal_projector.requires_grad_(True)
+        reference.setup(model)

@@ -286,6 +286,16 @@ class ModelConfig:
     """Round the initial weights to this dtype (``bfloat16``), as a bf16 checkpoint holds them.
     DeepSpeed's bf16 mode keeps bf16 weights and starts its fp32 master copy from them, FSDP2
     mixed precision starts from the fp32 weights: rounded, both start from the same values."""
+    compute_dtype: DType | None = None
+    """Keep the weights in this dtype (``bfloat16``) for compute, with fp32 master copies in the
+    optimizer (``vlmtrain.training.master_weights``): no per-micro-batch weight casts, half the
+    weight reads. One process only. None: fp32 weights (autocast casts them)."""
+    fuse_vit_qkv: bool = False
+    """One q/k/v matmul per ViT layer instead of three (``vlmtrain.models.speed``); the state dict
+    keeps transformers' names."""
+    selective_checkpointing: list[Part] = field(default_factory=list)
+    """Parts whose blocks run with op-level selective activation checkpointing: matmul and attention
+    outputs kept, element-wise work recomputed in backward (less memory, little recompute)."""
     attention: Attention = Attention("auto")
     """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
     else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""

@@ -65,6 +65,19 @@ from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainin
 from vlmtrain.training.loss import IGNORE_INDEX  # noqa: E402
 
 ROWS = ("trainer", "loop", "hf_strong", "hf_naive")
+EXTRA_ROWS = ("hf_strong_flex",)
+"""Not in the default set: ``hf_strong`` with transformers' flex_attention (block-sparse packed mask;
+CUDA only: flex has no backward on a CPU)."""
+SAC = "model.selective_checkpointing=[vision_tower,language_model]"
+ABLATION = {  # --ablation: the bench loop with each speed lever of issue 21 alone and together
+    "none": [],
+    "bf16_master": ["model.compute_dtype=bfloat16"],
+    "fused_vit_qkv": ["model.fuse_vit_qkv=true"],
+    "selective_ckpt": [SAC],
+    "all": ["model.compute_dtype=bfloat16", "model.fuse_vit_qkv=true", SAC],
+    "all_16k_buffers": ["model.compute_dtype=bfloat16", "model.fuse_vit_qkv=true", SAC,
+                        "data.collate.max_tokens=16384", "data.collate.max_tiles=48"],
+}
 WORDS = ("the of and to in is that for it as with was on be by at this from or an are which have "
          "image shows red blue green large small left right top bottom near far object colour shape "
          "count number two three four five person car tree house sky water road light dark").split()
@@ -174,6 +187,9 @@ def peak_gib(device) -> float | None:
 
 
 def free_memory(device):
+    """Between rows: each row compiles from a clean dynamo cache (the models of several rows share
+    block classes; their graphs would pile up towards dynamo's recompile limit), memory released."""
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -203,6 +219,42 @@ def step_tokens(step: Step) -> int:
     return sum(int(mb.attention_mask.sum()) for mb in step.micro_batches if not mb.zero_weight)
 
 
+class SyncRecorder:
+    """The synchronising CUDA calls of one step and where they come from (``torch.cuda.set_sync_debug_mode``):
+    each makes the host wait for the GPU, so the GPU idles while the host queues what follows. The
+    trainer row's device-idle figure counts only the gaps between steps; these are the ones inside."""
+
+    def __init__(self):
+        self.sites: dict[str, int] = {}
+        self.on = False
+
+    def start(self):
+        import traceback
+        import warnings
+
+        self._show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-4:]
+            site = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+        warnings.showwarning = show
+        self._filters = warnings.filters[:]
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        self.on = True
+        return self
+
+    def stop(self):
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._show
+        warnings.filters[:] = self._filters
+        self.on = False
+
+
 def make_step_clock(warmup: int, device):
     """A Lightning callback timing the trainer's steps (built here: the bench imports Lightning only
     for the trainer row)."""
@@ -220,9 +272,13 @@ def make_step_clock(warmup: int, device):
                 self.graphs = graphs_compiled()
             self.tokens.append(step_tokens(batch))
             self.micro.append(len(batch.micro_batches))
+            if self.clock.cuda and len(self.starts) == warmup - 1:
+                self.syncs = SyncRecorder().start()  # the last warm-up step: where the host waits for the GPU
             self.starts.append(self.clock.mark())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if getattr(self, "syncs", None) is not None and self.syncs.on:
+                self.syncs.stop()
             self.ends.append(self.clock.mark())
 
         def result(self) -> dict:
@@ -237,7 +293,8 @@ def make_step_clock(warmup: int, device):
                     "graphs_compiled_while_timed": graphs_compiled() - (self.graphs or 0),
                     "tokens_seen": sum(self.tokens[warmup:]),
                     "host_wait_seconds": sum(waits), "host_wait_share": sum(waits) / window,
-                    "host_wait_max_ms": 1e3 * max(waits, default=0.0)}
+                    "host_wait_max_ms": 1e3 * max(waits, default=0.0),
+                    "host_syncs_in_a_warmup_step": self.syncs.sites if getattr(self, "syncs", None) else None}
 
     return StepClock()
 
@@ -416,8 +473,8 @@ def compile_hf_blocks(model) -> None:
         layer.compile(dynamic=True)
 
 
-def run_hf_strong(cfg, args, device, pool, tokenizer) -> dict:
-    attn = best_hf_attention(device, args.hf_attn)
+def run_hf_strong(cfg, args, device, pool, tokenizer, attn: str | None = None) -> dict:
+    attn = attn or best_hf_attention(device, args.hf_attn)
     model = hf_model(cfg, tokenizer, attn, device)
     compiled = args.hf_compile == "yes" or (args.hf_compile == "auto" and bool(cfg.model.compile))
     if compiled:
@@ -526,6 +583,7 @@ LABELS = {
     "loop": "vlmtrain bench loop (same module step, pre-collated)",
     "hf_strong": "transformers strong (flattened, best attention, chunked CE, fused AdamW, compiled)",
     "hf_naive": "transformers naive (padded, sdpa, full logits, AdamW, eager)",
+    "hf_strong_flex": "transformers strong with flex_attention",
 }
 
 
@@ -546,11 +604,15 @@ def markdown(results: dict) -> str:
     out = [f"### {results['model']} on {results['device']} ({results['date']})", "",
            f"{results['pool']['steps_timed']} timed steps of {results['samples_per_step']} samples "
            f"({results['pool']['tokens_timed']} tokens) after {results['warmup']} warm-up steps; "
-           f"torch {results['torch']}, transformers {results['transformers']}.", "",
-           "| row | tokens/s | step (s) | TFLOP/s | MFU | peak mem (GiB) | host wait | vs strong | graphs while timed |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    strong = results["rows"].get("hf_strong", {}).get("tokens_per_s")
-    for name in ROWS:
+           f"torch {results['torch']}, transformers {results['transformers']}."]
+    if results["rows"]:
+        out += ["", "| row | tokens/s | step (s) | TFLOP/s | MFU | peak mem (GiB) | device idle between steps | vs best strong | "
+                "graphs while timed |",
+                "|---|---|---|---|---|---|---|---|---|"]
+    # against the faster of the strong rows: the best transformers offers on the host
+    strong = max((results["rows"].get(k, {}).get("tokens_per_s") or 0 for k in ("hf_strong", "hf_strong_flex")),
+                 default=0) or None
+    for name in ROWS + EXTRA_ROWS:
         r = results["rows"].get(name)
         if r is None:
             continue
@@ -562,6 +624,18 @@ def markdown(results: dict) -> str:
         out.append(f"| {LABELS[name]} | {r['tokens_per_s']:.0f} | {r['step_seconds']:.3f} | {r['tflops']:.2f} | "
                    f"{f(r['mfu'] and 100 * r['mfu'], '.1f')}% | {f(r['peak_mem_gib'], '.1f')} | {wait} | {ratio} | "
                    f"{r['graphs_compiled_while_timed']} |")
+    if results.get("ablation"):
+        out += ["", "Ablation (bench loop row, same samples):", "",
+                "| levers | overrides | tokens/s | MFU | peak mem (GiB) | vs none |", "|---|---|---|---|---|---|"]
+        base = results["ablation"].get("none", {}).get("tokens_per_s")
+        for name, r in results["ablation"].items():
+            over = " ".join(ABLATION[name]) or "(config as is)"
+            if "tokens_per_s" not in r:
+                out.append(f"| {name} | {over} | {r.get('error') or r.get('skipped')} | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+            out.append(f"| {name} | `{over}` | {r['tokens_per_s']:.0f} | {f(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
+                       f"{f(r['peak_mem_gib'], '.1f')} | {ratio} |")
     if "trainer_over_loop" in results:
         out += ["", f"trainer / bench loop: {100 * results['trainer_over_loop']:.1f}%"]
     return "\n".join(out) + "\n"
@@ -592,6 +666,8 @@ def parse_args(argv=None):
     ap.add_argument("--text", type=int, nargs=2, help="words per sample (default 50 1500; 20 120 on CPU)")
     ap.add_argument("--log-every", type=int, default=50, help="trainer.log_every_n_steps for the trainer row")
     ap.add_argument("--data-dir", help="where to write the synthetic mixture (default: a temporary folder)")
+    ap.add_argument("--ablation", action="store_true",
+                    help=f"instead of --rows: the bench loop once per lever set ({', '.join(ABLATION)})")
     ap.add_argument("--deadline", type=float, help="unix time: rows that would start after it minus 45 s are skipped")
     ap.add_argument("--out", help="write the results as JSON here (after every row)")
     ap.add_argument("--md", help="write the markdown table here (after every row)")
@@ -603,9 +679,9 @@ def main(argv=None) -> dict:
 
     args, overrides = parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
-    unknown = set(rows) - set(ROWS)
+    unknown = set(rows) - set(ROWS) - set(EXTRA_ROWS)
     if unknown:
-        raise SystemExit(f"--rows: unknown {sorted(unknown)}; rows are {list(ROWS)}")
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; rows are {list(ROWS + EXTRA_ROWS)}")
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     if cpu:
@@ -633,20 +709,32 @@ def main(argv=None) -> dict:
     runs = {"trainer": lambda: run_trainer(cfg, args, device),
             "loop": lambda: run_loop(cfg, args, device, pool),
             "hf_strong": lambda: run_hf_strong(cfg, args, device, pool, tokenizer),
-            "hf_naive": lambda: run_hf_naive(cfg, args, device, pool, tokenizer)}
-    for name in rows:
+            "hf_naive": lambda: run_hf_naive(cfg, args, device, pool, tokenizer),
+            "hf_strong_flex": lambda: run_hf_strong(cfg, args, device, pool, tokenizer, "flex_attention")}
+    if args.ablation:
+        base = [*overrides, *bench_overrides(args, data_path, work / "run")]
+        jobs = [(f"ablation/{k}", lambda v=v: run_loop(compose_cfg([*base, *v]), args, device, pool)) for k, v in ABLATION.items()]
+    else:
+        jobs = [(name, runs[name]) for name in rows]
+    for name, fn in jobs:
+        where, key = (results.setdefault("ablation", {}), name.split("/", 1)[1]) if "/" in name else (results["rows"], name)
         if args.deadline and time.time() > args.deadline - 45:
-            results["rows"][name] = {"skipped": "out of time"}
+            where[key] = {"skipped": "out of time"}
             print(f"{cfg.model.name} {name}: skipped, out of time", flush=True)
             continue
         t = time.perf_counter()
         try:
-            row = finish_row(runs[name](), stats, peak)
+            row = finish_row(fn(), stats, peak)
         except torch.OutOfMemoryError as e:
             row = {"error": f"out of memory: {str(e).splitlines()[0][:120]}"}
+        except Exception as e:  # one row's failure must not cost the others of the call
+            import traceback
+
+            traceback.print_exc()
+            row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         row["row_wall_seconds"] = time.perf_counter() - t
         free_memory(device)
-        results["rows"][name] = row
+        where[key] = row
         if "error" in row:
             print(f"{cfg.model.name} {name}: {row['error']}", flush=True)
         else:

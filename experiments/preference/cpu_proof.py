@@ -80,6 +80,12 @@ def held_out_accuracy(policy_dir: Path, reference_dir: Path, pairs_file: Path, b
             "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / n}
 
 
+def mpo_steps_done(run_dir: Path) -> int:
+    import torch
+
+    return int(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"])
+
+
 def exact_match(ckpt: Path, out: Path, log: list) -> float:
     run(["eval", f"ckpt={ckpt}", "data=demo_val", f"out={out}", "device=cpu", "data.datasets.shapes_val.n_max=1",
          "generation.max_new_tokens=8", "eval.batch_size=16"], log)
@@ -95,6 +101,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4, help="pairs per MPO step")
     ap.add_argument("--exact-match", action="store_true", help="also eval both checkpoints' held-out exact match")
+    ap.add_argument("--mpo-max-time", default=None,
+                    help="trainer.max_time of the MPO run (DD:HH:MM:SS): on a busy machine it stops there, saved")
+    ap.add_argument("--score-only", action="store_true",
+                    help="only step 4, on the runs already under --out (e.g. an MPO run stopped early)")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +112,12 @@ def main() -> None:
     t0 = time.perf_counter()
     common = ["data.num_workers=0", "trainer.enable_progress_bar=false", "logger=csv"]
     sft, mpo = out / "sft", out / "mpo"
+    if args.score_only:
+        result = {"held_out": held_out_accuracy(mpo, sft, out / "pairs_val" / "shapes_val.jsonl", beta=0.1),
+                  "mpo_steps_done": mpo_steps_done(mpo)}
+        (out / "preference_proof_scores.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     run(["stage=instruction_tuning", "data=demo", "data.datasets.shapes.n_max=1", f"stage.max_steps={args.sft_steps}",
          "stage.max_epochs=100", "stage.lr=1e-3", f"run_dir={sft}", f"hydra.run.dir={sft}", *common], log)
     pair_opts = [f"pairs.samples={args.samples}", "pairs.max_new_tokens=8", "pairs.reference=false", "device=cpu"]
@@ -111,7 +127,8 @@ def main() -> None:
     train_pairs, val_pairs = out / "pairs_train" / "shapes.jsonl", out / "pairs_val" / "shapes_val.jsonl"
     run(["stage=mpo", f"init_from={sft}", "data=single", f"data.path={train_pairs}", "++data.datasets.single.n_max=1",
          f"stage.global_batch_size={args.batch}", f"data.micro_batch_size={args.batch}", f"stage.max_steps={args.mpo_steps}",
-         "stage.max_epochs=1000", f"stage.lr={args.mpo_lr}", f"run_dir={mpo}", f"hydra.run.dir={mpo}", *common], log)
+         "stage.max_epochs=1000", f"stage.lr={args.mpo_lr}", f"run_dir={mpo}", f"hydra.run.dir={mpo}", *common,
+         *([f"trainer.max_time={args.mpo_max_time}"] if args.mpo_max_time else [])], log)
     accuracy = held_out_accuracy(mpo, sft, val_pairs, beta=0.1)
     em = None
     if args.exact_match:
@@ -129,6 +146,7 @@ def main() -> None:
         "pairs": {"train": json.loads((out / "pairs_train" / "pairs.json").read_text())["datasets"],
                   "held_out": json.loads((out / "pairs_val" / "pairs.json").read_text())["datasets"]},
         "exact_match_held_out": em,
+        "mpo_steps_done": mpo_steps_done(mpo),
         "steps": {"sft": args.sft_steps, "mpo": args.mpo_steps, "mpo_lr": args.mpo_lr, "mpo_pairs_per_step": args.batch},
         "cpu_seconds_children": round(sum(os.times()[2:4]), 1),
         "commands": log,

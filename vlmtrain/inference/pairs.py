@@ -33,12 +33,12 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
+from vlmtrain.config import Choice, DataConfig, DatasetConfig, choice, dataset_config
 from vlmtrain.data.collate import pad_pairs
 from vlmtrain.data.encode import PairSample
 from vlmtrain.data.formats import guess_format
@@ -48,21 +48,28 @@ from vlmtrain.errors import UserError
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
 from vlmtrain.inference.evaluation import questions, relaxed
 from vlmtrain.models.checkpoint import load_trained
-from vlmtrain.models.family import image_layout
+from vlmtrain.models.internvl import tokens_per_tile
 
 log = logging.getLogger("vlmtrain")
+
+if TYPE_CHECKING:
+    PairMode = Choice
+    Match = Choice
+else:
+    PairMode = choice("PairMode", ["build", "reference"], module=__name__)
+    Match = choice("Match", ["exact", "relaxed"], module=__name__)
 
 
 @dataclass
 class PairOptions:
-    mode: str = "build"
+    mode: PairMode = PairMode("build")
     """build: sample pairs (then their reference log-probs); reference: only the log-probs pass."""
     samples: int = 4
     """Answers sampled per question."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    match: str = "relaxed"
+    match: Match = Match("relaxed")
     """exact or relaxed (case, punctuation, whitespace normalised): what counts as a correct answer."""
     dropout_ntp: bool = True
     """Questions whose samples are all correct get a DropoutNTP pair."""
@@ -183,7 +190,7 @@ def score_pairs(trained, data: DataConfig, path: Path, batch_size: int = 8, sett
     from vlmtrain.training.preference import pair_logps, sample_logps
 
     model, cfg = trained.model, trained.model_cfg
-    n_tok = image_layout(cfg)  # the model family's image layout
+    n_tok = tokens_per_tile(cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio)
     settings = settings or DatasetConfig(path=str(path))
     entry = {"path": str(path), "format": "preference", "jpeg_augment": False, "n_max": settings.n_max,
              "min_tiles": settings.min_tiles, "template": settings.template, "system": settings.system}
@@ -235,11 +242,7 @@ def reference_logps(trained, data: DataConfig, name: str, path: Path, batch_size
 
 
 def build_pairs(cfg: DictConfig) -> dict:
-    opts = PairOptions(**OmegaConf.to_container(cfg.pairs, resolve=True))
-    if opts.mode not in ("build", "reference"):
-        raise UserError(f"pairs.mode must be build or reference, got {opts.mode!r}")
-    if opts.match not in ("exact", "relaxed"):
-        raise UserError(f"pairs.match must be exact or relaxed, got {opts.match!r}")
+    opts: PairOptions = OmegaConf.to_object(cfg.pairs)
     if opts.samples < 1 or not 0.0 <= opts.truncate < 1.0:
         raise UserError("pairs.samples must be >= 1 and pairs.truncate in [0, 1)")
     torch.manual_seed(opts.seed)

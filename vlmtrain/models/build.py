@@ -17,6 +17,7 @@ from vlmtrain.models.internvl import (
 from vlmtrain.models.loading import load_pretrained
 from vlmtrain.models.lora import add_lora
 from vlmtrain.models.run_checkpoint import is_lora_key
+from vlmtrain.models.speed import fuse_vit_qkv, set_selective_checkpointing
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -85,15 +86,22 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
         load_pretrained(model, cfg)
     if cfg.init_dtype:
         round_weights(model, cfg.init_dtype)
+    if cfg.compute_dtype:
+        model.to(floating_dtype(cfg.compute_dtype, "model.compute_dtype"))
     configure_training(model, cfg)
     return model
 
 
+def floating_dtype(name: str, key: str) -> torch.dtype:
+    target = getattr(torch, str(plain(name)), None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise UserError(f"{key}={name!r} is not a torch floating-point dtype (e.g. bfloat16)")
+    return target
+
+
 def round_weights(model: torch.nn.Module, dtype: str) -> None:
     """Every floating-point weight rounded to ``dtype`` (kept in its own dtype)."""
-    target = getattr(torch, dtype, None)
-    if not isinstance(target, torch.dtype) or not target.is_floating_point:
-        raise UserError(f"model.init_dtype={dtype!r} is not a torch floating-point dtype (e.g. bfloat16)")
+    target = floating_dtype(dtype, "model.init_dtype")
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
@@ -101,9 +109,15 @@ def round_weights(model: torch.nn.Module, dtype: str) -> None:
 
 
 def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
-    """Packed attention backend, per-part activation checkpointing and compilation, as configured."""
+    """Packed attention backend, fused ViT q/k/v, per-part activation checkpointing (whole-block or
+    selective) and compilation, as configured."""
     use_packed_attention(model, plain(cfg.attention))  # its errors quote the bare name
+    if cfg.fuse_vit_qkv:
+        fuse_vit_qkv(model)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
+    set_selective_checkpointing(model, [plain(p) for p in cfg.selective_checkpointing],
+                                family_of(model).transformer_blocks(model),
+                                cfg.gradient_checkpointing)
     compile_blocks(model, cfg.compile)
 
 

@@ -14,6 +14,7 @@ from collections import Counter
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
 from vlmtrain.config import StageConfig
@@ -21,6 +22,7 @@ from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
 from vlmtrain.models.family import family_of
 from vlmtrain.training.flops import peak_flops_per_device, trainable_states
+from vlmtrain.training.master_weights import MasterWeightOptimizer
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.objective import Objective
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
@@ -232,6 +234,10 @@ class VLMTrainingModule(pl.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        low = sorted({str(p.dtype) for p in self.model.parameters() if p.requires_grad and p.dtype != torch.float32})
+        if low and not isinstance(self.trainer.strategy, SingleDeviceStrategy):
+            raise UserError(f"model.compute_dtype: {low} weights with fp32 master copies run in one process only; "
+                            "unset it for DDP, FSDP and DeepSpeed (they keep their own master weights)")
         optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.stage_cfg,
                                                int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -239,9 +245,14 @@ class VLMTrainingModule(pl.LightningModule):
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, stage_cfg, total_steps: int):
     """The configured optimizer over ``param_groups`` and its per-step scheduler for a run of
-    ``total_steps`` optimizer steps (warmup from the stage)."""
+    ``total_steps`` optimizer steps (warmup from the stage). Trainable weights below fp32
+    (``model.compute_dtype``) are stepped through fp32 master copies (``MasterWeightOptimizer``)."""
     groups = param_groups(model, list(optim_cfg.no_decay), optim_cfg.get("lr"), dict(optim_cfg.get("lr_scale") or {}))
-    optimizer = instantiate(optim_cfg.optimizer)(groups)
+    make = instantiate(optim_cfg.optimizer)
+    if any(p.dtype != torch.float32 for g in groups for p in g["params"]):
+        optimizer = MasterWeightOptimizer(groups, make)
+    else:
+        optimizer = make(groups)
     warmup = stage_cfg.warmup_steps or int(round(stage_cfg.warmup_ratio * total_steps))
     scheduler = instantiate(optim_cfg.scheduler)(optimizer, total_steps=total_steps, warmup_steps=warmup)
     return optimizer, scheduler

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.errors import UserError
-from vlmtrain.models.family import family_of
 from vlmtrain.training.loss import per_sample_cross_entropy
 from vlmtrain.training.objective import LossTerms, Objective, supervised_hidden
 
@@ -44,8 +43,7 @@ from vlmtrain.training.objective import LossTerms, Objective, supervised_hidden
 def sample_logps(model, mb: Batch) -> torch.Tensor:
     """(num_samples,) log-probability of each sample's supervised tokens (its answer) under ``model``."""
     hidden, targets, samples = supervised_hidden(model, mb)
-    head = family_of(model).lm_head(model)
-    return -per_sample_cross_entropy(hidden, head, targets, samples, len(mb.num_supervised))
+    return -per_sample_cross_entropy(hidden, model.lm_head, targets, samples, len(mb.num_supervised))
 
 
 def pair_logps(logps: torch.Tensor, mb: Batch) -> torch.Tensor:
@@ -180,7 +178,8 @@ class PreferenceObjective(Objective):
         dev = logps.device
         if not len(policy):  # a filler micro-batch: the graph runs, nothing counts
             return LossTerms(logps.sum() * 0.0, stats={k: torch.zeros((), device=dev) for k in STATS})
-        counts = mb.num_supervised.to(dev)[mb.pairs[:, 0]].clamp(min=1).float()  # type: ignore[index]  # pair batches
+        assert mb.pairs is not None
+        counts = mb.num_supervised.to(dev)[mb.pairs[:, 0]].clamp(min=1).float()
         ratios = policy - ref
         dpo = dpo_sigmoid(ratios[:, 0], ratios[:, 1], self.beta)
         bco = bco_pair(ratios[:, 0], ratios[:, 1], self.beta, self.delta.to(dev, torch.float32))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.formats import internvl
@@ -69,15 +68,15 @@ def to_pair(obj: dict, root: Path) -> tuple[Conversation, Conversation]:
         raise SampleError("identical_pair", "'chosen' and 'rejected' are the same answer")
     if "images" in obj and "image" in obj:
         raise SampleError("bad_media", "a pair has both 'image' and 'images'")
-    base: dict[str, Any] = {"conversations": _prompt_messages(obj), "image": obj.get("images", obj.get("image")),
-            "video": obj.get("video")}
+    messages = _prompt_messages(obj)
     if "system" in obj:
         if not isinstance(obj["system"], str):
             raise SampleError("bad_message", "'system' must be a string")
-        base["conversations"] = [{"from": "system", "value": obj["system"]}, *base["conversations"]]
+        messages = [{"from": "system", "value": obj["system"]}, *messages]
+    media = {"image": obj.get("images", obj.get("image")), "video": obj.get("video")}
     convs = []
     for answer in (chosen, rejected):
-        line = dict(base, conversations=[*base["conversations"], {"from": "gpt", "value": answer}])
+        line = {**media, "conversations": [*messages, {"from": "gpt", "value": answer}]}
         convs.append(internvl.to_conversation(line, root))
     return convs[0], convs[1]
 
