@@ -291,3 +291,20 @@ def test_resume_auto_continues_with_the_runs_own_config(tmp_path):
     on_purpose = compose_config(["resume=auto", "stage.max_steps=50", "resume_changes=[stage.max_steps]"], run_dir=run_dir)
     restored = restore_run_config(on_purpose, run_dir, named=["resume", "stage.max_steps", "resume_changes"])
     assert restored.stage.max_steps == 50 and restored.stage.lr == 1e-3
+
+
+def test_resume_config_ignores_keys_the_schema_gained_since(tmp_path):
+    """A checkpoint from before an upgrade: a key its config.yaml lacks takes the new default."""
+    import yaml
+
+    from vlmtrain.training.resume_config import restore_run_config
+    from vlmtrain.training.tracking import save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(compose_config([], run_dir=run_dir), run_dir / "config.yaml")
+    old = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del old["stage"]["warmup_ratio"]  # as if the key did not exist when the run started
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    again = compose_config(["resume=auto"], run_dir=run_dir)
+    assert restore_run_config(again, run_dir, named=["resume"]).stage.warmup_ratio == again.stage.warmup_ratio

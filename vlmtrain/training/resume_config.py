@@ -61,9 +61,11 @@ def restore_run_config(composed: DictConfig, run_dir: Path, named: list[str] | N
     new = _flat(resolved_config(composed))
     allowed = [*MAY_DIFFER, *(composed.get("resume_changes") or [])]
     named = command_line_keys() if named is None else named
-    changed = {k: (saved.get(k), new.get(k)) for k in sorted(set(saved) | set(new))
-               if saved.get(k) != new.get(k) and not _under(k, allowed)
-               and REDACTED not in (saved.get(k), new.get(k)) and not k.startswith("hydra")}
+    # keys on one side only are not compared: a key the schema gained (or lost) since the run
+    # started takes its default, it was not the run's setting
+    changed = {k: (saved[k], new[k]) for k in sorted(set(saved) & set(new))
+               if saved[k] != new[k] and not _under(k, allowed)
+               and REDACTED not in (saved[k], new[k]) and not k.startswith("hydra")}
     if not changed:
         return composed
     refused = {k: v for k, v in changed.items() if named is None or _under(k, named)}
