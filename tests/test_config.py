@@ -183,6 +183,7 @@ BAD_CHOICES = [
     ("config", "model.init_dtype=bf16", "model.init_dtype", "DType"),
     ("config", "model.compile=[vit]", "model.compile[0]", "Part"),
     ("config", "stage.trainable=[vit]", "stage.trainable[0]", "Part"),
+    ("config", "init_parts=[vit]", "init_parts[0]", "Part"),
     ("config", "stage=lora stage.lora.targets=[attention]", "stage.lora.targets[0]", "LoraTarget"),
     ("config", "hardware.precision=bf16-mix", "hardware.precision", "Precision"),
     ("config", "hardware.accelerator=gpus", "hardware.accelerator", "Accelerator"),
@@ -243,7 +244,9 @@ def test_choices_match_the_registries_they_name():
 
     assert {a.value for a in Attention} == {"auto", *BACKENDS}
     assert {f.value for f in DataFormat} == {*FORMATS, META}
-    assert {t.value for t in LoraTarget} == set(TARGETS)
+    from vlmtrain.models.cogvlm import CogVLMFamily
+
+    assert {t.value for t in LoraTarget} == set(TARGETS) | set(CogVLMFamily.lora_targets)  # CogVLM adds expert_*
     assert {p.value for p in Precision} == {*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS)}
 
 
@@ -271,6 +274,8 @@ BAD_VALUES = [
     ("stage.lr=-1e-5", "stage.lr=-1e-05 must be a finite number > 0"),
     ("stage=lora stage.lora.r=0", "stage.lora.r=0 must be an integer >= 1"),
     ("hardware.num_nodes=0", "hardware.num_nodes=0 must be an integer >= 1"),
+    ("model.vision.hidden_act=gelux", "model.vision.hidden_act='gelux' is not one of transformers' activations ["),
+    ("model.projector_hidden_act=relu5", "model.projector_hidden_act='relu5' is not one of transformers' activations ["),
     ("hardware=ddp hardware.devices=3 stage.global_batch_size=8",
      "stage.global_batch_size=8 must be divisible by the 3 ranks"),
     ("hardware=ddp hardware.devices=2 hardware.num_nodes=3 stage.global_batch_size=8",
@@ -301,3 +306,26 @@ def test_cli_bad_choice_and_bad_value_are_one_clear_line(tmp_path):
     r = _cli("data.max_seq_len=0", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "vlmtrain: error: data.max_seq_len=0 must be an integer >= 1")
+
+
+def test_typed_config_is_the_dataclasses_with_instantiable_components(tmp_path):
+    """What train builds from: the composed config as vlmtrain.config's dataclasses, resolved once;
+    the _target_ components stay DictConfig nodes that instantiate; a range error names the key."""
+    from omegaconf import DictConfig
+
+    from vlmtrain.config import DataConfig, HardwareConfig, ModelConfig, OnError, StageConfig, TrainConfig, typed
+    from vlmtrain.errors import UserError
+
+    cfg = typed(compose_config(["hardware=ddp", "hardware.devices=2"], run_dir=tmp_path))
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg.model, ModelConfig) and isinstance(cfg.data, DataConfig)
+    assert isinstance(cfg.stage, StageConfig) and isinstance(cfg.hardware, HardwareConfig)
+    assert cfg.data.on_error is OnError("skip") and cfg.data.template == cfg.model.template == "internvl2_5"
+    assert cfg.data.tile_size == cfg.model.vision.image_size and cfg.run_dir == str(tmp_path)  # resolved
+    assert isinstance(cfg.data.datasets["shapes"], dict) and isinstance(cfg.model.llm.config, dict)
+    for node in (cfg.optim.optimizer, cfg.loss, cfg.logger, cfg.hardware.strategy, cfg.data.collate):
+        assert isinstance(node, DictConfig) and "_target_" in node
+    assert instantiate(cfg.loss).power == 0.5 and cfg.optim.grad_clip == 1.0
+    assert type(instantiate(cfg.hardware.strategy)).__name__ == "DDPStrategy"
+    assert typed(cfg) is cfg
+    with pytest.raises(UserError, match=r"stage\.lr=-1\.0 must be a finite number > 0"):
+        typed(compose_config(["stage.lr=-1"], run_dir=tmp_path))

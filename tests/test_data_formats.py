@@ -288,3 +288,29 @@ def test_unknown_format_and_unguessable_path(tmp_path, tok):
         mixture(tok, {"x": DatasetConfig(path=str(tmp_path / "x.txt"))})
     with pytest.raises(ValueError, match="unknown data format 'nope'"):
         mixture(tok, {"x": DatasetConfig(path=str(tmp_path / "x.txt"), format="nope")})
+
+
+def test_cogvlm_release_label_folders(tmp_path, tok):
+    """The released archive's subsets hold labels_en/ and labels_zh/ (the card draws labels/)."""
+    from vlmtrain.errors import UserError
+
+    root = tmp_path / "llava_instruction_single_conversation_formate"
+    image(root / "images" / "00000001.jpg")
+    for lang, answer in (("en", "Red."), ("zh", "红色。")):
+        (root / f"labels_{lang}").mkdir(parents=True)
+        (root / f"labels_{lang}" / "00000001.json").write_text(json.dumps({"conversations": [
+            {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": answer}]}, ensure_ascii=False))
+    assert guess_format(root) == "cogvlm"
+    with pytest.raises(UserError, match="labels_en/ and labels_zh/"):
+        mixture(tok, {"c": DatasetConfig(path=str(root), n_max=1)})
+    for lang, answer in (("en", "Red."), ("zh", "红色。")):
+        folder = root / f"labels_{lang}"
+        assert guess_format(folder) == "cogvlm"
+        s = mixture(tok, {"c": DatasetConfig(path=str(folder), n_max=1)})[(0, 0)]
+        assert supervised(tok, s) == f"{answer}<|im_end|>"
+    # one language only: the subset folder is enough
+    import shutil
+
+    shutil.rmtree(root / "labels_zh")
+    s = mixture(tok, {"c": DatasetConfig(path=str(root), n_max=1)})[(0, 0)]
+    assert supervised(tok, s) == "Red.<|im_end|>"

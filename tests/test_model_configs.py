@@ -35,7 +35,8 @@ RELEASED = {
 
 
 def test_every_model_file_is_listed():
-    files = {p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml")}
+    # InternVL files (no family node); other families' files are listed by their own tests
+    files = {p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml") if "\nfamily:" not in p.read_text()}
     assert files == set(RELEASED) | {"tiny"}
     for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"):
         assert p.read_text().startswith("# "), p

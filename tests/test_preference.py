@@ -162,7 +162,8 @@ def write_pairs(path: Path, n: int, extra: list[str] = ()) -> Path:
 
 def _setup(tmp_path, n=6, extra=(), n_max=1):
     cfg = compose_config(["model=tiny", "data=single", f"data.path={write_pairs(tmp_path / 'p.jsonl', n, extra)}",
-                          f"++data.datasets.single.n_max={n_max}", "++data.datasets.single.jpeg_augment=false"])
+                          f"++data.datasets.single.n_max={n_max}", "++data.datasets.single.jpeg_augment=false",
+                          "data.media_outside_root=true"])  # the pairs name the demo's images by absolute path
     tok = load_tokenizer(cfg.model)
     v = cfg.model.vision
     ds = MixtureDataset(cfg.data, tok, tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio))

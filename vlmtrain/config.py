@@ -71,8 +71,9 @@ if TYPE_CHECKING:  # mypy cannot follow the functional API with computed members
     Accelerator = Choice
     Precision = Choice
 else:
-    Part = choice("Part", PARTS)
-    """The model's three parts (stage.trainable, model.compile)."""
+    Part = choice("Part", (*PARTS, "visual_expert"))
+    """The model's three parts (stage.trainable, model.compile), and the freeze groups a family adds
+    (CogVLM's ``visual_expert``); ``Family.parts`` says which a model has (``apply_stage`` checks)."""
     NormType = choice("NormType", ["layer_norm", "rms_norm"])
     Attention = choice("Attention", ["auto", "flash_attn", "varlen", "flex", "sdpa"])
     """model.attention: ``auto`` or a backend of vlmtrain.models.attention.BACKENDS (a test keeps them equal)."""
@@ -84,8 +85,9 @@ else:
     named here because formats imports this module (a test keeps them equal)."""
     TooLong = choice("TooLong", ["skip", "truncate_text"])
     OnError = choice("OnError", ["skip", "raise"])
-    LoraTarget = choice("LoraTarget", ["llm_attention", "llm_mlp", "vit"])
-    """Named groups of linear layers: the keys of vlmtrain.models.lora.TARGETS (a test keeps them equal)."""
+    LoraTarget = choice("LoraTarget", ["llm_attention", "llm_mlp", "vit", "expert_attention", "expert_mlp"])
+    """Named groups of linear layers: the keys of vlmtrain.models.lora.TARGETS (a test keeps them
+    equal), plus CogVLM's visual-expert groups (``CogVLMFamily.lora_targets``)."""
     Accelerator = choice("Accelerator", ["cpu", "gpu", "cuda", "mps", "tpu", "auto"])
     """Lightning's accelerator names."""
     Precision = choice("Precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
@@ -191,6 +193,16 @@ def check_values(cfg) -> None:
                 errors.append(f"data.datasets.{name}.{_omegaconf_error(e)}")
                 continue
             errors += range_errors("DatasetConfig", entry.__getitem__, f"data.datasets.{name}.")
+    for key in ("model.vision.hidden_act", "model.projector_hidden_act"):  # transformers' activations
+        try:
+            act = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:
+            continue
+        if isinstance(act, str):
+            from transformers.activations import ACT2FN
+
+            if act not in ACT2FN:
+                errors.append(f"{key}={act!r} is not one of transformers' activations [{', '.join(sorted(ACT2FN))}]")
     stage, hw = node("stage"), node("hardware")
     try:
         batch = stage.global_batch_size if stage is not None else None
@@ -222,6 +234,8 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     layer_scale_init_value: float = 0.1
     hidden_act: str = "gelu"
+    config: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the family's vision config (e.g. CLIP's ``projection_dim``)."""
     sincos_position_init: bool = False
     """Random init only: start the learned position embeddings at fixed 2D sin-cos values (as MAE
     does) instead of transformers' zeros, so a ViT trained from scratch knows where each patch is
@@ -241,6 +255,9 @@ class LLMConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    family: Any = None
+    """The model family, a component (``_target_``, ``vlmtrain.models.family.Family``) with the
+    family's own settings as keyword arguments; None: InternVL (``InternVLFamily``)."""
     path: str | None = None
     """A local InternVL checkpoint (HF-native or OpenGVLab layout). None: random init."""
     tokenizer: str | None = None
@@ -251,6 +268,9 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     vision_select_layer: int = -1
     template: Template = Template("internvl2_5")
+    image_mode: str = "tile"
+    """How an image becomes tiles at inference (chat, eval) and, by default, in training
+    (``data.image_mode``): tile, pad, crop or resize (``vlmtrain.data.tiling.IMAGE_MODES``)."""
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -266,6 +286,16 @@ class ModelConfig:
     """Round the initial weights to this dtype (``bfloat16``), as a bf16 checkpoint holds them.
     DeepSpeed's bf16 mode keeps bf16 weights and starts its fp32 master copy from them, FSDP2
     mixed precision starts from the fp32 weights: rounded, both start from the same values."""
+    compute_dtype: DType | None = None
+    """Keep the weights in this dtype (``bfloat16``) for compute, with fp32 master copies in the
+    optimizer (``vlmtrain.training.master_weights``): no per-micro-batch weight casts, half the
+    weight reads. One process only. None: fp32 weights (autocast casts them)."""
+    fuse_vit_qkv: bool = False
+    """One q/k/v matmul per ViT layer instead of three (``vlmtrain.models.speed``); the state dict
+    keeps transformers' names."""
+    selective_checkpointing: list[Part] = field(default_factory=list)
+    """Parts whose blocks run with op-level selective activation checkpointing: matmul and attention
+    outputs kept, element-wise work recomputed in backward (less memory, little recompute)."""
     attention: Attention = Attention("auto")
     """Packed attention backend of the language model: auto (flash_attn, else varlen, else flex,
     else sdpa, by availability), flash_attn, varlen, flex or sdpa (CPU). See vlmtrain.models.attention."""
@@ -345,6 +375,12 @@ class DataConfig(Checked):
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
     use_thumbnail: bool = True
+    image_mode: str | None = None
+    """How an image becomes the ViT's tiles (``vlmtrain.data.tiling.IMAGE_MODES``); None: the
+    model's (``model.image_mode``, carried by the family's ImageLayout). ``tile``
+    (InternVL's dynamic tiling, n_max tiles + thumbnail), ``pad`` (LLaVA's pad to square with the
+    mean colour, one tile), ``crop`` (CLIP's shortest side to the tile size, centre crop, one
+    tile) or ``resize`` (squashed to the tile, one tile: BLIP-2 / MiniGPT-4)."""
     fast_resize: bool = False
     """Opt-in approximate pixels: decode JPEGs at the smallest DCT scale that covers the tile grid
     and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels
@@ -354,6 +390,10 @@ class DataConfig(Checked):
     """What to do with a sample longer than max_seq_len: ``skip`` or ``truncate_text``."""
     on_error: OnError = OnError("skip")
     """Bad input: ``skip`` (counted per reason, reported) or ``raise`` (names file and line)."""
+    media_outside_root: bool = False
+    """Allow media paths that point outside their dataset's root (absolute paths, ``../``); by
+    default such a line is a counted ``media_outside_root`` skip, so data cannot read (or
+    ``vlmtrain shard`` copy) arbitrary files. Symlinks inside the root are followed either way."""
     micro_batch_size: int = 1
     collate: Any = None
     """How a step's samples become micro-batches (group ``data/collate``): ``padded`` (rows of
@@ -408,12 +448,17 @@ class StageConfig(Checked):
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     """Fraction of the run's optimizer steps used for warmup (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    """Where the cosine ends, as a fraction of the peak lr (MiniGPT-4's min_lr / init_lr)."""
     drop_path: float = 0.0
     """Stochastic depth of the ViT, rising linearly over its layers to this value."""
     global_batch_size: int = 512
     """Samples per optimizer step over all ranks; gradient accumulation makes up the rest."""
     max_steps: int = -1
     max_epochs: int = 1
+    lr_scale: dict[str, float] | None = None
+    """Per-part lr multipliers the stage's recipe pins (CogVLM's SFT: ``{vision_tower: 0.1}``);
+    ``optim.lr_scale`` defaults to it."""
     lora: LoraConfig | None = None
     """Adapters on frozen parts; ``trainable`` parts (e.g. the projector) still train fully."""
     objective: Any = None
@@ -439,7 +484,11 @@ class HardwareConfig(Checked):
 class TrainerConfig:
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 0
-    """Also write a checkpoint every N optimizer steps (0: only at the end)."""
+    """Also write ``last.ckpt`` every N optimizer steps (0: by time, ``checkpoint_every_minutes``)."""
+    checkpoint_every_minutes: float = 30.0
+    """When ``checkpoint_every_n_steps`` is 0: also write ``last.ckpt`` at the first step boundary
+    after every this many minutes of training, so a crash or kill -9 loses at most that much
+    (0: only at the end and on preemption)."""
     checkpoint: bool = True
     """False: write no checkpoint at all (benchmarks; preemption then cannot save either)."""
     enable_progress_bar: bool = True
@@ -457,13 +506,17 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     init_from: str | None = None
     """A previous run's directory or .ckpt: start from its weights (stage chaining)."""
-    init_parts: list[str] | None = None
+    init_parts: list[Part] | None = None
     """Parts of the model that ``init_from`` loads (of vision_tower, multi_modal_projector,
     language_model; lm_head goes with language_model); None: all. The others keep their
     initialisation, so a ViT can move onto another LLM (the recipe's progressive scaling)."""
     resume: str | None = None
     """Continue an interrupted run exactly (weights, optimizer, scheduler, RNG, data position):
-    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path."""
+    ``auto`` = run_dir/checkpoints/last.ckpt if it exists (else start fresh), or a checkpoint path.
+    The run continues with its own config.yaml (``vlmtrain.training.resume_config``)."""
+    resume_changes: list[str] = field(default_factory=list)
+    """Keys a resumed run may change on purpose (``resume_changes=[stage.max_steps]``); any other
+    command-line key that differs from the run's config.yaml is refused, naming it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = field(default_factory=StageConfig)
@@ -522,7 +575,7 @@ def schema_node(cls):
     from omegaconf import OmegaConf
 
     schema = OmegaConf.structured(cls)
-    if "data" in schema:
+    if "data" in schema and OmegaConf.is_config(schema.data) and "datasets" in schema.data:
         OmegaConf.set_struct(schema.data.datasets, False)
     return schema
 

@@ -11,17 +11,26 @@
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash experiments/bench/gpu_suite.sh
 #
+# A second call, the ablation of issue 21 item 3 (the bench loop with each speed lever alone and together:
+# bf16 compute weights + fp32 masters, fused ViT qkv, selective activation checkpointing, all, all with 16k
+# buffers; 2b first, then 1b as time allows), instead of the suite above:
+#
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash experiments/bench/gpu_suite.sh --ablation
+#
 # Options (environment): BUDGET=500 (seconds for the whole suite; rows that would start too late are
-# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive.
+# recorded as skipped), STEPS=5 and WARMUP=7 (per row), SIZES="1b 2b", ROWS=trainer,loop,hf_strong,hf_naive,
+# HF_ATTN=auto (hf_strong's attn_implementation: flash_attention_3/2 when installed, else sdpa; e.g. flex_attention).
 # `bash experiments/bench/gpu_suite.sh --cpu` runs the same suite on the CPU with the tiny model (a test
 # of the script, not a measurement). Needs no webdataset, wandb, deepspeed, flash-attn or av.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CPU=0
+ABLATION=0
 for arg in "$@"; do
   case "$arg" in
     --cpu) CPU=1 ;;
-    *) echo "gpu_suite.sh: unknown option $arg (--cpu)" >&2; exit 2 ;;
+    --ablation) ABLATION=1 ;;
+    *) echo "gpu_suite.sh: unknown option $arg (--cpu, --ablation)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -58,30 +67,38 @@ if [ "$CPU" = 1 ]; then
   DEVICE=cpu; SIZES=${SIZES:-tiny}; STEPS=${STEPS:-1}; WARMUP=${WARMUP:-1}
   COMMON=(--device cpu --samples-per-step 2 --text 10 30 --peak-tflops 1)
 else
-  DEVICE=cuda; SIZES=${SIZES:-"1b 2b"}; STEPS=${STEPS:-5}; WARMUP=${WARMUP:-7}
-  COMMON=(--device cuda)
+  DEVICE=cuda; STEPS=${STEPS:-5}; WARMUP=${WARMUP:-7}
+  if [ "$ABLATION" = 1 ]; then SIZES=${SIZES:-"2b 1b"}; else SIZES=${SIZES:-"1b 2b"}; fi
+  COMMON=(--device cuda --hf-attn "${HF_ATTN:-auto}")
 fi
 ROWS=${ROWS:-trainer,loop,hf_strong,hf_naive}
 
-echo "== processor check ($(left)s left)"
-timeout 150 $PY experiments/bench/processor_check.py --device "$DEVICE" --out "$OUT/processor_check.json" \
-  > "$OUT/processor_check.log" 2>&1
-echo "processor check rc=$? result=$(grep -o '"result": "[A-Z]*"' "$OUT/processor_check.json" 2>/dev/null || echo none)"
+if [ "$ABLATION" = 1 ]; then
+  MODE=(--ablation); TAG=ablation_; FIRST_SHARE=${FIRST_SHARE:-65}
+else
+  MODE=(--rows "$ROWS"); TAG=; FIRST_SHARE=${FIRST_SHARE:-40}
+  echo "== processor check ($(left)s left)"
+  timeout 150 $PY experiments/bench/processor_check.py --device "$DEVICE" --out "$OUT/processor_check.json" \
+    > "$OUT/processor_check.log" 2>&1
+  echo "processor check rc=$? result=$(grep -o '"result": "[A-Z]*"' "$OUT/processor_check.json" 2>/dev/null || echo none)"
+fi
 
 n=$(echo $SIZES | wc -w)
 i=0
 for size in $SIZES; do
   i=$((i + 1))
-  # this size's share of what is left (the 2b rows take ~1.5x the 1b's: give the first size 40%)
-  if [ "$i" -lt "$n" ]; then share=$(( $(left) * 40 / 100 )); else share=$(( $(left) - 5 )); fi
+  # this size's share of what is left (the suite: 1b first, 40%, the 2b rows take ~1.5x the 1b's;
+  # the ablation: 2b first, 65%)
+  if [ "$i" -lt "$n" ]; then share=$(( $(left) * FIRST_SHARE / 100 )); else share=$(( $(left) - 5 )); fi
   deadline=$(( $(date +%s) + share ))
   if [ "$size" = tiny ]; then EXP=(); else EXP=(experiment=bench_internvl2_5_$size); fi
   echo "== throughput $size (${share}s of $(left)s left)"
-  timeout $((share + 40)) $PY experiments/bench/throughput.py "${EXP[@]}" "${COMMON[@]}" --rows "$ROWS" \
+  timeout $((share + 40)) $PY experiments/bench/throughput.py "${EXP[@]}" "${COMMON[@]}" "${MODE[@]}" \
     --steps "$STEPS" --warmup "$WARMUP" --deadline "$deadline" \
-    --out "$OUT/throughput_$size.json" --md "$OUT/throughput_$size.md" > "$OUT/throughput_$size.log" 2>&1
-  echo "throughput $size rc=$?"
-  grep -E "^(internvl|tiny)[^ ]* (trainer|loop|hf_strong|hf_naive):|Error|error:" "$OUT/throughput_$size.log" | tail -8
+    --out "$OUT/throughput_$TAG$size.json" --md "$OUT/throughput_$TAG$size.md" > "$OUT/throughput_$TAG$size.log" 2>&1
+  echo "throughput $TAG$size rc=$?"
+  grep -E "^(internvl|tiny)[^ ]* (trainer|loop|hf_strong|hf_naive|ablation/[a-z0-9_]*):|Error|error:" \
+    "$OUT/throughput_$TAG$size.log" | tail -8
 done
 
 {
@@ -89,9 +106,13 @@ done
   echo
   echo '```'; cat "$OUT/env.txt"; echo '```'
   echo
-  echo "## Processor check"
-  echo '```'; cat "$OUT/processor_check.json" 2>/dev/null || tail -5 "$OUT/processor_check.log"; echo '```'
-  for size in $SIZES; do echo; cat "$OUT/throughput_$size.md" 2>/dev/null || echo "($size: no table; see throughput_$size.log)"; done
+  if [ "$ABLATION" = 0 ]; then
+    echo "## Processor check"
+    echo '```'; cat "$OUT/processor_check.json" 2>/dev/null || tail -5 "$OUT/processor_check.log"; echo '```'
+  fi
+  for size in $SIZES; do
+    echo; cat "$OUT/throughput_$TAG$size.md" 2>/dev/null || echo "($size: no table; see throughput_$TAG$size.log)"
+  done
 } > "$OUT/summary.md"
 echo "== done in $(($(date +%s) - START)) s"
 cat "$OUT/summary.md" | tail -40

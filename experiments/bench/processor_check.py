@@ -116,6 +116,17 @@ def main(argv=None) -> int:
             out = engine.model.generate(**inputs, **engine._generate_kwargs(gen))
         v_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
 
+        # the CLI's own answer (vlmtrain chat), decoded text
+        chat = subprocess.run([sys.executable, "-m", "vlmtrain", "chat", f"ckpt={exported}", f"chat.query='{QUERY}'",
+                               f"chat.images=[{img_path}]", f"chat.max_tiles={args.max_tiles}", f"device={args.device}",
+                               f"generation.max_new_tokens={args.max_new_tokens}"],
+                              env=env, cwd=work, capture_output=True, text=True)
+        tok = engine.tokenizer
+        report.update({"vlmtrain_tokens": v_tokens, "vlmtrain_text": tok.decode(v_tokens, skip_special_tokens=True).strip(),
+                       "prompt_tokens_vlmtrain": len(ids), "tiles_vlmtrain": int(px.shape[0]),
+                       "chat_cli_rc": chat.returncode, "chat_cli_stdout_tail": chat.stdout.strip()[-300:],
+                       "chat_cli_stderr_tail": chat.stderr.strip()[-300:] if chat.returncode else ""})
+
         # transformers: AutoProcessor + AutoModelForImageTextToText on the export
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -135,24 +146,15 @@ def main(argv=None) -> int:
                                  do_sample=False, temperature=None, top_p=None, top_k=None)
         hf_tokens = hf_out[0, batch["input_ids"].shape[1]:].tolist()
 
-        # the CLI's own answer (vlmtrain chat), decoded text
-        chat = subprocess.run([sys.executable, "-m", "vlmtrain", "chat", f"ckpt={exported}", f"chat.query=<image>\n{QUERY}",
-                               f"chat.images=[{img_path}]", f"chat.max_tiles={args.max_tiles}", f"device={args.device}",
-                               f"generation.max_new_tokens={args.max_new_tokens}"],
-                              env=env, cwd=work, capture_output=True, text=True)
         hf_pixels = batch["pixel_values"]
         pixel_diff = float((hf_pixels.float() - px.float()).abs().max()) if hf_pixels.shape == px.shape else None
-        tok = engine.tokenizer
         report.update({
             "input_ids_equal": hf_ids == ids, "input_ids_first_difference": first_difference(hf_ids, ids),
             "prompt_tokens": [len(ids), len(hf_ids)],
             "tiles": [int(px.shape[0]), int(hf_pixels.shape[0])], "pixel_max_abs_diff": pixel_diff,
             "tokens_equal": hf_tokens == v_tokens, "tokens_first_difference": first_difference(hf_tokens, v_tokens),
-            "vlmtrain_tokens": v_tokens, "transformers_tokens": hf_tokens,
-            "vlmtrain_text": tok.decode(v_tokens, skip_special_tokens=True).strip(),
+            "transformers_tokens": hf_tokens,
             "transformers_text": proc.decode(hf_tokens, skip_special_tokens=True).strip(),
-            "chat_cli_rc": chat.returncode, "chat_cli_stdout_tail": chat.stdout.strip()[-300:],
-            "chat_cli_stderr_tail": chat.stderr.strip()[-300:] if chat.returncode else "",
         })
         ok = (report["input_ids_equal"] and report["tokens_equal"] and pixel_diff is not None and pixel_diff < 1e-3
               and chat.returncode == 0 and report["vlmtrain_text"] in chat.stdout)

@@ -65,6 +65,16 @@ from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainin
 from vlmtrain.training.loss import IGNORE_INDEX  # noqa: E402
 
 ROWS = ("trainer", "loop", "hf_strong", "hf_naive")
+SAC = "model.selective_checkpointing=[vision_tower,language_model]"
+ABLATION = {  # --ablation: the bench loop with each speed lever of issue 21 alone and together
+    "none": [],
+    "bf16_master": ["model.compute_dtype=bfloat16"],
+    "fused_vit_qkv": ["model.fuse_vit_qkv=true"],
+    "selective_ckpt": [SAC],
+    "all": ["model.compute_dtype=bfloat16", "model.fuse_vit_qkv=true", SAC],
+    "all_16k_buffers": ["model.compute_dtype=bfloat16", "model.fuse_vit_qkv=true", SAC,
+                        "data.collate.max_tokens=16384", "data.collate.max_tiles=48"],
+}
 WORDS = ("the of and to in is that for it as with was on be by at this from or an are which have "
          "image shows red blue green large small left right top bottom near far object colour shape "
          "count number two three four five person car tree house sky water road light dark").split()
@@ -174,6 +184,9 @@ def peak_gib(device) -> float | None:
 
 
 def free_memory(device):
+    """Between rows: each row compiles from a clean dynamo cache (the models of several rows share
+    block classes; their graphs would pile up towards dynamo's recompile limit), memory released."""
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -546,9 +559,10 @@ def markdown(results: dict) -> str:
     out = [f"### {results['model']} on {results['device']} ({results['date']})", "",
            f"{results['pool']['steps_timed']} timed steps of {results['samples_per_step']} samples "
            f"({results['pool']['tokens_timed']} tokens) after {results['warmup']} warm-up steps; "
-           f"torch {results['torch']}, transformers {results['transformers']}.", "",
-           "| row | tokens/s | step (s) | TFLOP/s | MFU | peak mem (GiB) | host wait | vs strong | graphs while timed |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"torch {results['torch']}, transformers {results['transformers']}."]
+    if results["rows"]:
+        out += ["", "| row | tokens/s | step (s) | TFLOP/s | MFU | peak mem (GiB) | device idle between steps | vs strong | graphs while timed |",
+                "|---|---|---|---|---|---|---|---|---|"]
     strong = results["rows"].get("hf_strong", {}).get("tokens_per_s")
     for name in ROWS:
         r = results["rows"].get(name)
@@ -562,6 +576,18 @@ def markdown(results: dict) -> str:
         out.append(f"| {LABELS[name]} | {r['tokens_per_s']:.0f} | {r['step_seconds']:.3f} | {r['tflops']:.2f} | "
                    f"{f(r['mfu'] and 100 * r['mfu'], '.1f')}% | {f(r['peak_mem_gib'], '.1f')} | {wait} | {ratio} | "
                    f"{r['graphs_compiled_while_timed']} |")
+    if results.get("ablation"):
+        out += ["", "Ablation (bench loop row, same samples):", "",
+                "| levers | overrides | tokens/s | MFU | peak mem (GiB) | vs none |", "|---|---|---|---|---|---|"]
+        base = results["ablation"].get("none", {}).get("tokens_per_s")
+        for name, r in results["ablation"].items():
+            over = " ".join(ABLATION[name]) or "(config as is)"
+            if "tokens_per_s" not in r:
+                out.append(f"| {name} | {over} | {r.get('error') or r.get('skipped')} | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+            out.append(f"| {name} | `{over}` | {r['tokens_per_s']:.0f} | {f(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
+                       f"{f(r['peak_mem_gib'], '.1f')} | {ratio} |")
     if "trainer_over_loop" in results:
         out += ["", f"trainer / bench loop: {100 * results['trainer_over_loop']:.1f}%"]
     return "\n".join(out) + "\n"
@@ -592,6 +618,8 @@ def parse_args(argv=None):
     ap.add_argument("--text", type=int, nargs=2, help="words per sample (default 50 1500; 20 120 on CPU)")
     ap.add_argument("--log-every", type=int, default=50, help="trainer.log_every_n_steps for the trainer row")
     ap.add_argument("--data-dir", help="where to write the synthetic mixture (default: a temporary folder)")
+    ap.add_argument("--ablation", action="store_true",
+                    help=f"instead of --rows: the bench loop once per lever set ({', '.join(ABLATION)})")
     ap.add_argument("--deadline", type=float, help="unix time: rows that would start after it minus 45 s are skipped")
     ap.add_argument("--out", help="write the results as JSON here (after every row)")
     ap.add_argument("--md", help="write the markdown table here (after every row)")
@@ -634,19 +662,25 @@ def main(argv=None) -> dict:
             "loop": lambda: run_loop(cfg, args, device, pool),
             "hf_strong": lambda: run_hf_strong(cfg, args, device, pool, tokenizer),
             "hf_naive": lambda: run_hf_naive(cfg, args, device, pool, tokenizer)}
-    for name in rows:
+    if args.ablation:
+        base = [*overrides, *bench_overrides(args, data_path, work / "run")]
+        jobs = [(f"ablation/{k}", lambda v=v: run_loop(compose_cfg([*base, *v]), args, device, pool)) for k, v in ABLATION.items()]
+    else:
+        jobs = [(name, runs[name]) for name in rows]
+    for name, fn in jobs:
+        where, key = (results.setdefault("ablation", {}), name.split("/", 1)[1]) if "/" in name else (results["rows"], name)
         if args.deadline and time.time() > args.deadline - 45:
-            results["rows"][name] = {"skipped": "out of time"}
+            where[key] = {"skipped": "out of time"}
             print(f"{cfg.model.name} {name}: skipped, out of time", flush=True)
             continue
         t = time.perf_counter()
         try:
-            row = finish_row(runs[name](), stats, peak)
+            row = finish_row(fn(), stats, peak)
         except torch.OutOfMemoryError as e:
             row = {"error": f"out of memory: {str(e).splitlines()[0][:120]}"}
         row["row_wall_seconds"] = time.perf_counter() - t
         free_memory(device)
-        results["rows"][name] = row
+        where[key] = row
         if "error" in row:
             print(f"{cfg.model.name} {name}: {row['error']}", flush=True)
         else:

@@ -56,6 +56,8 @@ LARGE_LLM = ["model.llm.config.hidden_size=768", "model.llm.config.num_hidden_la
              "model.llm.config.num_attention_heads=12", "model.llm.config.num_key_value_heads=4",
              "model.llm.config.intermediate_size=2048"]
 """Claim 2's larger LLM: 768 x 12 (about 90M parameters) against the proof's 512 x 8 (26M)."""
+MPO_SCRIPT = REPO / "experiments" / "preference" / "gpu_mpo_after_sft.py"
+"""Claim 6 (the mpo engineer's script): pairs from an SFT checkpoint, MPO, exact match of both."""
 CPU = ["hardware=cpu", "model.compile=[]", "data/collate=padded", "~data.collate.max_tokens", "~data.collate.max_tiles",
        "data.micro_batch_size=8", "stage.global_batch_size=8", "data.persistent_workers=false",
        "trainer.log_every_n_steps=1"]
@@ -82,7 +84,7 @@ def plan(claims: list[int], tiny: bool, workers: dict[str, int], small_steps: in
         runs["nojpeg"] = {**small, "args": [*small["args"], "--degraded", "30", "60"],
                           "overrides": ["loss=square", "data.datasets.shapes.jpeg_augment=false",
                                         f"data.num_workers={workers['small']}"]}
-    if 2 in claims:
+    if 2 in claims or 6 in claims:
         large = ["model.llm.config.hidden_size=48", "model.llm.config.intermediate_size=96"] if tiny else LARGE_LLM
         n = 4 if tiny else scratch_steps
         common = {"data": "main", "overrides": [f"data.num_workers={workers['claim1']}"]}
@@ -91,6 +93,10 @@ def plan(claims: list[int], tiny: bool, workers: dict[str, int], small_steps: in
         runs["large_progressive"] = {**common, "after": "small_llm", "model": large,
                                      "args": [*stages, str(max(1, n // 2)), "--tile-cache",
                                               "--stages", "mlp_warmup", "instruction_tuning"]}
+        if 2 not in claims:  # claim 6 alone needs only the SFT checkpoint
+            del runs["large_scratch"], runs["large_progressive"]
+    if 6 in claims:
+        runs["mpo"] = {"data": "main", "after": "small_llm", "script": MPO_SCRIPT}
     return runs
 
 
@@ -106,7 +112,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", help="data and checkpoints (default: /dev/shm/lp_proofs if it has room, else /tmp)")
-    ap.add_argument("--claims", type=int, nargs="+", default=[1, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--claims", type=int, nargs="+", default=[1, 3, 4], choices=[1, 2, 3, 4, 6])
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for this whole script")
     ap.add_argument("--eval-reserve", type=float, default=60.0,
                     help="each run's seconds for evaluation (concurrent evaluations share the GPU; the claim 3 "
@@ -122,6 +128,8 @@ def main():
     ap.add_argument("--scratch-steps", type=int, default=2000,
                     help="claim 2: stage-2 steps of the larger model from scratch (the progressive run gets half)")
     ap.add_argument("--small-llm-steps", type=int, default=1500, help="claim 2: stage-2 steps of the small model")
+    ap.add_argument("--mpo-questions", type=int, default=6000,
+                    help="claim 6: training questions the SFT checkpoint answers for pairs (the script's --questions)")
     ap.add_argument("--only", nargs="+", help="start only these runs of the plan")
     args = ap.parse_args()
     t0 = time.time()
@@ -153,16 +161,31 @@ def main():
 
     def launch(name: str, r: dict):
         left = args.budget - (time.time() - t0) - 10
-        cmd = [sys.executable, str(HERE / "run.py"), "--out", str(out / name), "--work", str(work / name),
-               "--data", str(data[r["data"]]), "--budget", f"{left:.0f}",
-               "--eval-reserve", f"{args.eval_reserve * r.get('eval_reserve', 1.0):.0f}",
-               "--heldout", str(args.heldout), "--gen-procs", str(cores), *r["args"], *extra]
-        cmd += ["--train", str(gen[r["data"]][0])] + (["--describe", str(args.describe)] if r["data"] == "describe" else [])
-        cmd += ["--prune-checkpoints", "--startup", "5"] + (["--eval-batch", "16"] if args.tiny else [])
-        if r.get("after"):
-            cmd += ["--init-from", str(work / r["after"] / "instruction_tuning")]
-        cmd += r["overrides"] + (TINY_MODEL + CPU if args.tiny else []) + r.get("model", [])
         (out / name).mkdir(parents=True, exist_ok=True)
+        if r.get("script"):
+            # the script reads <lp>/data/annotations{,_val}.jsonl and the SFT run <lp>/instruction_tuning
+            lp = work / f"{name}_lp"
+            lp.mkdir(parents=True, exist_ok=True)
+            for link, target in (("data", data[r["data"]]), ("instruction_tuning", work / r["after"] / "instruction_tuning")):
+                if not (lp / link).exists():
+                    (lp / link).symlink_to(target)
+            missing = [str(p) for p in (lp / "data" / "annotations.jsonl", lp / "data" / "annotations_val.jsonl",
+                                        lp / "instruction_tuning" / "checkpoints") if not p.exists()]
+            if missing:
+                raise SystemExit(f"{name}: {r['script']} needs {missing}")
+            # the script runs on cuda only: the CPU smoke test checks the layout and its arguments
+            cmd = [sys.executable, str(r["script"]), "--lp", str(lp), "--out", str(out / name),
+                   "--questions", str(args.mpo_questions)] + (["--help"] if args.tiny else [])
+        else:
+            cmd = [sys.executable, str(HERE / "run.py"), "--out", str(out / name), "--work", str(work / name),
+                   "--data", str(data[r["data"]]), "--budget", f"{left:.0f}",
+                   "--eval-reserve", f"{args.eval_reserve * r.get('eval_reserve', 1.0):.0f}",
+                   "--heldout", str(args.heldout), "--gen-procs", str(cores), *r["args"], *extra]
+            cmd += ["--train", str(gen[r["data"]][0])] + (["--describe", str(args.describe)] if r["data"] == "describe" else [])
+            cmd += ["--prune-checkpoints", "--startup", "5"] + (["--eval-batch", "16"] if args.tiny else [])
+            if r.get("after"):
+                cmd += ["--init-from", str(work / r["after"] / "instruction_tuning")]
+            cmd += r["overrides"] + (TINY_MODEL + CPU if args.tiny else []) + r.get("model", [])
         log = open(out / name / "run.log", "w")
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log, cmd, time.time()
@@ -174,6 +197,14 @@ def main():
         for name in list(procs):
             p, log, cmd, started = procs[name]
             rc = p.poll()
+            if rc is None and time.time() - t0 > args.budget + 15:  # past the budget: stop it, keep the others' results
+                p.terminate()
+                try:
+                    rc = p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    rc = p.wait()
+                print(f"{name}: stopped at the budget", flush=True)
             if rc is None:
                 continue
             del procs[name]
@@ -184,7 +215,11 @@ def main():
             for dep in [n for n, r in waiting.items() if r["after"] == name]:
                 r = waiting.pop(dep)
                 if rc == 0:
-                    procs[dep] = launch(dep, r)
+                    try:
+                        procs[dep] = launch(dep, r)
+                    except SystemExit as e:
+                        print(e, flush=True)
+                        result["runs"][dep] = {"rc": f"not started: {e}", "seconds": 0, "cmd": []}
                 else:
                     result["runs"][dep] = {"rc": f"not started: {name} failed", "seconds": 0, "cmd": []}
         time.sleep(1)

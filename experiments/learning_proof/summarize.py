@@ -169,6 +169,31 @@ def claim2(out: Path, proofs: dict) -> list[str]:
     return md
 
 
+def claim6(out: Path, proofs: dict) -> list[str]:
+    md = ["### Claim 6: preference stage (MPO after the SFT checkpoint, >= 2 points exact match on held-out questions)", ""]
+    md += failed_script(out, proofs, "mpo")
+    p = out / "mpo" / "mpo_after_sft.json"
+    if not p.is_file():
+        return md + ["No result (`mpo/mpo_after_sft.json` missing; see `mpo/run.log`)."]
+    r = json.loads(p.read_text())
+    em = r["exact_match"]
+    md += ["| checkpoint | held-out exact match (all questions) |", "|---|---|",
+           f"| SFT (small_llm) | {pct(em.get('sft'))} |", f"| MPO | {pct(em.get('mpo'))} |", "",
+           f"Gain {r['gain_points']:+.2f} points: the claim **{'holds' if r['claim_gain_ge_2_points'] else 'does not hold'}** "
+           f"in this run; {r.get('wall_seconds', '?')} s. Reward accuracy on held-out pairs: not computed by "
+           f"`experiments/preference/gpu_mpo_after_sft.py` (its CPU proof reports it)."]
+    return md
+
+
+def failed_script(out: Path, proofs: dict, name: str) -> list[str]:
+    info = proofs["runs"].get(name)
+    if info is None or info["rc"] == 0:
+        return []
+    log = out / name / "run.log"
+    tail = log.read_text().splitlines()[-3:] if log.is_file() else []
+    return [f"- **{name} failed** (exit {info['rc']}): `{' | '.join(tail)[-300:]}`", ""]
+
+
 def per_kind_degraded(out: Path) -> list[str]:
     rows = defaultdict(dict)
     for n in ("square", "nojpeg"):
@@ -208,6 +233,8 @@ def main():
         md += claim1(out, proofs) + [""]
     if 2 in claims:
         md += claim2(out, proofs) + [""]
+    if 6 in claims:
+        md += claim6(out, proofs) + [""]
     if 3 in claims:
         md += claim3(out, proofs) + [""]
     if 4 in claims:

@@ -22,6 +22,9 @@ class PlanConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     plan: PlanOptions = field(default_factory=PlanOptions)
+    data: Any = None
+    """Data keys a stage file sets (``# @package _global_`` stages such as llava_pretrain pin their
+    template and image mode); plan does not read them."""
     optim: Any = None
     """The training's optim group: the strategy (built to ask what it shards) may read it
     (DeepSpeed's ``gradient_clipping: ${optim.grad_clip}``)."""

@@ -31,6 +31,8 @@ class Batch:
     """Packed rows only: the longest sample's length (a Python int, so kernels need no device sync)."""
     zero_weight: bool = False
     """A filler micro-batch (``zero_weight_batch``): it runs forward and backward, its loss counts zero."""
+    token_type_ids: torch.Tensor | None = None
+    """(rows, length) 1 at image positions: only for layouts with token types (CogVLM); None otherwise."""
     supervised_positions: torch.Tensor | None = None
     """(N,) flat positions ``row * length + t`` whose next token is supervised (computed from
     ``labels`` here, on the host), so the loss gathers them without a device sync."""
@@ -86,7 +88,8 @@ class Step:
         first = self.micro_batches[0]
         for _ in range(n - len(self.micro_batches)):
             self.micro_batches.append(zero_weight_batch(int(first.input_ids[0, 0]), first.pixel_values.shape[-1],
-                                                        packed=first.packed))
+                                                        packed=first.packed,
+                                                        token_types=first.token_type_ids is not None))
 
 
 def blank_tile(tile_size: int) -> torch.Tensor:
@@ -94,7 +97,7 @@ def blank_tile(tile_size: int) -> torch.Tensor:
     return torch.zeros(1, 3, tile_size, tile_size, dtype=torch.uint8)
 
 
-def zero_weight_batch(pad_id: int, tile_size: int, packed: bool = False) -> Batch:
+def zero_weight_batch(pad_id: int, tile_size: int, packed: bool = False, token_types: bool = False) -> Batch:
     """A micro-batch whose loss the training step multiplies by zero: two tokens (one supervised
     position, so the LM head runs too) and one zero tile (the vision tower runs too). Its backward
     reaches every trainable parameter with zero gradient, so a rank with nothing (more) to train on
@@ -112,6 +115,7 @@ def zero_weight_batch(pad_id: int, tile_size: int, packed: bool = False) -> Batc
         cu_seq_lens=torch.tensor([0, 2], dtype=torch.int32) if packed else None,
         max_length=2 if packed else 0,
         zero_weight=True,
+        token_type_ids=torch.zeros(1, 2, dtype=torch.long) if token_types else None,
     )
 
 
@@ -125,6 +129,13 @@ def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_mul
     for r, s in enumerate(samples):
         n = len(s)
         input_ids[r, :n], labels[r, :n], attention_mask[r, :n] = s.input_ids, s.labels, 1
+    position_ids = torch.arange(length).expand(rows, length).clone()
+    token_type_ids = None
+    if samples[0].token_type_ids is not None:  # CogVLM: types and the samples' own positions (padding: 0)
+        token_type_ids = torch.zeros((rows, length), dtype=torch.long)
+        position_ids = torch.zeros((rows, length), dtype=torch.long)
+        for r, s in enumerate(samples):
+            token_type_ids[r, :len(s)], position_ids[r, :len(s)] = s.token_type_ids, s.position_ids
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     dummy = not tiles
     pixel_values = torch.cat(tiles) if tiles else blank_tile(tile_size)
@@ -132,12 +143,13 @@ def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_mul
         input_ids=input_ids,
         labels=labels,
         attention_mask=attention_mask,
-        position_ids=torch.arange(length).expand(rows, length).clone(),
+        position_ids=position_ids,
         pixel_values=pixel_values,
         dummy_vision=dummy,
         num_supervised=torch.tensor([s.num_supervised for s in samples], dtype=torch.long),
         sample_index=torch.arange(rows).unsqueeze(1).expand(rows, length).clone(),
         datasets=[s.dataset for s in samples],
+        token_type_ids=token_type_ids,
     )
 
 
@@ -188,15 +200,20 @@ def pad_pairs(pairs: list[PairSample], pad_id: int, tile_size: int) -> Batch:
 class StepCollator:
     """Splits one step's samples into micro-batches of at most micro_batch_size; counts skips."""
 
-    def __init__(self, micro_batch_size: int, pad_id: int, tile_size: int):
+    def __init__(self, micro_batch_size: int, pad_id: int, tile_size: int, token_types: bool = False):
+        """``token_types``: the layout's (CogVLM): filler batches carry token types too."""
+        if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+            raise UserError(f"data.micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
         self.micro_batch_size, self.pad_id, self.tile_size = micro_batch_size, pad_id, tile_size
+        self.token_types = token_types
 
     def __call__(self, items) -> Step:
         good, skipped, paired = split_items(items)
         if not good:
             # every sample of this step was skipped: still run one zero-weight micro-batch, so this
             # rank takes the same collective path as the others
-            return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size)], skipped=skipped)
+            return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size,
+                                                         token_types=self.token_types)], skipped=skipped)
         m = self.micro_batch_size  # pairs per micro-batch for preference data (two rows each)
         build = pad_pairs if paired else pad_batch
         micro = [build(good[i:i + m], self.pad_id, self.tile_size) for i in range(0, len(good), m)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +17,26 @@ class SampleError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+_BOX = re.compile(r"<box>(.*?)</box>", re.DOTALL)
+
+
+def check_boxes(text: str) -> None:
+    """Every ``<box>[[x1, y1, x2, y2], ...]</box>`` (or ``[[x, y]]``) holds integer thousandths of
+    its image, 0..1000: anything else (``[true, 2, 3, 4]``, pixels beyond the image) would train a
+    wrong target silently, so the line is a counted ``bad_bbox`` skip."""
+    for m in _BOX.finditer(text):
+        try:
+            boxes = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            boxes = None
+        if not (isinstance(boxes, list) and boxes and all(
+                isinstance(b, list) and len(b) in (2, 4)
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1000 for v in b)
+                for b in boxes)):
+            raise SampleError("bad_bbox", f"<box>{m.group(1)[:60]}</box> is not [[x1, y1, x2, y2], ...] in "
+                                          "integer thousandths 0..1000 of the image")
 
 
 @dataclass
@@ -38,7 +59,14 @@ class Conversation:
     def check(self) -> None:
         if not self.turns:
             raise SampleError("no_turns", "conversation has no user/assistant turn")
-        for _user, answer in self.turns:
+        if self.system is not None and not isinstance(self.system, str):
+            raise SampleError("bad_message", f"the system message must be text, got {type(self.system).__name__}")
+        for user, answer in self.turns:
+            if not isinstance(user, str) or not (answer is None or isinstance(answer, str)):
+                bad = user if not isinstance(user, str) else answer
+                raise SampleError("bad_message", f"a message must be text, got {type(bad).__name__} {bad!r:.60}")
+            for text in (user, answer or ""):
+                check_boxes(text)
             if not answer or not answer.strip():
                 raise SampleError("empty_answer", "an assistant answer is empty")
         self.check_media()

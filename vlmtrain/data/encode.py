@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtrain.data.conversation import Conversation, SampleError
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.render import Renderer
 from vlmtrain.data.templates import ChatTemplate
 from vlmtrain.errors import UserError
@@ -31,6 +32,11 @@ class EncodedSample:
     dataset: str = ""
     truncated: bool = False
     """True when trailing text-only turns were dropped to fit max_seq_len (data.too_long)."""
+    token_type_ids: torch.Tensor | None = None
+    """Layouts with ``token_types`` (CogVLM): 1 at image positions, 0 elsewhere."""
+    position_ids: torch.Tensor | None = None
+    """Layouts with ``token_types``: the sample's own position ids (image positions share one);
+    None: 0, 1, 2, ..."""
 
     @property
     def num_supervised(self) -> int:
@@ -75,12 +81,14 @@ class PairSample:
 class ConversationEncoder:
     """Training's use of the renderer: ids and labels as tensors, and the max_seq_len policy."""
 
-    def __init__(self, tokenizer, tokens_per_tile: int, max_seq_len: int, too_long: str = "skip"):
+    def __init__(self, tokenizer, tokens_per_tile: ImageLayout | int, max_seq_len: int, too_long: str = "skip"):
+        """``tokens_per_tile``: the model family's ImageLayout (an int: InternVL's with that count)."""
         if too_long not in ("skip", "truncate_text"):
             raise UserError(f"data.too_long must be skip or truncate_text, got {too_long!r}")
         self.renderer = Renderer(tokenizer, tokens_per_tile)
         self.tokenizer = tokenizer
-        self.tokens_per_tile = tokens_per_tile
+        self.layout = self.renderer.layout
+        self.tokens_per_tile = self.layout.tokens_per_tile
         self.max_seq_len = max_seq_len
         self.too_long = too_long
         self.img_context = self.renderer.img_context

@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from vlmtrain.data.conversation import SampleError
+from vlmtrain.data.placeholders import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_QUALITY = (75, 100)
 
 
@@ -35,7 +34,23 @@ def load_image(src, draft_size: tuple[int, int] | None = None) -> Image.Image:
         raise SampleError("missing_media", f"image not found: {src}") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise SampleError("corrupt_media", f"cannot decode image {src if not isinstance(src, bytes) else '<bytes>'}: {e}") from None
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. PIL's own ``convert("RGB")`` clips the integer modes of 16-bit PNGs
+    (``I;16``, ``I``) at 255, so a 16-bit image comes out white; these are scaled to 8 bits
+    instead (``F``: 0..1 floats are scaled, others clipped). Every other mode converts as PIL does."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def image_size(src) -> tuple[int, int]:
@@ -59,7 +74,7 @@ def jpeg_reencode(img, rng: random.Random) -> Image.Image:
     buf.seek(0)
     out = Image.open(buf)
     out.load()
-    return out if out.mode == "RGB" else out.convert("RGB")
+    return to_rgb(out)
 
 
 def rgb_array(img: Image.Image) -> np.ndarray:
@@ -67,7 +82,7 @@ def rgb_array(img: Image.Image) -> np.ndarray:
     goes through ``Image.tobytes``, which packs the image in 64 KB pieces and joins them (two
     copies, and most of the conversion's time for a photo)."""
     if img.mode != "RGB":
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(to_rgb(img))
     img.load()
     w, h = img.size
     encoder = Image._getencoder("RGB", "raw", "RGB")
@@ -95,28 +110,30 @@ def to_pixel_bytes(tiles) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> float32, ImageNet-normalised: (x / 255 - mean) / std, on the tensor's
-    device. Float input is taken as already normalised and returned as it is."""
+def normalize_pixels(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> float32, (x / 255 - mean) / std (ImageNet's by default, a family's
+    ``ImageLayout.mean/std`` otherwise), on the tensor's device. Float input is taken as already
+    normalised and returned as it is."""
     if pixels.is_floating_point():
         return pixels
-    mean, inv_std = _normalisation(pixels.device)
+    mean, inv_std = _normalisation(pixels.device, tuple(mean), tuple(std))
     return (pixels.float() - mean) * inv_std
 
 
-_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_NORMALISATION: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalisation(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """(255 mean, 1 / (255 std)) as (3, 1, 1) tensors on ``device``, made once per device: a fresh
     host-to-device copy on every training step would make the host wait for the GPU's queue."""
-    if device not in _NORMALISATION:
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1) * 255
-        _NORMALISATION[device] = (mean, 1 / (torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1) * 255))
-    return _NORMALISATION[device]
+    key = (device, mean, std)
+    if key not in _NORMALISATION:
+        m = torch.tensor(mean, device=device).view(3, 1, 1) * 255
+        _NORMALISATION[key] = (m, 1 / (torch.tensor(std, device=device).view(3, 1, 1) * 255))
+    return _NORMALISATION[key]
 
 
-def to_pixel_values(tiles) -> torch.Tensor:
-    """Tiles -> (N, 3, S, S) float32, ImageNet-normalised on the host: what transformers' InternVL
-    takes (generation, export checks)."""
-    return normalize_pixels(to_pixel_bytes(tiles))
+def to_pixel_values(tiles, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Tiles -> (N, 3, S, S) float32, normalised on the host: what transformers' native classes
+    take (generation, export checks)."""
+    return normalize_pixels(to_pixel_bytes(tiles), mean, std)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,21 +67,32 @@ def expand_meta(name: str, cfg: DatasetConfig) -> dict[str, DatasetConfig]:
         if spec.get("root") is not None:
             d.root = _resolve(path.parent, spec["root"])
         if "max_dynamic_patch" in spec:
-            d.n_max = int(spec["max_dynamic_patch"])
+            d.n_max = _positive_int(where, spec, "max_dynamic_patch")
         if "min_dynamic_patch" in spec:
-            d.min_tiles = int(spec["min_dynamic_patch"])
+            d.min_tiles = _positive_int(where, spec, "min_dynamic_patch")
         if "repeat_time" in spec:
-            d.repeat = float(spec["repeat_time"])
+            r = spec["repeat_time"]
+            if not isinstance(r, (int, float)) or isinstance(r, bool) or not (math.isfinite(r) and r > 0):
+                raise UserError(f"{where}: 'repeat_time' must be a finite number > 0, got {r!r}")
+            d.repeat = float(r)
         if "min_num_frame" in spec:
-            d.min_frames = int(spec["min_num_frame"])
+            d.min_frames = _positive_int(where, spec, "min_num_frame")
         if "max_num_frame" in spec:
-            d.max_frames = int(spec["max_num_frame"])
+            d.max_frames = _positive_int(where, spec, "max_num_frame")
         if "data_augment" in spec:
             d.jpeg_augment = bool(spec["data_augment"])
         if "length" in spec:
             _check_length(where, spec["length"], Path(d.path))
         out[f"{name}/{entry}"] = d
     return out
+
+
+def _positive_int(where: str, spec: dict, key: str) -> int:
+    """An integer >= 1 (``max_dynamic_patch: 0`` used to train as one tile, silently)."""
+    v = spec[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise UserError(f"{where}: '{key}' must be an integer >= 1, got {v!r}")
+    return v
 
 
 def _check_length(where: str, length, annotation: Path) -> None:

@@ -7,7 +7,9 @@ from (seed, epoch, index) so every sample is reproducible wherever and whenever 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -23,12 +25,23 @@ from vlmtrain.data.encode import ConversationEncoder, EncodedSample, PairSample
 from vlmtrain.data.formats import META, guess_format, reader
 from vlmtrain.data.images import image_size, jpeg_reencode, load_image, to_pixel_bytes
 from vlmtrain.data.meta import expand_meta
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import get_template
 from vlmtrain.data.tile_cache import TileCache, settings
-from vlmtrain.data.tiling import choose_grid, tile_image, tile_image_fast, tiles_per_image
+from vlmtrain.data.tiling import (
+    check_image_mode,
+    choose_grid,
+    single_tile,
+    tile_image,
+    tile_image_fast,
+    tiles_per_image,
+)
+from vlmtrain.data.token_types import sample_token_types
 from vlmtrain.data.video import count_frames, read_frames
 from vlmtrain.errors import MissingPathError, UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +52,24 @@ class Skipped:
     where: str
     message: str
     dataset: str = ""
+
+
+BAD_RECORD = "bad_record"
+"""The skip reason of a record whose reading failed in a way no reader check names (a wrong type
+deep inside, an unreadable file): still one counted line, never a dead loader."""
+
+_warned: set[tuple[str, str]] = set()
+
+
+def unreadable(record, e: Exception) -> SampleError:
+    """``e`` (raised while reading ``record``) as a counted skip; the first of each kind per file is
+    logged with its traceback, since it may be a bug rather than bad data."""
+    kind = (record.file, type(e).__name__)
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning("%s: unreadable record (%s: %s); skipped as %s, later ones of this kind in this file "
+                    "are only counted", record.where(), type(e).__name__, e, BAD_RECORD, exc_info=e)
+    return SampleError(BAD_RECORD, f"unreadable record ({type(e).__name__}: {e})")
 
 
 def repeat_indices(n: int, repeat: float, seed) -> np.ndarray:
@@ -90,6 +121,7 @@ class SourceDataset:
         self.reader = reader(self.format)
         self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
         self.records = self.reader.read(path)
+        self._root = os.path.normpath(os.path.abspath(self.root))
         self.pairs = hasattr(self.reader, "to_pair")
         """Preference data: each line is a PairSample (``vlmtrain.data.formats.preference``)."""
         self.reference = self.reader.load_reference(path) if self.pairs else None
@@ -99,8 +131,26 @@ class SourceDataset:
         self.tile_cache: TileCache | None = None
 
 
+    def confine(self, conv, allow_outside: bool = False) -> None:
+        """Media paths must lie under the dataset root (compared as written, so symlinks inside the
+        root still work); ``data.media_outside_root=true`` lifts this."""
+        if allow_outside:
+            return
+        for kind, items in (("image", conv.images), ("video", conv.videos)):
+            for src in items:
+                if not isinstance(src, (str, os.PathLike)):
+                    continue  # bytes from a shard, PIL images
+                p = os.path.normpath(os.path.abspath(src))
+                if os.path.commonpath([p, self._root]) != self._root:
+                    raise SampleError("media_outside_root", f"{kind} {src} is outside the dataset root {self._root} "
+                                                            "(data.media_outside_root=true allows it)")
+
+
 class MixtureDataset:
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, seed: int = 0, training: bool = True):
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: ImageLayout | int, seed: int = 0,
+                 training: bool = True):
+        """``tokens_per_tile``: the model family's ImageLayout (``family.image_layout``; an int:
+        InternVL's layout with that many tokens per tile)."""
         if isinstance(cfg, DictConfig):
             # resolve once: a DictConfig re-parses interpolations (tile_size, template) on every read,
             # which cost a third of the time of building a one-tile sample
@@ -112,6 +162,14 @@ class MixtureDataset:
         self.cfg, self.seed, self.training = cfg, seed, training
         self.sources = [SourceDataset(name, d, seed) for name, d in dataset_configs(cfg.datasets).items()]
         for source in self.sources:
+            d = source.cfg
+            # checked here, in the main process: inside a loader worker these became tracebacks
+            if not (isinstance(d.n_max, int) and isinstance(d.min_tiles, int) and 1 <= d.min_tiles <= d.n_max):
+                raise UserError(f"dataset {source.name}: need 1 <= min_tiles <= n_max, got min_tiles={d.min_tiles!r}, "
+                                f"n_max={d.n_max!r}")
+            if not (isinstance(d.repeat, (int, float)) and math.isfinite(d.repeat) and d.repeat > 0):
+                raise UserError(f"dataset {source.name}: repeat must be a finite number > 0, got {d.repeat!r}")
+            get_template(d.template or cfg.template)  # an unknown template fails now, naming it
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
@@ -124,6 +182,8 @@ class MixtureDataset:
             if source.reference is not None:  # precomputed reference log-probs: computed on these inputs?
                 source.reference.check(self.reference_settings(source))
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
+        self.layout = self.encoder.layout
+        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -166,10 +226,15 @@ class MixtureDataset:
         """Line ``line`` of one source, encoded; a bad line is a Skipped (or raises, on_error=raise)."""
         record = source.records[line]
         try:
-            return self._build(source, record, rng, pixels)
+            try:
+                return self._build(source, record, rng, pixels)
+            except (SampleError, UserError):
+                raise
+            except Exception as e:  # any other failure of this one record: the loader must not die of it
+                raise unreadable(record, e) from e
         except SampleError as e:
             if self.cfg.on_error == "raise":
-                raise UserError(f"{record.where()}: {e}") from None
+                raise UserError(f"{record.where()}: {e}") from (e.__cause__ if e.reason == BAD_RECORD else None)
             return Skipped(e.reason, record.where(), str(e), source.name)
 
     def _frames(self, d: DatasetConfig) -> tuple[int, int]:
@@ -183,6 +248,7 @@ class MixtureDataset:
             return self._build_pair(source, record, rng, frames_seed, pixels)
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
+        source.confine(conv, self.cfg.media_outside_root)
         tiles, num_tiles, frames_per_video = self._media(source, conv, rng, frames_seed, pixels)
         return self._encode(source, conv, tiles, num_tiles, frames_per_video)
 
@@ -204,6 +270,9 @@ class MixtureDataset:
         template = get_template(d.template or self.cfg.template)
         system = d.system if d.system is not None else self.cfg.system
         input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
+        token_types = positions = None
+        if self.layout.token_types:  # CogVLM: the visual expert's routing and its position-id rule
+            token_types, positions = sample_token_types(input_ids, self.encoder.img_context)
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
@@ -211,6 +280,8 @@ class MixtureDataset:
             num_tiles=num_tiles,
             dataset=source.name,
             truncated=self.encoder.last_truncated,
+            token_type_ids=token_types,
+            position_ids=positions,
         )
 
     def _media(self, source: SourceDataset, conv, rng: random.Random, frames_seed: int, pixels: bool = True):
@@ -224,7 +295,15 @@ class MixtureDataset:
         jpeg_frames = self.training and d.jpeg_augment is True
         tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
         for kind, src in media:
-            if kind == "image":
+            if kind == "image" and self.image_mode != "tile":
+                if not pixels:
+                    image_size(src)  # the image must open, as with pixels
+                    num_tiles.append(1)
+                    continue
+                tile = single_tile(load_image(src), self.image_mode, size, self.layout.mean)
+                tiles.append(jpeg_reencode(tile, rng) if jpeg_images else tile)
+                num_tiles.append(1)
+            elif kind == "image":
                 if not pixels:
                     w, h = image_size(src)
                     cols, rows = choose_grid(w, h, d.min_tiles, per_image, size)
@@ -270,9 +349,7 @@ def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:
     """(MixtureDataset, tokenizer) for a composed training config (model, data, seed), as training
     builds them: what the data tools (preview, stats) read."""
     from vlmtrain.models.build import load_tokenizer
-    from vlmtrain.models.internvl import tokens_per_tile
+    from vlmtrain.models.family import image_layout
 
     tokenizer = load_tokenizer(cfg.model)
-    v = cfg.model.vision
-    n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
-    return MixtureDataset(cfg.data, tokenizer, n, cfg.seed, training=training), tokenizer
+    return MixtureDataset(cfg.data, tokenizer, image_layout(cfg.model), cfg.seed, training=training), tokenizer

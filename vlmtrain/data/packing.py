@@ -55,13 +55,17 @@ def pack_samples(samples: list[EncodedSample], tile_size: int) -> Batch:
     labels[starts] = IGNORE_INDEX
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     dummy = not tiles
+    token_types = positions = None
+    if samples[0].token_type_ids is not None:  # CogVLM: each sample's types and own positions
+        token_types = torch.cat([s.token_type_ids for s in samples]).unsqueeze(0)
+        positions = torch.cat([s.position_ids for s in samples]).unsqueeze(0)
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     return Batch(
         input_ids=torch.cat([s.input_ids for s in samples]).unsqueeze(0),
         labels=labels.unsqueeze(0),
         attention_mask=torch.ones(1, total, dtype=torch.long),
-        position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+        position_ids=positions if positions is not None else torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
         pixel_values=torch.cat(tiles) if tiles else blank_tile(tile_size),
         dummy_vision=dummy,
         num_supervised=torch.tensor([s.num_supervised for s in samples], dtype=torch.long),
@@ -69,6 +73,7 @@ def pack_samples(samples: list[EncodedSample], tile_size: int) -> Batch:
         datasets=[s.dataset for s in samples],
         cu_seq_lens=cu,
         max_length=max(lengths),
+        token_type_ids=token_types,
     )
 
 
@@ -82,11 +87,14 @@ def pack_pairs(pairs: list[PairSample], tile_size: int) -> Batch:
 class PackedStepCollator:
     """One step's samples -> packed micro-batches (one row each) of at most max_tokens / max_tiles."""
 
-    def __init__(self, pad_id: int, tile_size: int, max_tokens: int = 16384, max_tiles: int = 48):
+    def __init__(self, pad_id: int, tile_size: int, max_tokens: int = 16384, max_tiles: int = 48,
+                 token_types: bool = False):
         if max_tokens < 1 or max_tiles < 1:
             raise UserError(f"packing budgets must be positive, got max_tokens={max_tokens} max_tiles={max_tiles}")
         self.pad_id, self.tile_size = pad_id, tile_size
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
+        self.token_types = token_types
+        """The layout's (CogVLM): filler batches carry token types too."""
 
     def __call__(self, items) -> Step:
         # a preference pair is one unit here: its two sequences and its tiles go to one buffer
@@ -102,7 +110,8 @@ class PackedStepCollator:
                 good.append(x)
         if not good:
             # the whole step was skipped: one zero-weight row keeps this rank on the collective path
-            return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size, packed=True)], skipped=skipped)
+            return Step(micro_batches=[zero_weight_batch(self.pad_id, self.tile_size, packed=True,
+                                                         token_types=self.token_types)], skipped=skipped)
         plan = plan_buffers(good, self.max_tokens, self.max_tiles)
         pack = pack_pairs if paired else pack_samples
         return Step(micro_batches=[pack([good[i] for i in b], self.tile_size) for b in plan], skipped=skipped)

@@ -17,8 +17,65 @@ by a newline (``<img>...</img>\\n``), see ``swift_tags``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How one image of ``tiles`` tiles is spelled in tokens, and the pixel normalisation its
+    vision tower takes: what a model family tells the data side (``Family.layout``).
+
+    An ``<image>`` renders as ``start + context * (tokens_per_tile * tiles) + end``."""
+
+    context: str = "<IMG_CONTEXT>"
+    """The token repeated once per image feature (its id is the model's ``image_token_id``)."""
+    tokens_per_tile: int = 256
+    start: str = "<img>"
+    """Text before an image's features (a special token, e.g. InternVL's ``<img>``, or '')."""
+    end: str = "</img>"
+    special_tokens: tuple[str, ...] = ()
+    """Tokens the tokenizer must have (added when missing)."""
+    processor_placeholder: str = ""
+    """What the exported chat template writes for an image part (the native processor expands it
+    to the image's tokens); '': the context token."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Pixels reach the ViT as (x / 255 - mean) / std; ``mean`` x 255 is also LLaVA's padding colour."""
+    markers_are_text: bool = False
+    """``start`` / ``end`` are prompt text tokenised with their neighbours (MiniGPT-4's ``<Img>``),
+    not special tokens of their own."""
+    image_mode: str = "tile"
+    """The model's way of making tiles (``model.image_mode``), where ``data.image_mode`` is unset."""
+    token_types: bool = False
+    """The model routes positions by type (CogVLM's visual expert): samples carry token_type_ids
+    (VISION at context tokens) and their position ids (an image's positions share one id,
+    ``vlmtrain.data.token_types``), and collation and packing keep them."""
+
+    def image_text(self, tiles: int) -> str:
+        return self.start + self.context * (self.tokens_per_tile * tiles) + self.end
+
+    @property
+    def placeholder(self) -> str:
+        return self.processor_placeholder or self.context
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The layout's own tokens: start, context, end (those that are set and are tokens)."""
+        if self.markers_are_text:
+            return (self.context,)
+        return tuple(t for t in (self.start, self.context, self.end) if t)
+
+
+def as_layout(layout) -> ImageLayout:
+    """An ImageLayout, or an int: InternVL's layout with that many tokens per tile."""
+    return layout if isinstance(layout, ImageLayout) else ImageLayout(tokens_per_tile=int(layout))
 
 _VIDEO_WITH_NEWLINE = re.compile(re.escape(VIDEO_PLACEHOLDER) + r"\n?")
 

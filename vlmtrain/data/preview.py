@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from vlmtrain.config import Choice, choice
 from vlmtrain.data.mixture import Skipped, build_mixture
 from vlmtrain.errors import UserError
-from vlmtrain.models.internvl import tokens_per_tile
 from vlmtrain.training.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -65,17 +64,17 @@ def render_json(sample, tokenizer) -> dict:
     }
 
 
-def render_text(sample, tokenizer, tokens_per_tile: int) -> str:
+def render_text(sample, tokenizer, tokens_per_tile: int, context: str = "<IMG_CONTEXT>") -> str:
     ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
-    img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    img = tokenizer.convert_tokens_to_ids(context)
     # segments of (is image context, carries loss): decode each, collapse image runs
     keys = [(t == img, lab != IGNORE_INDEX) for t, lab in zip(ids, labels)]
     parts = []
     for (is_img, loss), s, e in _runs(keys):
         if is_img:
             n = e - s
-            parts.append(f"<IMG_CONTEXT>x{tokens_per_tile}x{n // tokens_per_tile}" if n % tokens_per_tile == 0
-                         else f"<IMG_CONTEXT>x{n}")
+            parts.append(f"{context}x{tokens_per_tile}x{n // tokens_per_tile}" if n % tokens_per_tile == 0
+                         else f"{context}x{n}")
             continue
         text = tokenizer.decode(ids[s:e], skip_special_tokens=False)
         parts.append(f"«{text}»" if loss else text)
@@ -103,7 +102,7 @@ def preview(cfg) -> str:
         raise UserError(f"sample {cfg.index} ({sample.where}) is rejected: {sample.reason}: {sample.message}")
     if opts.format == "json":
         return json.dumps(render_json(sample, tokenizer), ensure_ascii=False)
-    v = cfg.model.vision
-    n = tokens_per_tile(v.image_size, v.patch_size, cfg.model.downsample_ratio)
+    layout = dataset.layout
     where = source.records[line].where()
-    return f"sample {cfg.index} of {len(dataset)}   source: {where}\n" + render_text(sample, tokenizer, n)
+    return (f"sample {cfg.index} of {len(dataset)}   source: {where}\n"
+            + render_text(sample, tokenizer, layout.tokens_per_tile, layout.context))

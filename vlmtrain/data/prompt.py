@@ -16,10 +16,11 @@ from PIL import Image
 
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.images import load_image, to_pixel_values
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.data.render import Rendered, Renderer
 from vlmtrain.data.resize import resize_bicubic
 from vlmtrain.data.templates import ChatTemplate
-from vlmtrain.data.tiling import tile_image, tiles_per_image
+from vlmtrain.data.tiling import check_image_mode, single_tile, tile_image, tiles_per_image
 from vlmtrain.data.video import read_frames
 from vlmtrain.errors import UserError
 
@@ -43,9 +44,13 @@ class Prompt:
 class PromptEncoder:
     """Token ids and pixels of prompts for one tokenizer, template and tiling."""
 
-    def __init__(self, tokenizer, tokens_per_tile: int, template: ChatTemplate, tile_size: int,
-                 max_tiles: int = 12, num_frames: int = 8, system: str | None = None):
+    def __init__(self, tokenizer, tokens_per_tile: ImageLayout | int, template: ChatTemplate, tile_size: int,
+                 max_tiles: int = 12, num_frames: int = 8, system: str | None = None, image_mode: str = "tile"):
+        """``tokens_per_tile``: the model family's ImageLayout (an int: InternVL's with that count);
+        ``image_mode``: how an image becomes tiles (``data.image_mode``)."""
         self.renderer = Renderer(tokenizer, tokens_per_tile)
+        self.layout = self.renderer.layout
+        self.image_mode = check_image_mode(image_mode)
         self.template, self.tile_size, self.system = template, tile_size, system
         self.max_tiles, self.num_frames = max_tiles, num_frames
 
@@ -60,7 +65,10 @@ class PromptEncoder:
             for kind, src in conv.media():
                 if kind == "image":
                     img = src.convert("RGB") if isinstance(src, Image.Image) else load_image(src)
-                    image_tiles = tile_image(img, 1, per_image, self.tile_size)
+                    if self.image_mode == "tile":
+                        image_tiles = tile_image(img, 1, per_image, self.tile_size)
+                    else:
+                        image_tiles = [single_tile(img, self.image_mode, self.tile_size, self.layout.mean)]
                     tiles += image_tiles
                     num_tiles.append(len(image_tiles))
                 else:
@@ -71,4 +79,4 @@ class PromptEncoder:
             rendered = self.renderer.render(conv, self.template, num_tiles, frames, self.system)
         except SampleError as e:
             raise UserError(str(e)) from None
-        return rendered, (to_pixel_values(tiles) if tiles else None)
+        return rendered, (to_pixel_values(tiles, self.layout.mean, self.layout.std) if tiles else None)

@@ -21,15 +21,28 @@ to its outputs):
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, Conversation, SampleError
-from vlmtrain.data.placeholders import expand_videos
+from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Conversation, SampleError
+from vlmtrain.data.placeholders import ImageLayout, as_layout, expand_videos
 from vlmtrain.data.templates import ChatTemplate
 from vlmtrain.errors import UserError
 from vlmtrain.training.loss import IGNORE_INDEX
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+_MEDIA = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
+
+
+def images_first(text: str) -> str:
+    """LLaVA's ``preprocess_multimodal``: a message with images becomes its images (each
+    ``<image>\\n``) followed by the rest of its text, stripped; one without stays as it is."""
+    n = text.count(IMAGE_PLACEHOLDER)
+    if not n:
+        return text
+    return (f"{IMAGE_PLACEHOLDER}\n" * n + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -63,24 +76,38 @@ class _Piece:
     loss: bool = False
     tiles: int = 0
     """> 0: an image of that many tiles (text is unused)."""
+    markers: bool = True
+    """An image with the layout's start / end tokens."""
+    apart: bool = False
+    """Tokenised apart from the text before it (the run is flushed first)."""
 
 
 class Renderer:
-    """Renders conversations for one tokenizer and one number of image tokens per tile."""
+    """Renders conversations for one tokenizer and one image layout (a model family's
+    ``ImageLayout``; an int: InternVL's layout with that many tokens per tile)."""
 
-    def __init__(self, tokenizer, tokens_per_tile: int):
+    def __init__(self, tokenizer, layout: ImageLayout | int):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError("vlmtrain renders with a fast tokenizer (tokenizer.json): it needs token offsets")
-        ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT])
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids or None in ids:
-            raise UserError("tokenizer lacks the InternVL special tokens <img> </img> <IMG_CONTEXT>")
+        self.layout = layout = as_layout(layout)
+        ids = tokenizer.convert_tokens_to_ids(list(layout.tokens))
+        unknown = [t for t, i in zip(layout.tokens, ids)  # a layout may write <unk> itself (CogVLM on Vicuna)
+                   if i is None or (i == tokenizer.unk_token_id and t != tokenizer.unk_token)]
+        if unknown:
+            raise UserError(f"tokenizer lacks the image tokens {' '.join(layout.tokens)}")
         self.tokenizer = tokenizer
-        self.tokens_per_tile = tokens_per_tile
-        self.img_start, self.img_end, self.img_context = ids
+        self.tokens_per_tile = layout.tokens_per_tile
+        self.img_context = tokenizer.convert_tokens_to_ids(layout.context)
+        self.img_start = tokenizer.convert_tokens_to_ids(layout.start) if layout.start else None
+        self.img_end = tokenizer.convert_tokens_to_ids(layout.end) if layout.end else None
         self.bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
 
-    def image_text(self, tiles: int) -> str:
-        return IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles) + IMG_END
+    def image_text(self, tiles: int, markers: bool = True) -> str:
+        """What an image of ``tiles`` tiles renders as (``markers``: with the layout's start / end
+        tokens, when they are tokens)."""
+        if markers and not self.layout.markers_are_text:
+            return self.layout.image_text(tiles)
+        return self.layout.context * (self.tokens_per_tile * tiles)
 
     def render(self, conv: Conversation, template: ChatTemplate, num_tiles=(), frames=(),
                system: str | None = None) -> Rendered:
@@ -89,17 +116,32 @@ class Renderer:
         none of its own; None: the template's default. A last answer of None renders the prompt
         up to the assistant header."""
         counts = iter(frames)
+        turns = conv.turns
+        if template.user_images_only:
+            turns = [("".join(_MEDIA.findall(u)), a) for u, a in turns]
+        elif template.image_first:
+            turns = [(images_first(u), None if a is None else images_first(a)) for u, a in turns]
         try:
             turns = [(expand_videos(u, counts), None if a is None else expand_videos(a, counts))
-                     for u, a in conv.turns]
+                     for u, a in turns]
         except StopIteration:
             raise SampleError("placeholder_mismatch", "more <video> placeholders than videos") from None
         if next(counts, None) is not None:
             raise SampleError("placeholder_mismatch", "more videos than <video> placeholders")
         if any(a is None for _, a in turns[:-1]):
             raise ValueError("only the last answer of a conversation may be left open")
+        if template.image_sep is not None:
+            sep = IMAGE_PLACEHOLDER + template.image_sep
+            turns = [(u.replace(IMAGE_PLACEHOLDER + "\n", sep), None if a is None else a.replace(IMAGE_PLACEHOLDER + "\n", sep))
+                     for u, a in turns]
         strip = str.strip if template.strip else (lambda s: s)
         pieces: list[_Piece] = [_Piece(template.prefix)]
+        if template.images_at_start:
+            if frames:
+                raise SampleError("bad_message", f"template {template.name} places images first and takes no video")
+            n_images = sum(u.count(IMAGE_PLACEHOLDER) + (a or "").count(IMAGE_PLACEHOLDER) for u, a in turns)
+            turns = [(_drop_images(u), None if a is None else _drop_images(a)) for u, a in turns]
+            pieces += [_Piece("", tiles=-1) for _ in range(n_images)]
         text = conv.system if conv.system is not None else system
         if not template.system and text is not None:
             if conv.system is not None:
@@ -110,13 +152,19 @@ class Renderer:
             before, after = template.around("system")
             pieces.append(_Piece(before + strip(text) + after))
         ends = []  # piece index after each complete turn
-        for user, answer in turns:
+        markers = template.image_markers
+        for i, (user, answer) in enumerate(turns):
             before, after = template.around("user")
-            pieces += [_Piece(before), *self._content(strip(user), False), _Piece(after + template.assistant)]
+            pieces += [_Piece(before), *self._content(strip(user), False, markers),
+                       _Piece(after + template.assistant)]
             if answer is None:
                 break
-            pieces += [*self._content(strip(answer), True), _Piece(template.answer_end, loss=True),
-                       _Piece(template.turn_sep)]
+            pieces += [_Piece(template.answer_prefix, loss=True, apart=template.answer_apart),
+                       *self._content(strip(answer), True, markers)]
+            if template.history_end is not None and i < len(turns) - 1:  # CogVLM's history: no end marker
+                pieces.append(_Piece(template.history_end))
+            else:
+                pieces += [_Piece(template.answer_end, loss=True), _Piece(template.turn_sep, apart=template.answer_apart)]
             ends.append(len(pieces))
         tiles = [p.tiles for p in pieces if p.tiles]
         if len(tiles) != len(num_tiles):
@@ -128,11 +176,15 @@ class Renderer:
             p.tiles = n
         return self._tokenize(pieces, ends, self.bos if template.bos else None)
 
-    def _content(self, text: str, loss: bool) -> list[_Piece]:
+    def _content(self, text: str, loss: bool, markers: bool = True) -> list[_Piece]:
         out = []
+        text_markers = markers and self.layout.markers_are_text
         for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if k:
-                out.append(_Piece("", tiles=-1))  # tile count filled in by render
+                if text_markers:  # MiniGPT-4's <Img> ... </Img> are prompt text around the embeddings
+                    out += [_Piece(self.layout.start), _Piece("", tiles=-1), _Piece(self.layout.end)]
+                else:
+                    out.append(_Piece("", tiles=-1, markers=markers))  # tile count filled in by render
             out.append(_Piece(part, loss))
         return out
 
@@ -169,12 +221,25 @@ class Renderer:
             if p.tiles:
                 flush()
                 n = self.tokens_per_tile * p.tiles
-                ids += [self.img_start] + [self.img_context] * n + [self.img_end]
-                labels += [IGNORE_INDEX] * (n + 2)
-                texts.append(self.image_text(p.tiles))
-            elif p.text:
-                run.append(p)
+                token_markers = p.markers and not self.layout.markers_are_text
+                start = [self.img_start] if token_markers and self.img_start is not None else []
+                end = [self.img_end] if token_markers and self.img_end is not None else []
+                image = start + [self.img_context] * n + end
+                ids += image
+                labels += [IGNORE_INDEX] * len(image)
+                texts.append(self.image_text(p.tiles, token_markers))
+            else:
+                if p.apart:
+                    flush()
+                if p.text:
+                    run.append(p)
             if i + 1 in end_marks:
                 run_ends.append(sum(len(q.text) for q in run))
         flush()
         return Rendered("".join(texts), ids, labels, turn_ends)
+
+
+def _drop_images(text: str) -> str:
+    """``text`` without its ``<image>`` placeholders (and the newline after each): a template with
+    ``images_at_start`` renders the images before everything."""
+    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")

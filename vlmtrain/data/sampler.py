@@ -84,7 +84,14 @@ class StepSampler:
 
     def state_dict(self, steps_done: int = 0) -> dict:
         """steps_done: optimizer steps of the current epoch already taken (the loader prefetches,
-        so the sampler itself cannot know how many of its batches were consumed)."""
+        so the sampler itself cannot know how many of its batches were consumed).
+
+        A checkpoint taken after the epoch's last step points at the next epoch's first step: the
+        resumed trainer counts that epoch as done and reuses the loader iterator it created at
+        start-up, so that iterator must already be the next epoch's (with loader workers the indices
+        are drawn when the iterator is created, not when the epoch starts)."""
+        if steps_done >= self.steps_per_epoch:
+            return {"epoch": self.epoch + 1, "start_step": 0}
         return {"epoch": self.epoch, "start_step": steps_done}
 
     def load_state_dict(self, state: dict) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from vlmtrain.data.conversation import SampleError
-from vlmtrain.data.mixture import SourceDataset, dataset_configs
+from vlmtrain.data.mixture import SourceDataset, dataset_configs, unreadable
 from vlmtrain.errors import UserError
 
 
@@ -56,10 +56,16 @@ def write_shards(cfg_data, out: str | Path, max_size: int = 1 << 30, max_count: 
                              verbose=0) as sink:
             for record in source.records:
                 try:
-                    conv = source.reader.to_conversation(record.parse(), source.root)
-                    conv.check()
-                    # keys are sample numbers: a .json list or a folder would repeat line numbers
-                    sample = to_sample(conv, f"{n:09d}", record.where())
+                    try:
+                        conv = source.reader.to_conversation(record.parse(), source.root)
+                        conv.check()
+                        source.confine(conv, bool(getattr(cfg_data, "media_outside_root", False)))
+                        # keys are sample numbers: a .json list or a folder would repeat line numbers
+                        sample = to_sample(conv, f"{n:09d}", record.where())
+                    except (SampleError, UserError):
+                        raise
+                    except Exception as e:  # as in training: one record never stops the tool
+                        raise unreadable(record, e) from e
                 except SampleError as e:
                     if cfg_data.on_error == "raise":
                         raise UserError(f"{record.where()}: {e}") from None
@@ -73,7 +79,7 @@ def write_shards(cfg_data, out: str | Path, max_size: int = 1 << 30, max_count: 
             + (f"; skipped {sum(skipped.values())} ({', '.join(f'{r}: {c}' for r, c in skipped.items())})"
                if skipped else ""))
         entry = {k: v for k, v in asdict(d).items() if v is not None}
-        entry.update(path=str(folder), format="wds")
+        entry.update(path=str(folder.resolve()), format="wds")  # the same wherever it is trained from
         entry.pop("root", None)
         configs[name] = entry
     conf = out / "data" / "shards.yaml"

@@ -58,6 +58,32 @@ class ChatTemplate:
     """Literal text before everything else (after the BOS)."""
     stop: str = ""
     """The token generation stops at (besides the tokenizer's EOS)."""
+    history_end: str | None = None
+    """What follows an answer that is not the conversation's last (no loss), instead of
+    ``answer_end`` + ``turn_sep``: CogVLM's history is ``Answer: {a}\n`` without an EOS. None: every
+    answer ends with ``answer_end``."""
+    images_at_start: bool = False
+    """Images go at the very start (after the BOS and ``prefix``), their ``<image>`` placeholders
+    (and the newline after each) removed from the text: CogVLM puts the image's positions right
+    after the BOS, before the prompt. Videos are refused (no frame lines to place)."""
+    image_sep: str | None = None
+    """Replaces the newline after an ``<image>`` (the placement rule puts ``<image>\\n`` before a
+    query): MiniGPT-4 writes ``<Img>...</Img> question`` with a space. None: the newline stays."""
+    image_first: bool = False
+    """A message with images renders as its images (each ``<image>\\n``) then its other text,
+    stripped: LLaVA's ``preprocess_multimodal`` (``<image>\\n`` + the rest, stripped)."""
+    user_images_only: bool = False
+    """A user message renders as its images alone, its text dropped: LLaVA's ``preprocess_plain``
+    (the caption stage trains on image -> caption, whatever the instruction says)."""
+    image_markers: bool = True
+    """False: an image is its context tokens alone, without the layout's start / end (MiniGPT-4's
+    stage 1 puts the 32 query embeddings straight after the BOS)."""
+    answer_prefix: str = ""
+    """Text before each answer that carries loss (vicuna_v1's space after ``ASSISTANT:``: the
+    prompt ends at the colon and the answer's first token holds the space)."""
+    answer_apart: bool = False
+    """Tokenise each answer (prefix, text and end marker) on its own, not merged with the prompt
+    text before it: MiniGPT-4 tokenises its target text separately from the prompt."""
 
     def __post_init__(self):
         for field in ("user",) + (("system",) if self.system else ()):
@@ -109,6 +135,20 @@ TEMPLATES = {
             default_system=INTERNVL2_SYSTEM,
             stop="<|end|>",
         ),
+        # CogVLM-Chat v1.1 (THUDM/cogvlm-chat-hf, template_version "chat": _history_to_prompt and
+        # build_conversation_input_ids): [BOS] image "Question: {q} Answer: {a}</s>"; history turns are
+        # "Question: {q} Answer: {a}\n" without the EOS; no system block
+        ChatTemplate(
+            name="cogvlm_chat",
+            system="",
+            user="Question: {content} Answer:",
+            assistant="",
+            answer_prefix=" ",   # the release tokenizes the answer apart: its first token is ▁word
+            answer_end="</s>",
+            history_end="\n",
+            images_at_start=True,
+            stop="</s>",
+        ),
         # Llama 3 instruct, as Meta's chat template writes it: every message trimmed, no default
         # system block, the BOS the tokenizer's (Meta's template writes bos_token itself)
         ChatTemplate(
@@ -122,6 +162,32 @@ TEMPLATES = {
         ),
     ]
 }
+
+# LLaVA-1.5 (llava/conversation.py, llava/train/train.py: preprocess_plain / preprocess_v1) and
+# MiniGPT-4 (minigpt4/models/minigpt_base.py, train_configs/minigpt4_stage2_finetune.yaml)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+"""System text of LLaVA's ``conv_vicuna_v1``."""
+
+TEMPLATES.update({
+    t.name: t
+    for t in [
+        # conv_llava_plain + preprocess_plain: <image> then the caption and sep "\n"; the user's text
+        # is dropped, only the caption and the "\n" carry loss
+        # (no image markers: MiniGPT-4's stage 1, BOS + the query embeddings + caption + "\n", is the same rule)
+        ChatTemplate(name="plain", system="", user="{content}", assistant="", answer_end="\n",
+                     user_images_only=True, image_markers=False),
+        # conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"): system + " " + "USER: " + q + " " +
+        # "ASSISTANT: " + a + "</s>"; preprocess_v1 masks through "ASSISTANT:", the answer and "</s>" train
+        ChatTemplate(name="vicuna_v1", system="{content} ", user="USER: {content} ", assistant="ASSISTANT:",
+                     answer_prefix=" ", answer_end="</s>", default_system=VICUNA_SYSTEM, stop="</s>",
+                     image_first=True),
+        # MiniGPT-4 stage 2: '###Human: {} ###Assistant: ' around '<Img><ImageHere></Img> instruction';
+        # the target is answer + end_sym "###", tokenised apart from the prompt
+        ChatTemplate(name="minigpt4", system="", user="###Human: {content} ", assistant="###Assistant: ",
+                     answer_end="###", image_first=True, image_sep=" ", answer_apart=True),
+    ]
+})
 
 REFERENCE_NAMES = {"Hermes-2": "hermes2"}
 """InternVL's template names that vlmtrain spells differently."""

@@ -127,7 +127,7 @@ class TileCache:
             diff = {k: (meta["settings"].get(k), v) for k, v in expected.items() if meta["settings"].get(k) != v}
             raise UserError(f"{where}: {self.path} was built with other tiling settings (cache, run): {diff}")
         self.index: dict[str, list[int]] = meta["tiles"]
-        self._tiles = None
+        self._tiles: np.ndarray | None = None  # memory-mapped on first use
         self.hits = 0
 
     def __getstate__(self) -> dict:

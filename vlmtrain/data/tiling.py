@@ -138,3 +138,52 @@ def tiles_per_image(num_images: int, n_max: int) -> int:
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     return max(1, n_max // num_images)
+
+
+IMAGE_MODES = ("tile", "pad", "crop", "resize")
+"""``data.image_mode``: ``tile`` is InternVL's dynamic tiling above; the others give one tile."""
+
+
+def check_image_mode(mode: str) -> str:
+    if mode not in IMAGE_MODES:
+        raise UserError(f"data.image_mode must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+    return mode
+
+
+def expand_to_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's ``expand2square``: pad the short side with ``colour``, the image centred (its
+    offset is (long - short) // 2, as LLaVA's ``paste`` has it)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), colour)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def single_tile(image: Image.Image, mode: str, tile_size: int, mean=(0.0, 0.0, 0.0)) -> Image.Image:
+    """One ``tile_size`` square tile, as a single-tile family's processor makes it (PIL bicubic):
+
+    - ``pad``: LLaVA-1.5's ``image_aspect_ratio=pad``: ``expand_to_square`` with the mean colour
+      (``int(m * 255)`` per channel of the ViT's normalisation mean), then resized;
+    - ``crop``: CLIPImageProcessor's: shortest side to ``tile_size``, then the centre crop;
+    - ``resize``: squashed to the square (BLIP-2's / MiniGPT-4's eval processor).
+    """
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    bicubic = Image.Resampling.BICUBIC
+    if mode == "pad":
+        image = expand_to_square(image, tuple(int(m * 255) for m in mean))
+        return image.resize((tile_size, tile_size), bicubic)
+    if mode == "resize":
+        return image.resize((tile_size, tile_size), bicubic)
+    if mode == "crop":
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(tile_size * long / short)  # transformers' get_resize_output_image_size
+        size = (tile_size, new_long) if w <= h else (new_long, tile_size)
+        image = image.resize(size, bicubic)
+        w, h = image.size
+        left, top = (w - tile_size) // 2, (h - tile_size) // 2
+        return image.crop((left, top, left + tile_size, top + tile_size))
+    raise UserError(f"data.image_mode {mode!r} does not give a single tile")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError
 from vlmtrain.data.placeholders import leading_images
 from vlmtrain.errors import MissingPathError, UserError
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
@@ -61,7 +61,7 @@ class ChatSession:
         for piece in self.engine.stream(prompt, self.gen):
             pieces.append(piece)
             write(piece)
-        answer = "".join(pieces).strip()
+        answer = self.engine.answer("".join(pieces))
         self.history.append((query, answer))
         self.images += list(images)
         self.videos += list(videos)
@@ -73,7 +73,7 @@ def run_console(session: ChatSession, read: Callable[[str], str], write: Callabl
     while True:
         try:
             line = read(PROMPT)
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave cleanly
             write("\n")
             return
         text = line.strip()
@@ -88,8 +88,11 @@ def run_console(session: ChatSession, read: Callable[[str], str], write: Callabl
         try:
             query, images, videos = resolve_media(text, read)
             session.ask(query, images, videos, write)
-        except UserError as e:
+        except (UserError, SampleError) as e:  # a missing or unreadable medium: the session goes on
             write(f"error: {e}\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the session
+            write("\n(interrupted)\n")
             continue
         write("\n")
 

@@ -17,7 +17,7 @@ from transformers import TextIteratorStreamer
 
 from vlmtrain.data.prompt import Prompt, PromptEncoder
 from vlmtrain.data.templates import get_template
-from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.models.family import family_of
 
 
 @dataclass
@@ -49,10 +49,12 @@ class InferenceEngine:
         self.template = get_template(template or cfg.template)
         self.system = system
         self.tile_size = cfg.vision.image_size
-        self.tokens_per_tile = tokens_per_tile(cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio)
+        self.family = family_of(cfg)
+        self.layout = self.family.layout(cfg)
+        self.tokens_per_tile = self.layout.tokens_per_tile
         self.max_tiles, self.num_frames = max_tiles, num_frames
-        self.prompts = PromptEncoder(self.tokenizer, self.tokens_per_tile, self.template, self.tile_size,
-                                     max_tiles, num_frames, system)
+        self.prompts = PromptEncoder(self.tokenizer, self.layout, self.template, self.tile_size,
+                                     max_tiles, num_frames, system, self.layout.image_mode)
         self.device = torch.device(device)
         stop = [self.tokenizer.convert_tokens_to_ids(self.template.stop)] if self.template.stop else []
         if self.tokenizer.eos_token_id is not None:
@@ -79,11 +81,16 @@ class InferenceEngine:
         inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
+        inputs.update(self.family.generate_kwargs(inputs.get("pixel_values")))
         return inputs
 
     def _generate_kwargs(self, gen: GenerationConfig) -> dict:
         kw = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, eos_token_id=self.stop_ids,
                   pad_token_id=self.pad_id, repetition_penalty=gen.repetition_penalty)
+        end = self.template.answer_end
+        if end.strip() and end not in self.tokenizer.get_vocab():
+            # an end marker of plain text (MiniGPT-4's "###"): transformers stops on the string
+            kw.update(stop_strings=[end], tokenizer=self.tokenizer)
         if gen.do_sample:
             kw.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         else:
@@ -97,7 +104,13 @@ class InferenceEngine:
             torch.manual_seed(gen.seed)
         out = self.model.generate(**inputs, **self._generate_kwargs(gen))
         new = out[:, inputs["input_ids"].shape[1]:]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return [self.answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in new]
+
+    def answer(self, text: str) -> str:
+        """The generated text up to the template's end marker (a text marker such as plain's
+        newline or MiniGPT-4's ``###`` stays in the decoded text; special tokens do not)."""
+        end = self.template.answer_end
+        return (text.split(end)[0] if end.strip() or end == "\n" else text).strip()
 
     def stream(self, prompt: Prompt, gen: GenerationConfig):
         """Yield text pieces as tokens are generated."""

@@ -5,20 +5,20 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-from vlmtrain.config import PARTS, ModelConfig, StageConfig, plain
+from vlmtrain.config import ModelConfig, StageConfig, plain
 from vlmtrain.errors import UserError
 from vlmtrain.models.attention import use_packed_attention
+from vlmtrain.models.family import family_of
 from vlmtrain.models.internvl import (
-    IMAGE_TOKENS,
-    add_drop_path,
     build_from_config,
     compile_blocks,
-    part_of,
     set_activation_checkpointing,
+    transformer_blocks,
 )
 from vlmtrain.models.loading import load_pretrained
 from vlmtrain.models.lora import add_lora
 from vlmtrain.models.run_checkpoint import is_lora_key
+from vlmtrain.models.speed import fuse_vit_qkv, set_selective_checkpointing
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -37,7 +37,7 @@ def load_tokenizer(cfg: ModelConfig):
                 "(e.g. the matching -hf release's)"
             ) from None
         raise UserError(f"cannot load a tokenizer from {path}: {e}") from None
-    missing = [t for t in IMAGE_TOKENS if t not in tok.get_vocab()]
+    missing = [t for t in family_of(cfg).layout(cfg).special_tokens if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
@@ -67,9 +67,11 @@ def rows_needed(tokenizer) -> int:
 
 
 def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForConditionalGeneration:
-    """The configured architecture with the weights the config names (``model.path``,
-    ``model.vision.path``, ``model.llm.path``); parts no path names are randomly initialised."""
-    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    """The configured architecture (``model.family``) with the weights the config names
+    (``model.path``, ``model.vision.path``, ``model.llm.path``); parts no path names are randomly
+    initialised."""
+    context = family_of(cfg).layout(cfg).context
+    image_token_id = tokenizer.convert_tokens_to_ids(context)
     vocab = cfg.llm.config.get("vocab_size")
     needed = rows_needed(tokenizer)
     if vocab is not None and vocab < needed:
@@ -77,7 +79,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
     tokenizer_from_checkpoint = bool(cfg.tokenizer or cfg.path or cfg.llm.path)
     if tokenizer_from_checkpoint and cfg.image_token_id is not None and cfg.image_token_id != image_token_id:
         raise UserError(
-            f"model.image_token_id={cfg.image_token_id} but the tokenizer puts <IMG_CONTEXT> at {image_token_id}"
+            f"model.image_token_id={cfg.image_token_id} but the tokenizer puts {context} at {image_token_id}"
         )
     # a whole checkpoint overwrites every weight (strictly checked): skip the random init
     model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
@@ -85,15 +87,22 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
         load_pretrained(model, cfg)
     if cfg.init_dtype:
         round_weights(model, cfg.init_dtype)
+    if cfg.compute_dtype:
+        model.to(floating_dtype(cfg.compute_dtype, "model.compute_dtype"))
     configure_training(model, cfg)
     return model
 
 
+def floating_dtype(name: str, key: str) -> torch.dtype:
+    target = getattr(torch, str(plain(name)), None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise UserError(f"{key}={name!r} is not a torch floating-point dtype (e.g. bfloat16)")
+    return target
+
+
 def round_weights(model: torch.nn.Module, dtype: str) -> None:
     """Every floating-point weight rounded to ``dtype`` (kept in its own dtype)."""
-    target = getattr(torch, dtype, None)
-    if not isinstance(target, torch.dtype) or not target.is_floating_point:
-        raise UserError(f"model.init_dtype={dtype!r} is not a torch floating-point dtype (e.g. bfloat16)")
+    target = floating_dtype(dtype, "model.init_dtype")
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
@@ -101,9 +110,14 @@ def round_weights(model: torch.nn.Module, dtype: str) -> None:
 
 
 def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig) -> None:
-    """Packed attention backend, per-part activation checkpointing and compilation, as configured."""
+    """Packed attention backend, fused ViT q/k/v, per-part activation checkpointing (whole-block or
+    selective) and compilation, as configured."""
     use_packed_attention(model, plain(cfg.attention))  # its errors quote the bare name
+    if cfg.fuse_vit_qkv:
+        fuse_vit_qkv(model)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
+    set_selective_checkpointing(model, [plain(p) for p in cfg.selective_checkpointing], transformer_blocks(model),
+                                cfg.gradient_checkpointing)
     compile_blocks(model, cfg.compile)
 
 
@@ -113,21 +127,23 @@ def apply_stage(model: InternVLForConditionalGeneration, stage: StageConfig, on_
 
     Returns the names of the trainable parameters.
     """
-    unknown = set(stage.trainable) - set(PARTS)
+    fam = family_of(model)
+    unknown = set(stage.trainable) - set(fam.parts)
     if unknown:
-        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(PARTS)}")
+        raise UserError(f"stage.trainable: unknown parts {sorted(unknown)}; parts are {list(fam.parts)}")
     if stage.lora is not None:
         add_lora(model, stage.lora, low_cpu_mem_usage=on_meta)
     trainable = []
     for name, p in model.named_parameters():
         is_adapter = is_lora_key(name)
-        if is_adapter and part_of(name) in stage.trainable:
+        part = fam.part_of(name)
+        if is_adapter and part in stage.trainable:
             raise UserError(
-                f"stage: {part_of(name)} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
+                f"stage: {part} is both in stage.trainable and adapted by stage.lora ({name}); pick one"
             )
-        p.requires_grad_(is_adapter or part_of(name) in stage.trainable)
+        p.requires_grad_(is_adapter or part in stage.trainable)
         if p.requires_grad:
             trainable.append(name)
     if "vision_tower" in stage.trainable:
-        add_drop_path(model.model.vision_tower, stage.drop_path)
+        fam.add_drop_path(model, stage.drop_path)
     return trainable

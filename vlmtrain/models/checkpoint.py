@@ -15,9 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from vlmtrain.config import PARTS, LoraConfig, ModelConfig
+from vlmtrain.config import LoraConfig, ModelConfig
 from vlmtrain.errors import MissingPathError
 from vlmtrain.models.build import build_model, load_tokenizer
+from vlmtrain.models.family import family_of
 from vlmtrain.models.internvl import build_from_config
 from vlmtrain.models.loading import model_config_from_checkpoint
 from vlmtrain.models.run_checkpoint import find_run, load_strict, lora_config_of, read_run_config, read_weights
@@ -58,7 +59,8 @@ def load_trained(path: str | Path, dtype: torch.dtype | None = None) -> TrainedM
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         else:
             tokenizer = load_tokenizer(model_cfg)
-        model = build_from_config(model_cfg, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), init_weights=False)
+        context = family_of(model_cfg).layout(model_cfg).context
+        model = build_from_config(model_cfg, tokenizer.convert_tokens_to_ids(context), init_weights=False)
         load_strict(model, read_weights(run.ckpt, "ckpt"), str(run.ckpt))  # LoRA adapters come merged
         trainable = list((saved.get("stage") or {}).get("trainable") or [])
         lora, source = lora_config_of(saved), run.run_dir
@@ -73,7 +75,7 @@ def load_trained(path: str | Path, dtype: torch.dtype | None = None) -> TrainedM
         model_cfg.tokenizer = None
         tokenizer = load_tokenizer(model_cfg)
         model = build_model(model_cfg, tokenizer)
-        trainable, lora, source = list(PARTS), None, p
+        trainable, lora, source = list(family_of(model).parts), None, p
     if dtype is not None:
         model = model.to(dtype)
     model.eval()

@@ -1,4 +1,4 @@
-"""A trained model as an HF-native InternVL directory, what serving engines and
+"""A trained model as an HF-native directory of its family's transformers class (InternVL, LLaVA, ...), what serving engines and
 ``transformers.AutoModelForImageTextToText`` load: what `vlmtrain export` writes
 (``vlmtrain.cli.export``; ``python -m vlmtrain.export`` is the same).
 
@@ -28,29 +28,23 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from vlmtrain.data.chat_template import chat_template_jinja
-from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vlmtrain.data.render import tokenizer_adds_bos
 from vlmtrain.data.templates import ChatTemplate, get_template
 from vlmtrain.models.checkpoint import MODEL_CONFIG_FILE, load_trained
-from vlmtrain.models.internvl import tokens_per_tile
-
-IMAGE_TOKENS_FOR_PROCESSOR = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
-"""What transformers' InternVLProcessor reads from the tokenizer. ``<video>`` is only a text
-placeholder the processor expands into frames; it never reaches the model."""
+from vlmtrain.models.family import family_of
 
 
-def export_tokenizer(tokenizer, template: ChatTemplate, out: Path):
-    """Save the tokenizer with the chat template and the processor's image-token attributes."""
+def export_tokenizer(tokenizer, template: ChatTemplate, out: Path, processor_tokens: dict[str, str] | None = None,
+                     image_placeholder: str = "<IMG_CONTEXT>"):
+    """Save the tokenizer with the chat template and the processor's image-token attributes
+    (``Family.processor_tokens``; ``image_placeholder``: what the template writes per image)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, extra_special_tokens=IMAGE_TOKENS_FOR_PROCESSOR)
+        extra = {"extra_special_tokens": processor_tokens} if processor_tokens else {}
+        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, **extra)
     # engines tokenise a rendered template without special tokens: the BOS is the template's to write
-    tok.chat_template = chat_template_jinja(template, tok.bos_token if tokenizer_adds_bos(tok) else None)
+    tok.chat_template = chat_template_jinja(template, tok.bos_token if tokenizer_adds_bos(tok) else None,
+                                            image_placeholder)
     tok.save_pretrained(out)
     cfg_file = out / "tokenizer_config.json"
     saved = json.loads(cfg_file.read_text())
@@ -61,26 +55,8 @@ def export_tokenizer(tokenizer, template: ChatTemplate, out: Path):
 
 
 def processor_configs(model_cfg, max_tiles: int) -> dict[str, dict]:
-    """The processor files InternVLProcessor.save_pretrained writes, for this model's tiling."""
-    size = {"height": model_cfg.vision.image_size, "width": model_cfg.vision.image_size}
-    norm = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_normalize": True,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True, "do_resize": True}
-    return {
-        "processor_config.json": {
-            "processor_class": "InternVLProcessor",
-            "image_seq_length": tokens_per_tile(model_cfg.vision.image_size, model_cfg.vision.patch_size,
-                                                model_cfg.downsample_ratio),
-        },
-        "preprocessor_config.json": {
-            "image_processor_type": "GotOcr2ImageProcessorFast", "processor_class": "InternVLProcessor",
-            "crop_to_patches": True, "min_patches": 1, "max_patches": max_tiles, "size": size,
-            "resample": 3, **norm,  # bicubic, like vlmtrain's tiling
-        },
-        "video_preprocessor_config.json": {
-            "video_processor_type": "InternVLVideoProcessor", "processor_class": "InternVLProcessor",
-            "size": size, "resample": 3, "do_sample_frames": False, "initial_shift": True, **norm,
-        },
-    }
+    """The native processor's files for this model (``Family.processor_files``)."""
+    return family_of(model_cfg).processor_files(model_cfg, max_tiles)
 
 
 def export(cfg) -> Path:
@@ -90,7 +66,8 @@ def export(cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model, model_cfg = trained.model, trained.model_cfg
     template = get_template(model_cfg.template)
-    tok = export_tokenizer(trained.tokenizer, template, out)
+    fam = family_of(model_cfg)
+    tok = export_tokenizer(trained.tokenizer, template, out, fam.processor_tokens, fam.layout(model_cfg).placeholder)
     stop = [tok.convert_tokens_to_ids(template.stop)] if template.stop else []
     if tok.eos_token_id is not None and tok.eos_token_id not in stop:
         stop.append(tok.eos_token_id)

@@ -12,16 +12,16 @@ materialises full logits (``vlmtrain.training.loss``).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlmtrain.config import PARTS, ModelConfig
-from vlmtrain.data.images import normalize_pixels
+from vlmtrain.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
+from vlmtrain.data.placeholders import ImageLayout
 from vlmtrain.errors import UserError
+from vlmtrain.models.family import Family, drop_path_hooks, vision_no_grad
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
@@ -72,32 +72,13 @@ def build_from_config(
     device: str | torch.device | None = None,
     init_weights: bool = True,
 ) -> InternVLForConditionalGeneration:
-    """Random-init model, deterministic in ``seed``. ``device="meta"`` builds the architecture
-    without allocating or initialising any weight (a 78B config is inspected in seconds);
-    ``init_weights=False`` allocates without initialising (every weight is loaded next)."""
-    if image_token_id is None:
-        if cfg.image_token_id is None:
-            raise UserError("model.image_token_id is not set and no tokenizer was given")
-        image_token_id = cfg.image_token_id
-    config = internvl_config(cfg, image_token_id)
-    if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            return InternVLForConditionalGeneration(config)
-    if not init_weights:
-        from transformers.initialization import no_init_weights
+    """Random-init model of ``cfg``'s family (InternVL unless ``model.family`` names another),
+    deterministic in ``seed``. ``device="meta"`` builds the architecture without allocating or
+    initialising any weight (a 78B config is inspected in seconds); ``init_weights=False``
+    allocates without initialising (every weight is loaded next)."""
+    from vlmtrain.models.family import family_of
 
-        with no_init_weights():
-            model = InternVLForConditionalGeneration(config)
-        return model if device is None else model.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
-    if cfg.vision.sincos_position_init:
-        with torch.no_grad():
-            pos = model.model.vision_tower.embeddings.position_embeddings  # (1, 1 + patches, hidden): CLS first
-            pos[0, 1:] = sincos_2d(cfg.vision.image_size // cfg.vision.patch_size, pos.shape[-1])
-            pos[0, 0] = 0.0
-    return model if device is None else model.to(device)
+    return family_of(cfg).build(cfg, image_token_id, seed, device, init_weights)
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -126,7 +107,8 @@ def parts(model: InternVLForConditionalGeneration) -> dict[str, nn.Module]:
 
 
 def part_of(param_name: str) -> str:
-    """Which part a parameter of InternVLForConditionalGeneration belongs to."""
+    """Which part a parameter of InternVLForConditionalGeneration belongs to (other families:
+    ``family_of(model).part_of``)."""
     for part in PARTS:
         if param_name.startswith(f"model.{part}."):
             return part
@@ -148,8 +130,10 @@ def set_activation_checkpointing(model: InternVLForConditionalGeneration, entrie
     An entry is a part (every block) or ``part:fraction``, which checkpoints that fraction of the
     part's blocks, evenly spread (``vision_tower:0.5``: every other ViT layer), to trade memory
     for recompute in between the two ends."""
-    towers = {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
-    blocks = transformer_blocks(model)
+    from vlmtrain.models.family import family_of
+
+    fam = family_of(model)
+    towers, blocks = fam.towers(model), fam.transformer_blocks(model)
     for entry in entries:
         name, _, fraction = str(entry).partition(":")
         if name not in towers:
@@ -171,7 +155,9 @@ def compile_blocks(model: InternVLForConditionalGeneration, part_names) -> None:
     shapes: one compiled graph serves every tile count (ViT) and packed length (LLM), and the
     identical blocks share it. Inductor fuses the eager element-wise work between the matmuls
     (norms, activations, layer scale, residual adds, autocast casts), which is memory-bound."""
-    towers = transformer_blocks(model)
+    from vlmtrain.models.family import family_of
+
+    towers = family_of(model).transformer_blocks(model)
     unknown = set(part_names) - set(towers)
     if unknown:
         raise UserError(f"model.compile: {sorted(unknown)} cannot be compiled; choose from {sorted(towers)}")
@@ -187,53 +173,20 @@ def add_drop_path(vision_tower: nn.Module, rate: float) -> list:
     then multiplied by the layer scale and added to the residual, this equals timm's DropPath.
     Returns the hook handles (remove them to turn drop path off).
     """
-    layers = vision_tower.encoder.layer
-    handles = []
-    if rate <= 0:
-        return handles
-    n = len(layers)
-    for i, layer in enumerate(layers):
-        p = rate * i / max(1, n - 1)
-        if p <= 0:
-            continue
-        handles.append(layer.attention.register_forward_hook(_drop_path_hook(p, tuple_output=True)))
-        handles.append(layer.mlp.register_forward_hook(_drop_path_hook(p, tuple_output=False)))
-    return handles
-
-
-def _drop_path_hook(p: float, tuple_output: bool):
-    keep = 1.0 - p
-
-    def hook(module, args, output):
-        if not module.training:
-            return output
-        x = output[0] if tuple_output else output
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
-        return (x * mask, *output[1:]) if tuple_output else x * mask
-
-    return hook
+    return drop_path_hooks(vision_tower.encoder.layer, "attention", "mlp", rate)
 
 
 def encode_images(model: InternVLForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Tiles (N, 3, S, S) -> LLM embeddings (N, tokens_per_tile, D).
+    """Tiles (N, 3, S, S) -> LLM embeddings (N, tokens_per_tile, D), by the model's family.
 
     Tiles come as the data loader ships them, uint8, and are normalised here on their device
     (``normalize_pixels``); float tiles are taken as already normalised. When no vision-tower
     parameter needs a gradient the ViT runs under no_grad, so a frozen ViT holds no activations for
     backward (the projector still trains).
     """
-    tower = model.model.vision_tower
-    vision_grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
-    layer = model.config.vision_feature_layer
-    with nullcontext() if vision_grad else torch.no_grad():
-        out = tower(pixel_values=normalize_pixels(pixel_values).to(model.dtype), output_hidden_states=layer != -1)
-        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-        feats = feats[:, 1:, :]  # drop CLS
-        n, hw, c = feats.shape
-        side = int(hw**0.5)
-        feats = model.model.pixel_shuffle(feats.reshape(n, side, side, c), model.config.downsample_ratio)
-        feats = feats.reshape(n, -1, feats.shape[-1])
-    return model.model.multi_modal_projector(feats)
+    from vlmtrain.models.family import family_of
+
+    return family_of(model).encode_images(model, pixel_values)
 
 
 def multimodal_embeddings(
@@ -243,7 +196,8 @@ def multimodal_embeddings(
     dummy_vision: bool = False,
     tile_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token embeddings with IMG_CONTEXT positions replaced, in order, by projected tile features.
+    """Token embeddings with the image context positions replaced, in order, by projected tile
+    features (``Family.multimodal_embeddings``).
 
     ``tile_index``: which tile of ``pixel_values`` each image of the text shows, tile by tile in
     text order (None: every tile once, in order). A preference pair's chosen and rejected answers
@@ -254,22 +208,114 @@ def multimodal_embeddings(
     enter the graph with weight zero, so every rank runs the vision tower every step and sharded
     strategies (FSDP, ZeRO-3) never wait on a rank that skipped it.
     """
-    embeds = model.get_input_embeddings()(input_ids)
-    if pixel_values is None:
-        return embeds
-    feats = encode_images(model, pixel_values).to(embeds.dtype)
-    if tile_index is not None and not dummy_vision:
-        feats = feats[tile_index]
-    if dummy_vision:
-        return embeds + 0.0 * feats.sum()
-    mask = input_ids == model.config.image_token_id
-    n_feats = feats.shape[0] * feats.shape[1]
-    message = (f"<IMG_CONTEXT> tokens != {feats.shape[0]} tiles x {feats.shape[1]} = {n_feats} image features: "
-               "the data side and the model disagree on tokens per tile")
-    if mask.is_cuda:
-        # checked on the device: a host sync here would stall the CPU until the ViT has run, so it
-        # could not queue the language model's kernels meanwhile
-        torch._assert_async(mask.sum() == n_feats, message)
-    elif int(mask.sum()) != n_feats:
-        raise ValueError(f"{int(mask.sum())} {message}")
-    return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+    from vlmtrain.models.family import family_of
+
+    return family_of(model).multimodal_embeddings(model, input_ids, pixel_values, dummy_vision, tile_index)
+
+
+class InternVLFamily(Family):
+    """InternVL 1.5 / 2 / 2.5: InternViT, pixel shuffle + MLP projector, any causal LM
+    (transformers' ``InternVLForConditionalGeneration``; layouts: ``vlmtrain.models.loading``)."""
+
+    model_class = InternVLForConditionalGeneration
+    config_model_types = ("internvl", "internvl_chat")
+    processor_tokens = {"start_image_token": "<img>", "end_image_token": "</img>",
+                        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    lora_targets = {
+        "llm_attention": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)",
+        "llm_mlp": r"model\.language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj|gate_up_proj)",
+        "vit": r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.fc1|mlp\.fc2)",
+    }
+    part_modules = {"vision_tower": ["vision_tower"], "multi_modal_projector": ["multi_modal_projector"],
+                    "language_model": ["language_model", "lm_head"]}
+
+    def layout(self, cfg) -> ImageLayout:
+        v = cfg.vision
+        return ImageLayout(context="<IMG_CONTEXT>", start="<img>", end="</img>", special_tokens=IMAGE_TOKENS,
+                           tokens_per_tile=tokens_per_tile(v.image_size, v.patch_size, cfg.downsample_ratio),
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, image_mode=cfg.image_mode)
+
+    def hf_config(self, cfg, image_token_id: int):
+        return internvl_config(cfg, image_token_id)
+
+    def init_weights(self, model, cfg) -> None:
+        if cfg.vision.sincos_position_init:
+            with torch.no_grad():
+                pos = model.model.vision_tower.embeddings.position_embeddings  # (1, 1 + patches, hidden): CLS first
+                pos[0, 1:] = sincos_2d(cfg.vision.image_size // cfg.vision.patch_size, pos.shape[-1])
+                pos[0, 0] = 0.0
+
+    def part_prefixes(self) -> dict[str, list[str]]:
+        return {"vision_tower": ["model.vision_tower."], "multi_modal_projector": ["model.multi_modal_projector."],
+                "language_model": ["model.language_model.", "lm_head."]}
+
+    def part_of(self, param_name: str) -> str:
+        return part_of(param_name)
+
+    def embedding_keys(self) -> tuple[str, str]:
+        return "model.language_model.embed_tokens.weight", "lm_head.weight"
+
+    def towers(self, model) -> dict[str, nn.Module]:
+        return {"vision_tower": model.model.vision_tower, "language_model": model.model.language_model}
+
+    def transformer_blocks(self, model) -> dict[str, nn.ModuleList]:
+        return transformer_blocks(model)
+
+    def add_drop_path(self, model, rate: float) -> list:
+        return add_drop_path(model.model.vision_tower, rate)
+
+    def decoder(self, model) -> nn.Module:
+        return model.model.language_model
+
+    def lm_head(self, model) -> nn.Module:
+        return model.lm_head
+
+    def encode_images(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        tower = model.model.vision_tower
+        layer = model.config.vision_feature_layer
+        with vision_no_grad(tower):
+            out = tower(pixel_values=normalize_pixels(pixel_values).to(model.dtype), output_hidden_states=layer != -1)
+            feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+            feats = feats[:, 1:, :]  # drop CLS
+            n, hw, c = feats.shape
+            side = int(hw**0.5)
+            feats = model.model.pixel_shuffle(feats.reshape(n, side, side, c), model.config.downsample_ratio)
+            feats = feats.reshape(n, -1, feats.shape[-1])
+        return model.model.multi_modal_projector(feats)
+
+    def to_native(self, state: dict, text_config) -> dict:
+        from vlmtrain.models.loading import to_hf_internvl
+
+        return to_hf_internvl(state, text_config)
+
+    def config_from_checkpoint(self, c: dict, cfg_file) -> dict:
+        from vlmtrain.models.loading import internvl_config_fields
+
+        return internvl_config_fields(c, cfg_file)
+
+    def processor_files(self, model_cfg, max_tiles: int) -> dict[str, dict]:
+        """The processor files InternVLProcessor.save_pretrained writes, for this model's tiling."""
+        size = {"height": model_cfg.vision.image_size, "width": model_cfg.vision.image_size}
+        norm = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_normalize": True,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True, "do_resize": True}
+        return {
+            "processor_config.json": {
+                "processor_class": "InternVLProcessor",
+                "image_seq_length": tokens_per_tile(model_cfg.vision.image_size, model_cfg.vision.patch_size,
+                                                    model_cfg.downsample_ratio),
+            },
+            "preprocessor_config.json": {
+                "image_processor_type": "GotOcr2ImageProcessorFast", "processor_class": "InternVLProcessor",
+                "crop_to_patches": True, "min_patches": 1, "max_patches": max_tiles, "size": size,
+                "resample": 3, **norm,  # bicubic, like vlmtrain's tiling
+            },
+            "video_preprocessor_config.json": {
+                "video_processor_type": "InternVLVideoProcessor", "processor_class": "InternVLProcessor",
+                "size": size, "resample": 3, "do_sample_frames": False, "initial_shift": True, **norm,
+            },
+        }
+
+    def flops_dims(self, config):
+        from vlmtrain.training.flops import InternVLDims
+
+        return InternVLDims.from_hf_config(config)

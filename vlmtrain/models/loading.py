@@ -244,15 +244,17 @@ def to_hf_internvl(state: dict[str, torch.Tensor], text_config) -> dict[str, tor
 # -- loading into the model -------------------------------------------------------------------------
 
 
-def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str) -> dict:
-    """Fit the embedding and output rows of a causal LM to the model's vocabulary.
+def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str,
+                      keys: tuple[str, ...] = ("model.language_model.embed_tokens.weight", "lm_head.weight")) -> dict:
+    """Fit the embedding and output rows (``keys``: the family's ``embedding_keys``) of a causal LM
+    to the model's vocabulary.
 
-    Rows for tokens the checkpoint lacks (the InternVL special tokens) start at the mean of the
+    Rows for tokens the checkpoint lacks (the family's image tokens) start at the mean of the
     existing rows; rows beyond the model's vocabulary (a checkpoint padded to a multiple of 64 or
     128) are dropped.
     """
     own = model.state_dict()
-    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+    for key in keys:
         if key not in state or key not in own:
             continue
         have, want = state[key], own[key]
@@ -271,28 +273,36 @@ def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, so
 def load_pretrained(model: torch.nn.Module, cfg) -> None:
     """Load what the ModelConfig names: a whole checkpoint (``model.path``), then the vision tower
     (``model.vision.path``: a ViT or whole VLM) and the LLM (``model.llm.path``) over it. A part that
-    no path names keeps its random init (e.g. the projector of a composed stage-1 model)."""
+    no path names keeps its random init (e.g. the projector of a composed stage-1 model). Every
+    layout goes through the family's rename tables (``Family.to_native``)."""
+    from vlmtrain.models.family import family_of
+
+    fam = family_of(model)
+    prefixes = fam.part_prefixes()
     text_config = model.config.text_config
     if cfg.path:
-        state = to_hf_internvl(read_state_dict(cfg.path, "model.path", cfg.allow_pickle), text_config)
+        state = fam.to_native(read_state_dict(cfg.path, "model.path", cfg.allow_pickle), text_config)
         load_strict(model, state, f"model.path={cfg.path}")
     if cfg.vision.path:
-        state = to_hf_internvl(read_state_dict(cfg.vision.path, "model.vision.path", cfg.allow_pickle), text_config)
-        state = {k: v for k, v in state.items() if k.startswith("model.vision_tower.")}
+        vision = tuple(prefixes["vision_tower"])
+        state = fam.to_native(read_state_dict(cfg.vision.path, "model.vision.path", cfg.allow_pickle), text_config)
+        state = {k: v for k, v in state.items() if k.startswith(vision)}
         if not state:
             raise UserError(f"model.vision.path={cfg.vision.path}: holds no vision-tower weights")
-        load_strict(model, state, f"model.vision.path={cfg.vision.path}", ["model.vision_tower."])
+        load_strict(model, state, f"model.vision.path={cfg.vision.path}", list(vision))
     if cfg.llm.path:
-        state = to_hf_internvl(read_state_dict(cfg.llm.path, "model.llm.path", cfg.allow_pickle), text_config)
-        state = {k: v for k, v in state.items() if k.startswith(("model.language_model.", "lm_head."))}
+        llm = tuple(prefixes["language_model"])
+        embed, head = fam.embedding_keys()
+        state = fam.to_native(read_state_dict(cfg.llm.path, "model.llm.path", cfg.allow_pickle), text_config)
+        state = {k: v for k, v in state.items() if k.startswith(llm)}
         if not state:
             raise UserError(f"model.llm.path={cfg.llm.path}: holds no language-model weights")
-        if "lm_head.weight" not in state and getattr(text_config, "tie_word_embeddings", False) is False:
-            emb = state.get("model.language_model.embed_tokens.weight")
+        if head not in state and getattr(text_config, "tie_word_embeddings", False) is False:
+            emb = state.get(embed)
             if emb is not None:  # a tied-embedding LLM (e.g. Qwen2.5-0.5B): untie by copying
-                state["lm_head.weight"] = emb.clone()
-        state = resize_vocab_rows(state, model, f"model.llm.path={cfg.llm.path}")
-        load_strict(model, state, f"model.llm.path={cfg.llm.path}", ["model.language_model.", "lm_head."])
+                state[head] = emb.clone()
+        state = resize_vocab_rows(state, model, f"model.llm.path={cfg.llm.path}", (embed, head))
+        load_strict(model, state, f"model.llm.path={cfg.llm.path}", list(llm))
 
 
 # -- configs of checkpoints -------------------------------------------------------------------------
@@ -339,12 +349,30 @@ def llm_kwargs(c: dict) -> dict:
 
 
 def model_config_from_checkpoint(path: str | Path) -> dict:
-    """The ModelConfig fields (as a dict) that describe a local InternVL checkpoint directory."""
+    """The ModelConfig fields (as a dict) that describe a local checkpoint directory of any
+    family (its config.json's ``model_type`` picks the family, ``family.MODEL_TYPES``)."""
+    from vlmtrain.models.family import DEFAULT_FAMILY, MODEL_TYPES, family_for_checkpoint, family_spec
+
     p = Path(path).expanduser()
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise MissingPathError(f"{p}: no config.json")
     c = json.loads(cfg_file.read_text())
+    model_type = c.get("model_type")
+    if model_type not in MODEL_TYPES and "InternVLChatModel" in (c.get("architectures") or []):
+        model_type = "internvl_chat"
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"{cfg_file}: model_type {model_type!r} is not a checkpoint of a vlmtrain model family "
+                        f"({', '.join(sorted(MODEL_TYPES))})")
+    fam = family_for_checkpoint(model_type)
+    fields = fam.config_from_checkpoint(c, cfg_file)
+    if family_spec(fam)["_target_"] != DEFAULT_FAMILY:  # the default family needs no node
+        fields.setdefault("family", family_spec(fam))
+    return fields
+
+
+def internvl_config_fields(c: dict, cfg_file) -> dict:
+    """An InternVL config.json (HF-native or OpenGVLab) -> ModelConfig fields."""
     if c.get("model_type") == "internvl":
         v = c["vision_config"]
         vision = dict(

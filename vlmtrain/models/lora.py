@@ -41,21 +41,25 @@ PART_MODULES = {
 ADAPTER_NAME = "default"
 
 
-def target_regex(cfg: LoraConfig) -> str:
+def target_regex(cfg: LoraConfig, targets: dict[str, str] | None = None) -> str:
+    """The regex of ``cfg``'s targets among ``targets`` (the model family's ``lora_targets``;
+    None: InternVL's ``TARGETS``)."""
+    targets = TARGETS if targets is None else targets
     if cfg.target_modules:
         return cfg.target_modules
-    unknown = [t for t in cfg.targets if t not in TARGETS]
+    unknown = [t for t in cfg.targets if t not in targets]
     if unknown or not cfg.targets:
-        raise UserError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(TARGETS)}")
-    return "|".join(f"(?:{TARGETS[t]})" for t in cfg.targets)
+        raise UserError(f"stage.lora.targets: unknown {unknown or '[]'}; choose from {sorted(targets)}")
+    return "|".join(f"(?:{targets[t]})" for t in cfg.targets)
 
 
-def peft_config(cfg: LoraConfig, modules_to_save: list[str] | None = None) -> PeftLoraConfig:
+def peft_config(cfg: LoraConfig, modules_to_save: list[str] | None = None,
+                targets: dict[str, str] | None = None) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=target_regex(cfg),
+        target_modules=target_regex(cfg, targets),
         modules_to_save=modules_to_save or None,
         bias="none",
     )
@@ -65,11 +69,14 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, low_cpu_mem_usage: bool = 
     """Inject adapters in place; returns the names of the adapted modules. Base weights stay
     as they are (their ``requires_grad`` is the caller's business). ``low_cpu_mem_usage`` makes
     the adapters on the meta device (for a model built there)."""
+    from vlmtrain.models.family import family_of
+
+    targets = family_of(model).lora_targets
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=low_cpu_mem_usage)
+    inject_adapter_in_model(peft_config(cfg, targets=targets), model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=low_cpu_mem_usage)
     adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not adapted:
-        raise UserError(f"stage.lora: no module of the model matches {target_regex(cfg)!r}")
+        raise UserError(f"stage.lora: no module of the model matches {target_regex(cfg, targets)!r}")
     for n, p in model.named_parameters():  # peft froze everything else; restore the caller's choice
         key = n.replace(".base_layer.", ".")
         if not is_lora_key(n) and key in grads:
@@ -142,8 +149,11 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, t
     """Write the adapters (and the fully trained parts as ``modules_to_save``) in peft's format.
 
     Under sharded strategies every rank calls this (the tensors are gathered); only ``write`` ranks write."""
+    from vlmtrain.models.family import family_of
+
+    fam = family_of(model)
     out = Path(out_dir)
-    modules_to_save = [m for part in trainable_parts for m in PART_MODULES[part]]
+    modules_to_save = [m for part in trainable_parts for m in (fam.part_modules or PART_MODULES)[part]]
     marker = f".{ADAPTER_NAME}."
 
     def saved(name: str) -> bool:  # peft stores a module to save under its plain name
@@ -159,7 +169,7 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path, cfg: LoraConfig, t
         return out
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = peft_config(cfg, modules_to_save).to_dict()
+    config = peft_config(cfg, modules_to_save, fam.lora_targets).to_dict()
     config["base_model_name_or_path"] = None
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
     return out

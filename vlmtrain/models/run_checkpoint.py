@@ -60,7 +60,20 @@ def find_checkpoint(path: str | Path, key: str) -> Path:
         p = p / "checkpoints" / LAST
     if not p.exists():
         raise MissingPathError(f"{key}: no checkpoint at {p}")
+    if p.is_file():
+        check_readable(p, key)
     return p
+
+
+def check_readable(ckpt: Path, key: str) -> None:
+    """A checkpoint file is a whole torch zip archive (an empty or cut-off file used to end in a
+    bare ``EOFError`` deep inside the load)."""
+    import zipfile
+
+    if ckpt.stat().st_size == 0:
+        raise UserError(f"{key}: {ckpt} is empty (a checkpoint whose write never finished?)")
+    if not zipfile.is_zipfile(ckpt):
+        raise UserError(f"{key}: {ckpt} is not a complete torch checkpoint (truncated, or not a checkpoint)")
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -73,6 +86,8 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         ckpt_dir = Path(run_dir) / "checkpoints"
         for candidate in (ckpt_dir / LAST, ckpt_dir / (LAST + ".old")):
             if candidate.exists():
+                if candidate.is_file():
+                    check_readable(candidate, "resume")
                 return candidate
         return None
     return find_checkpoint(resume, "resume")
@@ -130,15 +145,71 @@ def read_model_state(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
     if ckpt.is_dir():
         if not (ckpt / "latest").is_file():
             raise UserError(f"{key}: {ckpt} is a folder but not a DeepSpeed checkpoint (no 'latest' file)")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # gathers the ZeRO partitions
+        state = read_deepspeed_folder(ckpt, key)
     else:
         obj = torch.load(ckpt, map_location="cpu", weights_only=True)
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise UserError(f"{key}: {ckpt} is not a Lightning checkpoint (no state_dict)")
         state = obj["state_dict"]
     return {k.removeprefix(LIGHTNING_PREFIX): v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed and Lightning put into a DeepSpeed folder's shards (enums,
+    numpy RNG states), allowed to ``torch.load(weights_only=True)``: plain data, no code."""
+    import numpy as np
+
+    allowed: list = [np.ndarray, np.dtype, type(np.dtype("uint32")), type(np.dtype("float64")), type(np.dtype("int64"))]
+    try:
+        allowed.append(np.core.multiarray._reconstruct)  # type: ignore[attr-defined]
+    except AttributeError:
+        allowed.append(np._core.multiarray._reconstruct)  # type: ignore[attr-defined]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    try:  # plain attribute holders (scale, counters), rebuilt without calling their code
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    return allowed
+
+
+def read_deepspeed_folder(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights gathered from the ZeRO partitions of a DeepSpeed checkpoint folder, with
+    every shard read by ``torch.load(weights_only=True)``: DeepSpeed's own ``zero_to_fp32`` loads
+    them as pickles (``weights_only=False``), so a crafted shard would run code. A shard that needs
+    more than tensors and plain data is refused."""
+    import pickle
+
+    from deepspeed.utils import zero_to_fp32
+
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    zero_to_fp32.torch.load = load  # the module's torch is the torch module: restored below
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{key}: {ckpt}: a shard of this DeepSpeed checkpoint holds objects that only an "
+                        f"unrestricted pickle load could read (which can run code), refused: {first}") from None
+    finally:
+        zero_to_fp32.torch.load = real_load
 
 
 def read_weights(ckpt: Path, key: str) -> dict[str, torch.Tensor]:

@@ -9,8 +9,11 @@ the data position (the data module's sampler state: epoch and optimizer steps ta
 Preemption: Slurm sends SIGUSR1 before the time limit (``#SBATCH --signal=USR1@120``) and
 SIGTERM on ``scontrol requeue``, ``scancel`` or a node drain. The handler only records the signal;
 at the end of the current optimizer step all ranks agree on it (one tiny all-reduce per step),
-write ``last.ckpt`` and stop. On SIGUSR1 under Slurm, rank 0 also requeues the job; a requeued job
-runs with ``resume=auto`` and continues from ``last.ckpt``.
+write ``last.ckpt`` and stop with exit code ``PREEMPTED`` (75). On SIGUSR1 under Slurm, rank 0 also
+requeues the job (and the run exits 0); a requeued job runs with ``resume=auto`` and continues from
+``last.ckpt``. Only the main process of each rank handles the signals: loader workers ignore them
+(``vlmtrain.training.datamodule.init_loader_worker``), so a signal to the whole process group, as
+schedulers send it, cannot kill a worker before the save.
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ from vlmtrain.models.run_checkpoint import LAST
 
 log = logging.getLogger("vlmtrain")
 
+PREEMPTED = 75
+"""Exit code of a run stopped by a signal before it finished (EX_TEMPFAIL: "try again"): its
+``last.ckpt`` is written and ``resume=auto`` continues it. 0 is kept for a finished run and for a
+Slurm job that requeued itself (Slurm runs the rest)."""
+
 
 class Preempted(SystemExit):
     """Raised on every rank after the preemption checkpoint is written; the exit code says
-    whether the job was requeued (0) or just stopped (143, as after SIGTERM)."""
+    whether the job was requeued (0) or stopped unfinished (``PREEMPTED``, 75)."""
 
 
 def _remove(path: Path) -> None:
@@ -143,10 +151,13 @@ class Preemption(Callback):
         requeued = False
         if requeue and trainer.is_global_zero:
             requeued = requeue_slurm_job()
-        message = f"preempted at step {trainer.global_step}: saved {path}" + (", job requeued" if requeued else "")
+        if trainer.world_size > 1:
+            requeued = trainer.strategy.broadcast(requeued, src=0)  # every rank exits with one code
+        message = (f"preempted at step {trainer.global_step}: saved {path}"
+                   + (", job requeued" if requeued else f"; not finished (exit {PREEMPTED}): resume with resume=auto"))
         if trainer.is_global_zero:
             print(f"[vlmtrain] {message}", flush=True)
-        raise Preempted(0 if requeue else 143)
+        raise Preempted(0 if requeued else PREEMPTED)
 
 
 def requeue_slurm_job() -> bool:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 import warnings
+from functools import partial
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from vlmtrain.config import DataConfig
@@ -26,10 +31,22 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
+def init_loader_worker(worker_id: int, rank: int = 0) -> None:
+    """A loader worker ignores the preemption signals: a scheduler signals the whole process group,
+    and a worker that died of it would take the main process down before it saves (the main
+    process alone handles them, ``vlmtrain.training.checkpointing.Preemption``). Then Lightning's
+    per-worker seeding, which a worker_init_fn of our own replaces."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
+
+
 class VLMDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile: int, global_batch_size: int, seed: int,
+    def __init__(self, cfg: DataConfig, tokenizer, tokens_per_tile, global_batch_size: int, seed: int,
                  tile_cost: float = 0.0):
-        """tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
+        """tokens_per_tile: the model family's ImageLayout (or InternVL's tokens per tile);
+        tile_cost: a tile's ViT work in LLM tokens (``flops.tile_cost_in_tokens``), for data.balance_ranks."""
         super().__init__()
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.global_batch_size, self.tile_cost = global_batch_size, tile_cost
@@ -64,9 +81,15 @@ class VLMDataModule(pl.LightningDataModule):
 
     def collator(self, pad_id: int):
         """The configured step collator (``data.collate``), padded by default."""
+        token_types = self.dataset.layout.token_types  # CogVLM: filler batches carry token types too
         if self.cfg.collate is None:
-            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size)
-        return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size)
+            return StepCollator(self.cfg.micro_batch_size, pad_id, self.cfg.tile_size, token_types)
+        try:
+            return instantiate(self.cfg.collate, pad_id=pad_id, tile_size=self.cfg.tile_size, token_types=token_types)
+        except InstantiationException as e:
+            if isinstance(e.__cause__, UserError):  # a value the user gave: one line, not Hydra's wrapper
+                raise e.__cause__ from None
+            raise
 
     def train_dataloader(self) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id
@@ -79,6 +102,7 @@ class VLMDataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             persistent_workers=bool(self.cfg.persistent_workers and self.cfg.num_workers > 0),
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None,
+            worker_init_fn=partial(init_loader_worker, rank=self.trainer.global_rank if self.trainer else 0),
             pin_memory=torch.cuda.is_available(),  # asynchronous host-to-device copies (Batch.pin_memory)
             # its own generator: creating the loader's iterator must not draw from the global RNG,
             # or a resumed run's drop-path masks would differ from the uninterrupted run's

@@ -194,9 +194,10 @@ def training_flops(
 def trainable_states(model) -> dict[str, str]:
     """full / partial / frozen for each part of an InternVLForConditionalGeneration (or of a peft
     model wrapping one: its adapters make a part ``partial``)."""
-    from vlmtrain.models.internvl import part_of
+    from vlmtrain.models.family import family_of
 
-    flags: dict[str, list[bool]] = {p: [] for p in PARTS}
+    part_of = family_of(model).part_of
+    flags: dict[str, list[bool]] = {p: [] for p in family_of(model).parts}
     for name, param in model.named_parameters():
         flags[part_of(name.removeprefix("base_model.model."))].append(param.requires_grad)
     return {

@@ -14,13 +14,15 @@ from collections import Counter
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
-from vlmtrain.config import PARTS, StageConfig
+from vlmtrain.config import StageConfig
 from vlmtrain.data.collate import Step
 from vlmtrain.errors import UserError
-from vlmtrain.models.internvl import part_of
-from vlmtrain.training.flops import InternVLDims, peak_flops_per_device, trainable_states
+from vlmtrain.models.family import family_of
+from vlmtrain.training.flops import peak_flops_per_device, trainable_states
+from vlmtrain.training.master_weights import MasterWeightOptimizer
 from vlmtrain.training.metrics import DatasetLoss, StepMeter
 from vlmtrain.training.objective import Objective
 from vlmtrain.training.rng import gather_rng_states, set_rng_state
@@ -46,6 +48,9 @@ class VLMTrainingModule(pl.LightningModule):
         self.stage_cfg = stage_cfg
         self.automatic_optimization = False
         self.skipped = Counter()
+        self.empty_steps = 0
+        """Loader steps without a supervised token on any rank (not trained, not counted as steps)."""
+        self._epoch_items = self._epoch_trained = 0
         self.truncated = 0  # samples cut to max_seq_len by dropping text turns (data.too_long)
         self.peak_tflops = peak_tflops
         """Peak dense TFLOP/s of one device for the MFU estimate; None: from the GPU's name."""
@@ -71,6 +76,17 @@ class VLMTrainingModule(pl.LightningModule):
         # whether to step: on one process from the host copy, so the host never waits for the device
         # here (a sync per step would stop it queueing the next step while this one runs)
         any_weight = bool(w_local > 0) if world == 1 else bool(w_total > 0)
+        self._epoch_items += 1
+        if not any_weight:
+            # no supervised token on any rank (every sample skipped, or none has an answer token):
+            # nothing to learn from, so no update, no scheduler step and no loss (a 0.0 would pull
+            # the curves and final_loss down); the global step does not advance, its skips count
+            for s in step.skipped:
+                self.skipped[s.reason] += 1
+            self.empty_steps += 1
+            self._not_a_step()
+            return None
+        self._epoch_trained += 1
         num_total = torch.zeros((), device=self.device)
         if self.meter is not None:
             self.meter.count(step)
@@ -109,12 +125,22 @@ class VLMTrainingModule(pl.LightningModule):
             extra = {f"train/{k}": v for k, v in objective.metrics(stats, w_total).items()}
         self._log_step(step, loss, grad_norm, dataset_loss, extra)
 
+    def _not_a_step(self) -> None:
+        """Keep Lightning from counting and logging a step that trained nothing: it would log the
+        previous step's values again (they stay in its result collection) at the next log step."""
+        results = self.trainer._results
+        if results is not None:
+            for key in [k for k in results if k.startswith("training_step.")]:
+                del results[key]
+        # the loggers' step axis (and log_every_n_steps) counts batches that stepped: not this one
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
+
     # -- metrics (vlmtrain.training.metrics computes them; loggers are rank zero only) --------------
     def on_train_start(self) -> None:
         peak = self.peak_tflops * 1e12 if self.peak_tflops else None
         if peak is None and self.device.type == "cuda":
             peak = peak_flops_per_device(torch.cuda.get_device_name(self.device))
-        self.meter = StepMeter(InternVLDims.from_hf_config(self.model.config), trainable_states(self.model),
+        self.meter = StepMeter(family_of(self.model).flops_dims(self.model.config), trainable_states(self.model),
                                self.trainer.world_size, peak)
         if getattr(self, "_meter_state", None):
             self.meter.load_state_dict(self._meter_state)  # resumed: the summary covers the whole run
@@ -156,7 +182,23 @@ class VLMTrainingModule(pl.LightningModule):
         self.meter.collect(self._gather, self.skipped)
         return self.meter.summary()
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_items = self._epoch_trained = 0
+
+    def skip_report(self) -> str:
+        return ", ".join(f"{r}: {c}" for r, c in sorted(self.skipped.items())) or "none"
+
     def on_train_epoch_end(self) -> None:
+        if self._epoch_items and not self._epoch_trained:
+            # the same data comes every epoch: an epoch with nothing to train on means the run
+            # would train on nothing (and, under stage.max_steps, never end)
+            raise UserError(
+                f"epoch {self.current_epoch}: none of its {self._epoch_items} steps had a supervised token, "
+                f"nothing was trained (skipped samples by reason: {self.skip_report()}); "
+                "fix the data (data.on_error=raise names the first bad line) or data.max_seq_len")
+        if self.empty_steps:
+            print(f"[vlmtrain] epoch {self.current_epoch}: steps without a supervised token so far (not trained): "
+                  f"{self.empty_steps}")
         if self.skipped:
             report = ", ".join(f"{r}: {c}" for r, c in sorted(self.skipped.items()))
             print(f"[vlmtrain] epoch {self.current_epoch}: skipped samples so far by reason: {report}")
@@ -192,6 +234,10 @@ class VLMTrainingModule(pl.LightningModule):
 
     # -- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        low = sorted({str(p.dtype) for p in self.model.parameters() if p.requires_grad and p.dtype != torch.float32})
+        if low and not isinstance(self.trainer.strategy, SingleDeviceStrategy):
+            raise UserError(f"model.compute_dtype: {low} weights with fp32 master copies run in one process only; "
+                            "unset it for DDP, FSDP and DeepSpeed (they keep their own master weights)")
         optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.stage_cfg,
                                                int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -199,9 +245,14 @@ class VLMTrainingModule(pl.LightningModule):
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, stage_cfg, total_steps: int):
     """The configured optimizer over ``param_groups`` and its per-step scheduler for a run of
-    ``total_steps`` optimizer steps (warmup from the stage)."""
+    ``total_steps`` optimizer steps (warmup from the stage). Trainable weights below fp32
+    (``model.compute_dtype``) are stepped through fp32 master copies (``MasterWeightOptimizer``)."""
     groups = param_groups(model, list(optim_cfg.no_decay), optim_cfg.get("lr"), dict(optim_cfg.get("lr_scale") or {}))
-    optimizer = instantiate(optim_cfg.optimizer)(groups)
+    make = instantiate(optim_cfg.optimizer)
+    if any(p.dtype != torch.float32 for g in groups for p in g["params"]):
+        optimizer = MasterWeightOptimizer(groups, make)
+    else:
+        optimizer = make(groups)
     warmup = stage_cfg.warmup_steps or int(round(stage_cfg.warmup_ratio * total_steps))
     scheduler = instantiate(optim_cfg.scheduler)(optimizer, total_steps=total_steps, warmup_steps=warmup)
     return optimizer, scheduler
@@ -214,12 +265,14 @@ def param_groups(model: torch.nn.Module, no_decay: list[str], lr: float | None,
     ``lr_scale`` (``optim.lr_scale``, e.g. ``{vision_tower: 0.1}``), into groups of their own at
     ``lr x scale`` (named ``vision_tower/decay``...). Unscaled parts share ``decay`` / ``no_decay``,
     in that order, so runs without scales keep their group layout (and resume from older checkpoints)."""
-    bad = {k: v for k, v in lr_scale.items() if k not in PARTS or not float(v) > 0}
+    parts = family_of(model).parts
+    bad = {k: v for k, v in lr_scale.items() if k not in parts or not float(v) > 0}
     if bad:
-        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(PARTS)}, values > 0")
+        raise UserError(f"optim.lr_scale: {bad}: keys must be parts {list(parts)}, values > 0")
     if lr_scale and lr is None:
         raise UserError("optim.lr_scale needs optim.lr (the lr it scales)")
     split: dict[tuple[str, bool], list] = {}
+    part_of = family_of(model).part_of
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen parameters never reach the optimizer

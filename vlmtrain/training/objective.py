@@ -27,7 +27,7 @@ import torch
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.errors import UserError
 from vlmtrain.models.attention import packed_kwargs
-from vlmtrain.models.internvl import multimodal_embeddings
+from vlmtrain.models.family import family_of
 from vlmtrain.training.loss import per_sample_loss_sums, weighted_cross_entropy
 
 
@@ -78,15 +78,19 @@ class Objective:
 
 def hidden_states(model, mb: Batch) -> torch.Tensor:
     """The language model's last hidden states for a micro-batch, (rows, length, hidden)."""
-    embeds = multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision, mb.tile_index)
+    fam = family_of(model)
+    embeds = fam.multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision, mb.tile_index)
+    # the data side's token types, for families that route by them (CogVLM's visual expert)
+    types = {} if mb.token_type_ids is None else {"token_type_ids": mb.token_type_ids}
     if mb.packed:
         # one packed row: samples attend only to themselves through cu_seq_lens (packed attention)
-        return model.model.language_model(
+        return fam.decoder(model)(
             inputs_embeds=embeds, position_ids=mb.position_ids, use_cache=False,
-            **packed_kwargs(mb.cu_seq_lens, mb.max_length),
+            **packed_kwargs(mb.cu_seq_lens, mb.max_length), **types,
         ).last_hidden_state
-    return model.model.language_model(
-        inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
+    return fam.decoder(model)(
+        inputs_embeds=embeds, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False,
+        **types,
     ).last_hidden_state
 
 
@@ -122,9 +126,9 @@ class CrossEntropyObjective(Objective):
         hidden, targets, samples = supervised_hidden(model, mb)
         w = self.weighting(mb.num_supervised)[samples]
         if per_sample:
-            num, ce = weighted_cross_entropy(hidden, model.lm_head, targets, w, return_token_ce=True)
+            num, ce = weighted_cross_entropy(hidden, family_of(model).lm_head(model), targets, w, return_token_ce=True)
             return LossTerms(num, per_sample_loss_sums(ce, w, samples, len(mb.num_supervised)))
-        return LossTerms(weighted_cross_entropy(hidden, model.lm_head, targets, w))
+        return LossTerms(weighted_cross_entropy(hidden, family_of(model).lm_head(model), targets, w))
 
 
 def build_objective(stage_cfg, loss_cfg) -> Objective:

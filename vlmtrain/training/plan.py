@@ -26,10 +26,11 @@ from dataclasses import dataclass, replace
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlmtrain.config import PARTS, plain
+from vlmtrain.config import plain
 from vlmtrain.errors import UserError
 from vlmtrain.models.build import apply_stage
-from vlmtrain.models.internvl import build_from_config, part_of
+from vlmtrain.models.family import family_of
+from vlmtrain.models.internvl import build_from_config
 from vlmtrain.training.strategies import Sharding, deepspeed_sharding, sharding
 
 GiB = 1024**3
@@ -120,9 +121,10 @@ class PartCount:
 
 
 def count_parameters(model) -> dict[str, PartCount]:
-    counts = {p: PartCount() for p in PARTS}
+    fam = family_of(model)
+    counts = {p: PartCount() for p in fam.parts}
     for name, p in model.named_parameters():
-        c = counts[part_of(name)]
+        c = counts[fam.part_of(name)]
         c.total += p.numel()
         c.trainable += p.numel() if p.requires_grad else 0
     return counts

@@ -184,7 +184,9 @@ def parameter_owners_outside(model: nn.Module, units: Iterable[nn.Module]) -> li
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """transformers' own per-layer checkpointing (non-reentrant) on the ViT and the LLM: the
     recomputation goes through each block's __call__, so FSDP2 gathers the block again for it."""
-    for part in (model.model.vision_tower, model.model.language_model):
+    from vlmtrain.models.family import family_of
+
+    for part in family_of(model).towers(model).values():
         part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
 
 

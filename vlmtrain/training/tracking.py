@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 import uuid
@@ -39,7 +40,12 @@ _SECRET_WORDS = r"(api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?
 SECRET_KEY = re.compile(rf"(^|[_\-.]){_SECRET_WORDS}$", re.IGNORECASE)
 NOT_SECRET_KEY = re.compile(r"(^|[_\-.])(pad|bos|eos|unk|sep|cls|mask|image|video|img|context|start|end)_token$",
                             re.IGNORECASE)
-MIN_SECRET_LEN = 8  # shorter env values ("1", "true") are flags, not secrets
+FLAG_VALUES = {"", "0", "1", "true", "false", "yes", "no", "on", "off", "none", "null"}
+"""Values of credential-named variables that are switches, not credentials (``WANDB_API_KEY=0``)."""
+LONG_SECRET = 8
+"""A value this long is redacted wherever it appears; a shorter one only as a whole word (a short
+key like ``abc1`` is still redacted in ``logger.api_key=abc1`` and in a directory name, but not
+inside ``abc123``)."""
 
 
 def is_secret_key(key: str) -> bool:
@@ -50,13 +56,16 @@ def is_secret_key(key: str) -> bool:
 def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables whose names look like credentials, longest first."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if is_secret_key(k) and len(v) >= MIN_SECRET_LEN}
+    values = {v for k, v in environ.items() if is_secret_key(k) and v.strip().lower() not in FLAG_VALUES}
     return sorted(values, key=len, reverse=True)
 
 
 def scrub_text(text: str, secrets: list[str]) -> str:
     for s in secrets:
-        text = text.replace(s, REDACTED)
+        if len(s) >= LONG_SECRET:
+            text = text.replace(s, REDACTED)
+        else:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", REDACTED, text)
     return text
 
 
@@ -192,6 +201,17 @@ def _wandb_run(logger):
     return logger.experiment if isinstance(logger, WandbLogger) else None
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 class RunTracking(pl.Callback):
     """Logs the resolved config (scrubbed) to every logger at the start, and at the end writes
     <run_dir>/summary.json and the W&B run summary, then closes the W&B run (so a multirun's next
@@ -223,7 +243,8 @@ class RunTracking(pl.Callback):
                 summary["wandb_run_id"] = run.id
                 run.summary.update({f"summary/{k}": v for k, v in summary.items()})
         path = self.run_dir / "summary.json"
-        path.write_text(json.dumps(scrub_secrets(summary), indent=2, sort_keys=True) + "\n")
+        # strict JSON: a value that is not a number (a NaN mean of no steps) is written as null
+        path.write_text(json.dumps(finite_or_null(scrub_secrets(summary)), indent=2, sort_keys=True, allow_nan=False) + "\n")
         log.info("run summary: %s", path)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

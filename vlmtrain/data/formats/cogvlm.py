@@ -1,9 +1,16 @@
 """The CogVLM-SFT-311K folder layout: ``images/NNN.jpg`` with ``labels/NNN.json`` beside it.
 
+Label folders: the dataset card (THUDM/CogVLM-SFT-311K, README) draws ``labels/``; the released
+archive's subsets hold ``labels_en/`` and ``labels_zh/`` (English and Chinese labels of the same
+images, as THUDM's CogVLM2 finetune demo README says). ``path`` is a subset folder (holding
+``images/`` and one label folder: ``labels/``, else the only one of ``labels_en/`` / ``labels_zh/``)
+or a label folder itself (``.../llava_instruction_single_conversation_formate/labels_zh``: its
+sibling ``images/`` holds the images). A folder with both ``labels_en/`` and ``labels_zh/`` and no
+``labels/`` is refused naming both, since which language to train on is the user's choice.
+
 A label holds ``captions`` [{role: caption, content}] (a detailed-description sample: the user asks
 ``CAPTION_PROMPT``, the caption is the answer) or ``conversations`` [{role: user|assistant,
 content}]. Without a placeholder the image goes before the first query (``placeholders.place_media``).
-Point ``path`` at the folder holding ``images/`` and ``labels/``.
 """
 
 from __future__ import annotations
@@ -12,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmtrain.data.conversation import Conversation, SampleError
-from vlmtrain.data.formats.source import Record
+from vlmtrain.data.formats.source import Record, decode_utf8
 from vlmtrain.data.placeholders import place_media
-from vlmtrain.errors import MissingPathError
+from vlmtrain.errors import MissingPathError, UserError
 
 CAPTION_PROMPT = "Describe this image in detail."
 """The question a caption-only label is trained as the answer to."""
@@ -28,30 +35,59 @@ class LabelRecord(Record):
 
     def parse(self) -> dict:
         try:
-            text = Path(self.file).read_text(encoding="utf-8")
+            text = decode_utf8(Path(self.file).read_bytes(), "label file")
         except OSError as e:
             raise SampleError("missing_media", f"cannot read label file: {e}") from None
         obj = Record(self.file, self.line, text).parse()
         obj["__stem__"] = Path(self.file).stem
+        obj["__file__"] = str(self.file)
         return obj
 
 
+LABEL_FOLDERS = ("labels", "labels_en", "labels_zh")
+"""Label folder names, in the order a subset folder is searched."""
+
+
+def _is_label_folder(p: Path) -> bool:
+    return p.is_dir() and p.name in LABEL_FOLDERS and (p.parent / "images").is_dir()
+
+
 def claims(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "labels").is_dir() and (Path(path) / "images").is_dir()
+    p = Path(path)
+    if _is_label_folder(p):
+        return True
+    return p.is_dir() and (p / "images").is_dir() and any((p / n).is_dir() for n in LABEL_FOLDERS)
+
+
+def label_folder(path: Path) -> Path:
+    """The label folder ``path`` names (see the module's docstring)."""
+    p = Path(path)
+    if _is_label_folder(p):
+        return p
+    if (p / "labels").is_dir():
+        return p / "labels"
+    found = [p / n for n in LABEL_FOLDERS[1:] if (p / n).is_dir()]
+    if len(found) > 1:
+        raise UserError(f"{p}: holds {' and '.join(f.name + '/' for f in found)}: point the dataset's path at one of "
+                        f"them ({found[0]} for English, {found[1]} for Chinese)")
+    if not found:
+        raise MissingPathError(f"{p}: a CogVLM-SFT folder needs images/ and labels/ (or labels_en/ or labels_zh/)")
+    return found[0]
 
 
 def read(path: Path) -> list[Record]:
-    labels = Path(path) / "labels"
-    if not labels.is_dir():
-        raise MissingPathError(f"{path}: a CogVLM-SFT folder needs labels/ (and images/)")
-    return [LabelRecord(str(p), 1, "") for p in sorted(labels.glob("*.json"))]
+    return [LabelRecord(str(p), 1, "") for p in sorted(label_folder(Path(path)).glob("*.json"))]
 
 
-def _image(root: Path, stem: str) -> str:
-    for suffix in IMAGE_SUFFIXES:
-        p = root / "images" / f"{stem}{suffix}"
-        if p.exists():
-            return str(p)
+def _image(root: Path, label_file: str | None, stem: str) -> str:
+    folders = [root / "images"]
+    if label_file:  # the label folder's sibling, when root is the label folder itself
+        folders.append(Path(label_file).parent.parent / "images")
+    for folder in folders:
+        for suffix in IMAGE_SUFFIXES:
+            p = folder / f"{stem}{suffix}"
+            if p.exists():
+                return str(p)
     raise SampleError("missing_media", f"no image images/{stem}.* for label {stem}.json")
 
 
@@ -85,5 +121,5 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
         raise SampleError("no_turns", "label has neither 'captions' nor 'conversations'")
     if not turns:
         raise SampleError("no_turns", "label has no user/assistant pair")
-    image = _image(root, stem)
+    image = _image(root, obj.get("__file__"), stem)
     return Conversation(turns=place_media(turns, 1, 0), images=[image])

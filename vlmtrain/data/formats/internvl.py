@@ -40,7 +40,8 @@ def to_conversation(obj: dict, root: Path) -> Conversation:
         raise SampleError("no_turns", "missing or empty 'conversations'")
     system, turns, pending = None, [], None
     for m in messages:
-        role = ROLES.get(m.get("from")) if isinstance(m, dict) else None
+        who = m.get("from") if isinstance(m, dict) else None
+        role = ROLES.get(who) if isinstance(who, str) else None
         value = m.get("value") if isinstance(m, dict) else None
         if role is None or not isinstance(value, str):
             raise SampleError("bad_message", f"message needs from in {sorted(ROLES)} and a string value")

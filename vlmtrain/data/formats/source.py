@@ -16,12 +16,17 @@ class Record:
 
     file: str
     line: int
-    text: str
+    text: str | None
+    error: str | None = None
+    """Why the line could not even be read as text (then ``text`` is None): parsing it raises a
+    counted ``bad_encoding`` skip, so one bad byte costs one line, never the dataset."""
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
 
     def parse(self) -> dict:
+        if self.text is None:
+            raise SampleError("bad_encoding", self.error or "unreadable line")
         try:
             obj = json.loads(self.text)
         except json.JSONDecodeError as e:
@@ -36,19 +41,36 @@ def read_json_records(path: Path) -> list[Record]:
     if not path.exists():
         raise MissingPathError(f"annotation file not found: {path}")
     if path.suffix == ".json":
+        data = path.read_bytes()
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:  # one JSON document: no line of it can be skipped alone
+            line = data.count(b"\n", 0, e.start) + 1
+            raise UserError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
         if not isinstance(items, list):
             raise UserError(f"{path}: expected a JSON list of samples")
         return [Record(str(path), i + 1, json.dumps(item, ensure_ascii=False)) for i, item in enumerate(items)]
     records = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                records.append(Record(str(path), i, None, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"))
+                continue
             if line.strip():
                 records.append(Record(str(path), i, line))
     return records
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """``data`` as text; not UTF-8 is a counted ``bad_encoding`` skip of the sample it belongs to."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError("bad_encoding", f"{what} is not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
 
 
 def first_object(path: Path):
@@ -58,8 +80,8 @@ def first_object(path: Path):
     if not path.is_file() or path.suffix not in (".json", ".jsonl"):
         return None
     try:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+        if path.suffix == ".jsonl":  # a bad byte is that line's problem, not the guess's
+            with path.open(encoding="utf-8", errors="replace") as f:
                 for line in f:
                     if line.strip():
                         return json.loads(line)

@@ -119,8 +119,10 @@ def _query_response(obj: dict) -> list[tuple[str, str]]:
     query, response = obj.get("query"), obj.get("response")
     if not isinstance(query, str) or not isinstance(response, str):
         raise SampleError("bad_message", "'query' and 'response' must be strings")
-    turns = []
-    for i, pair in enumerate(obj.get("history") or []):
+    turns, history = [], obj.get("history") or []
+    if not isinstance(history, list):
+        raise SampleError("bad_message", f"'history' must be a list of [query, response] pairs, got {type(history).__name__}")
+    for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise SampleError("bad_message", f"history[{i}] must be a [query, response] pair of strings")
         turns.append((pair[0], pair[1]))

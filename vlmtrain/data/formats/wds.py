@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtrain.data.conversation import Conversation, SampleError
-from vlmtrain.data.formats.source import Record
-from vlmtrain.errors import MissingPathError
+from vlmtrain.data.formats.source import Record, decode_utf8
+from vlmtrain.errors import MissingPathError, UserError
 
 
 def shard_paths(path: str | Path) -> list[Path]:
@@ -60,11 +60,16 @@ class ShardRecord(Record):
             def member(name):
                 offset, size = self.members[name]
                 f.seek(offset)
-                return f.read(size)
+                data = f.read(size)
+                if len(data) != size:
+                    raise SampleError("truncated_shard", f"member .{name} is cut off ({len(data)} of {size} bytes)")
+                return data
 
+            if self.error:
+                raise SampleError("truncated_shard", self.error)
             if "json" not in self.members:
                 raise SampleError("malformed_json", "shard sample has no .json member")
-            obj = Record(self.file, self.line, member("json").decode("utf-8")).parse()
+            obj = Record(self.file, self.line, decode_utf8(member("json"), "the .json member")).parse()
             obj["__media__"] = {name: member(name) for name in self.members if name != "json"}
         return obj
 
@@ -73,17 +78,41 @@ def index_shard(path: Path) -> list[ShardRecord]:
     """Samples of one tar in order: members grouped by key (the name up to its first dot)."""
     records: list[ShardRecord] = []
     by_key: dict[str, ShardRecord] = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key not in by_key:
-                by_key[key] = ShardRecord(str(path), len(records) + 1, "", {})
-                records.append(by_key[key])
-            by_key[key].members[ext] = (m.offset_data, m.size)
+    try:
+        tar = tarfile.open(path, "r:")
+    except tarfile.TarError as e:
+        raise UserError(f"{path}: not a tar shard ({e})") from None
+    with tar:
+        try:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if key not in by_key:
+                    by_key[key] = ShardRecord(str(path), len(records) + 1, "", members={})
+                    records.append(by_key[key])
+                by_key[key].members[ext] = (m.offset_data, m.size)
+            problem = None if _has_end_marker(path) else "it lacks the end-of-archive blocks"
+        except tarfile.TarError as e:
+            problem = str(e)
+    if problem:
+        # a shard cut off mid-write: its complete samples stay readable, and the cut is one counted
+        # skip (how many samples followed is unknown: the message says where it stops)
+        records.append(ShardRecord(str(path), len(records) + 1, "", error=(
+            f"the shard is truncated after {len(records)} samples ({problem}): what followed is lost"), members={}))
     return records
+
+
+def _has_end_marker(path: Path) -> bool:
+    """Whether a tar ends as a finished one does: a whole number of 512-byte blocks, the last two
+    zero (tarfile reads a file cut inside a header as a shorter archive, silently)."""
+    size = path.stat().st_size
+    if size % 512 or size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
 
 
 def read(path) -> list[Record]:
