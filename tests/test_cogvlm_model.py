@@ -309,3 +309,11 @@ def test_vision_and_llm_paths_load_into_cogvlm(tmp_path):
     assert torch.equal(qkv.language_expert_query_key_value.weight[: q.shape[0]], q)
     assert torch.equal(qkv.vision_expert_query_key_value.weight, qkv.language_expert_query_key_value.weight)
     assert torch.equal(model.lm_head.weight, llama.lm_head.weight)
+
+
+def test_model_attention_names_the_packed_backend():
+    from vlmtrain.models.attention import use_packed_attention
+
+    m = build_cogvlm(tiny_cfg(), image_token_id=IMG)
+    use_packed_attention(m, "sdpa")
+    assert {layer.self_attn.packed_backend for layer in m.model.layers} == {"sdpa"}

@@ -305,8 +305,8 @@ class Recorder(Callback):
 
 
 def _train(monkeypatch, overrides, run_dir, recorder):
-    def with_recorder(cfg, rd, *rest):
-        trainer = build_trainer(cfg, rd, *rest)  # the real one, imported before any patch
+    def with_recorder(cfg, rd, *args, **kwargs):  # train passes the logged config and extra callbacks too
+        trainer = build_trainer(cfg, rd, *args, **kwargs)  # the real one, imported before any patch
         trainer.callbacks.insert(0, recorder)
         return trainer
 

@@ -158,6 +158,9 @@ def main():
     extra = ["--device", "cpu"] if args.device == "cpu" else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                TORCHINDUCTOR_COMPILE_THREADS=str(max(1, min(4, cores // max(1, len(runs))))))
+    # packed steps vary in length: without expandable segments the cached blocks fragment, and seven
+    # runs held 23-30 GiB each in stage 1.5 until two died of OOM (2026-12-02, one H200)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     def launch(name: str, r: dict):
         left = args.budget - (time.time() - t0) - 10

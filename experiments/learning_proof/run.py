@@ -348,6 +348,8 @@ def main():
             cfg.run_dir = str(run_dir)
         train(cfg)
         gc.collect()  # the stage's loader (and its persistent workers) goes now, not at exit
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the stage's cached blocks back: other runs share the GPU
         times[stage] = time.time() - t
         curves[stage] = read_curve(run_dir)
         if (run_dir / "metrics.csv").is_file():

@@ -119,7 +119,9 @@ class SourceDataset:
             raise MissingPathError(f"data.datasets.{name}.path: {path} does not exist")
         self.format = cfg.format or guess_format(path)
         self.reader = reader(self.format)
-        self.root = Path(cfg.root).expanduser() if cfg.root else (path if path.is_dir() else path.parent)
+        default_root = getattr(self.reader, "default_root", None)  # a format may place its media elsewhere
+        self.root = Path(cfg.root).expanduser() if cfg.root else (
+            default_root(path) if default_root else path if path.is_dir() else path.parent)
         self.records = self.reader.read(path)
         self._root = os.path.normpath(os.path.abspath(self.root))
         self.pairs = hasattr(self.reader, "to_pair")

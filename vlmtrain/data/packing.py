@@ -57,8 +57,8 @@ def pack_samples(samples: list[EncodedSample], tile_size: int) -> Batch:
     dummy = not tiles
     token_types = positions = None
     if samples[0].token_type_ids is not None:  # CogVLM: each sample's types and own positions
-        token_types = torch.cat([s.token_type_ids for s in samples]).unsqueeze(0)
-        positions = torch.cat([s.position_ids for s in samples]).unsqueeze(0)
+        token_types = torch.cat([s.token_type_ids for s in samples]).unsqueeze(0)  # type: ignore[misc]  # stubs narrower than the code's use
+        positions = torch.cat([s.position_ids for s in samples]).unsqueeze(0)  # type: ignore[misc]  # stubs narrower than the code's use
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     return Batch(

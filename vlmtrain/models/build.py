@@ -13,7 +13,6 @@ from vlmtrain.models.internvl import (
     build_from_config,
     compile_blocks,
     set_activation_checkpointing,
-    transformer_blocks,
 )
 from vlmtrain.models.loading import load_pretrained
 from vlmtrain.models.lora import add_lora
@@ -116,7 +115,8 @@ def configure_training(model: InternVLForConditionalGeneration, cfg: ModelConfig
     if cfg.fuse_vit_qkv:
         fuse_vit_qkv(model)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
-    set_selective_checkpointing(model, [plain(p) for p in cfg.selective_checkpointing], transformer_blocks(model),
+    set_selective_checkpointing(model, [plain(p) for p in cfg.selective_checkpointing],
+                                family_of(model).transformer_blocks(model),
                                 cfg.gradient_checkpointing)
     compile_blocks(model, cfg.compile)
 

@@ -477,6 +477,15 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_attn_implementation(self, attn_implementation):
+        """``vlmtrain.models.attention.use_packed_attention`` names the language model's packed
+        backend (``packed_<backend>``); CogVLM's layers call the attention helpers themselves."""
+        from vlmtrain.models.attention import PREFIX
+
+        name = attn_implementation.get("text_config") if isinstance(attn_implementation, dict) else attn_implementation
+        if isinstance(name, str) and name.startswith(PREFIX):
+            set_packed_backend(self, name[len(PREFIX):])
+
     def forward(self, input_ids=None, pixel_values=None, token_type_ids=None, attention_mask=None,
                 position_ids=None, cache=None, inputs_embeds=None, use_cache=None, labels=None,
                 logits_to_keep=0, **kwargs):
@@ -562,7 +571,7 @@ def cogvlm_config(cfg, image_token_id: int | None) -> CogVLMConfig:
         from vlmtrain.errors import UserError
 
         raise UserError(f"model.llm.config: {sorted(unknown)} do not apply to CogVLM's LLM (keys: {sorted(LLM_KEYS)})")
-    text.pop("model_type", None)
+    text.pop("model_type", None)  # type: ignore[call-arg]  # stubs narrower than the code's use
     vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
                   intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
                   layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)

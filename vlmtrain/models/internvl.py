@@ -145,7 +145,7 @@ def set_activation_checkpointing(model: InternVLForConditionalGeneration, entrie
             share = -1.0
         if not 0.0 < share <= 1.0:
             raise UserError(f"model.gradient_checkpointing: {entry!r}: the fraction must be in (0, 1]")
-        towers[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        towers[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]  # stubs narrower than the code's use
         for i, block in enumerate(blocks[name]):  # block i is checkpointed when i x share crosses an integer
             block.gradient_checkpointing = int((i + 1) * share) > int(i * share)
 

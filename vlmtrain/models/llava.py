@@ -86,7 +86,7 @@ def rename(state: dict, table, what: str) -> dict:
 
 
 def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]  # stubs narrower than the code's use
 
 
 class LlavaFamily(Family):
@@ -133,7 +133,7 @@ class LlavaFamily(Family):
 
     def hf_config(self, cfg, image_token_id: int):
         v = cfg.vision
-        return self.config_class(
+        return self.config_class(  # type: ignore[call-arg]  # stubs narrower than the code's use
             vision_config=self.vision_config(cfg), text_config=self.text_config(cfg), image_token_id=image_token_id,
             projector_hidden_act=cfg.projector_hidden_act, vision_feature_layer=cfg.vision_select_layer,
             vision_feature_select_strategy="default", image_seq_length=(v.image_size // v.patch_size) ** 2,

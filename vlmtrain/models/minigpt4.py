@@ -112,7 +112,7 @@ def _rename(state: dict, table, what: str) -> dict:
 
 
 def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]  # stubs narrower than the code's use
 
 
 class MiniGPT4Family(Family):
@@ -149,7 +149,7 @@ class MiniGPT4Family(Family):
         text = _plain(cfg.llm.config)
         text.setdefault("tie_word_embeddings", False)
         qformer = dict(self.qformer, encoder_hidden_size=v.hidden_size, use_qformer_text_input=False)
-        return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
+        return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,  # type: ignore[call-arg]  # stubs narrower than the code's use
                            num_query_tokens=self.num_query_tokens, image_token_index=image_token_id,
                            tie_word_embeddings=False)
 
@@ -215,7 +215,7 @@ class MiniGPT4Family(Family):
             biases = {}
             for key in [k for k in state if re.match(_V + r"attn\.(q|v)_bias$", k)]:
                 m = re.match(_V + r"attn\.(q|v)_bias$", key)
-                biases.setdefault(m[1], {})[m[2]] = state.pop(key)
+                biases.setdefault(m[1], {})[m[2]] = state.pop(key)  # type: ignore[index]  # stubs narrower than the code's use
             out = _rename(state, MINIGPT4_RENAMES, "MiniGPT-4 checkpoint")
             for i, b in biases.items():
                 out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat(

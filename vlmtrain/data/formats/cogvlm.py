@@ -59,6 +59,12 @@ def claims(path: Path) -> bool:
     return p.is_dir() and (p / "images").is_dir() and any((p / n).is_dir() for n in LABEL_FOLDERS)
 
 
+def default_root(path: Path) -> Path:
+    """The dataset root (where ``images/`` is): the subset folder, also when ``path`` names its label folder."""
+    p = Path(path)
+    return p.parent if _is_label_folder(p) else p
+
+
 def label_folder(path: Path) -> Path:
     """The label folder ``path`` names (see the module's docstring)."""
     p = Path(path)
