@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from vlmtrain.data.collate import Batch, Step
 from vlmtrain.errors import UserError
+from vlmtrain.models.family import family_of
 from vlmtrain.training.loss import per_sample_cross_entropy
 from vlmtrain.training.objective import LossTerms, Objective, supervised_hidden
 
@@ -43,7 +44,8 @@ from vlmtrain.training.objective import LossTerms, Objective, supervised_hidden
 def sample_logps(model, mb: Batch) -> torch.Tensor:
     """(num_samples,) log-probability of each sample's supervised tokens (its answer) under ``model``."""
     hidden, targets, samples = supervised_hidden(model, mb)
-    return -per_sample_cross_entropy(hidden, model.lm_head, targets, samples, len(mb.num_supervised))
+    head = family_of(model).lm_head(model)
+    return -per_sample_cross_entropy(hidden, head, targets, samples, len(mb.num_supervised))
 
 
 def pair_logps(logps: torch.Tensor, mb: Batch) -> torch.Tensor:
