@@ -120,6 +120,17 @@ def test_meta_max_dynamic_patch_must_be_a_positive_integer(tmp_path, bad):
         dataset_configs({"m": {"path": str(tmp_path / "meta.json")}})
 
 
+@pytest.mark.parametrize("entry,match", [({"root": "x"}, "entry 'docs': needs an 'annotation' path"),
+                                         ({"annotation": "a.jsonl", "max_tiles": 4}, "unknown keys \\['max_tiles'\\]")])
+def test_meta_file_problems_are_named_not_a_format_guess(tmp_path, entry, match):
+    """A meta file with a bad entry is reported as that entry's problem, not "cannot guess the format"."""
+    from vlmtrain.data.mixture import dataset_configs
+
+    (tmp_path / "meta.json").write_text(json.dumps({"docs": entry}))
+    with pytest.raises(UserError, match=match):
+        dataset_configs({"m": {"path": str(tmp_path / "meta.json")}})
+
+
 @pytest.mark.parametrize("override,match", [("data.datasets.single.min_tiles=7", "min_tiles <= n_max"),
                                             ("data.datasets.single.template=nope", "template")])
 def test_dataset_settings_fail_before_any_worker(tmp_path, override, match):

@@ -34,7 +34,9 @@ def is_meta_file(path) -> bool:
         obj = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) and "annotation" in v for v in obj.values())
+    # a JSON object of objects is no line format's file: a meta file, and expand_meta names what is
+    # wrong with its entries (a missing annotation, an unknown key) instead of "cannot guess the format"
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) for v in obj.values())
 
 
 def _resolve(base: Path, p: str) -> str:
