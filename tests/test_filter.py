@@ -156,6 +156,7 @@ def test_kept_plus_rejected_is_the_input_for_every_format(defects, tmp_path):
     overrides = [f"out={out}", "~data.datasets.shapes"]
     for name, (path, fmt) in sets.items():
         overrides += [f"+data.datasets.{name}.path={path}", f"+data.datasets.{name}.format={fmt}"]
+    overrides += [f"+data.datasets.swift.root={data.parent}"]  # its absolute image paths lie under that root
     overrides += [f"+data.datasets.lines.root={data.parent}", "+data.datasets.lines.n_max=3",
                   "+data.datasets.lines.repeat=1.5", "+data.datasets.lines.jpeg_augment=false"]
     summary = run(compose_filter(overrides))
