@@ -69,6 +69,7 @@ mode) beside the stage; ``stage.trainable`` names parts, never module names.
 from __future__ import annotations
 
 import importlib
+import re
 from contextlib import nullcontext
 
 import torch
@@ -222,6 +223,28 @@ class Family:
     def flops_dims(self, config):
         """``vlmtrain.training.flops.InternVLDims`` of a built model's config (MFU, rank balance)."""
         raise NotImplementedError
+
+
+def rename_state(state: dict, table, what: str) -> dict:
+    """``state`` with every key renamed by the first matching ``(pattern, replacement)`` of
+    ``table``; a key no rule matches is an error naming ``what`` (a rename table is complete)."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in table:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            raise UserError(f"{what}: no rename rule for key {key!r}")
+    return out
+
+
+def plain_dict(node) -> dict:
+    """A config node (DictConfig or mapping, None as empty) as a plain dict, interpolations resolved."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]  # stubs narrower than the code's use
 
 
 def vision_no_grad(tower: nn.Module):

@@ -22,17 +22,14 @@ Checkpoint layouts read (``LlavaFamily.to_native``; ``from_native`` writes the o
 
 from __future__ import annotations
 
-import re
-
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from vlmtrain.data.images import normalize_pixels
 from vlmtrain.data.placeholders import CLIP_MEAN, CLIP_STD, ImageLayout
 from vlmtrain.errors import UserError
-from vlmtrain.models.family import Family, drop_path_hooks, vision_no_grad
+from vlmtrain.models.family import Family, drop_path_hooks, plain_dict, rename_state, vision_no_grad
 
 IMAGE_TOKEN = "<image>"
 
@@ -72,23 +69,6 @@ CLIP_L_336 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16
 """openai/clip-vit-large-patch14-336's vision tower (what the original LLaVA configs name)."""
 
 
-def rename(state: dict, table, what: str) -> dict:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in table:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            raise UserError(f"{what}: no rename rule for key {key!r}")
-    return out
-
-
-def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]  # stubs narrower than the code's use
-
-
 class LlavaFamily(Family):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``). Settings: ``projector_bias`` (the
     mlp2x_gelu Linears have biases)."""
@@ -121,10 +101,10 @@ class LlavaFamily(Family):
         return dict(model_type="clip_vision_model", hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
                     num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
                     image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
-                    layer_norm_eps=v.layer_norm_eps, **_plain(v.config))
+                    layer_norm_eps=v.layer_norm_eps, **plain_dict(v.config))
 
     def text_config(self, cfg) -> dict:
-        text = _plain(cfg.llm.config)
+        text = plain_dict(cfg.llm.config)
         text.setdefault("tie_word_embeddings", False)
         return text
 
@@ -187,9 +167,9 @@ class LlavaFamily(Family):
             if not any(k.startswith("model.vision_tower.vision_tower.") for k in keys):
                 return dict(state)
         if any(k.startswith(("vision_tower.", "multi_modal_projector.", "language_model.")) for k in keys):
-            return rename(state, HF_HUB_RENAMES, "LLaVA-hf checkpoint")
+            return rename_state(state, HF_HUB_RENAMES, "LLaVA-hf checkpoint")
         if any(k.startswith(("model.mm_projector.", "model.vision_tower.vision_tower.")) for k in keys):
-            return rename(state, ORIGINAL_RENAMES, "original LLaVA checkpoint")
+            return rename_state(state, ORIGINAL_RENAMES, "original LLaVA checkpoint")
         if any(k.startswith("vision_model.") for k in keys):  # CLIP: its vision half
             return {("model.vision_tower." + k.removeprefix("vision_model.") if k.startswith("vision_model.")
                      else "clip." + k): v for k, v in state.items()}
@@ -198,7 +178,7 @@ class LlavaFamily(Family):
         raise UserError(f"unknown LLaVA checkpoint layout (first keys: {keys[:3]})")
 
     def from_native(self, state: dict) -> dict:
-        return rename(state, NATIVE_TO_ORIGINAL, "native LLaVA state")
+        return rename_state(state, NATIVE_TO_ORIGINAL, "native LLaVA state")
 
     def config_from_checkpoint(self, c: dict, cfg_file) -> dict:
         from vlmtrain.models.loading import llm_kwargs

@@ -31,7 +31,6 @@ import re
 from contextlib import nullcontext
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Blip2Config, Blip2ForConditionalGeneration
@@ -39,7 +38,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 from vlmtrain.data.images import normalize_pixels
 from vlmtrain.data.placeholders import CLIP_MEAN, CLIP_STD, ImageLayout
 from vlmtrain.errors import UserError
-from vlmtrain.models.family import Family, drop_path_hooks, vision_no_grad
+from vlmtrain.models.family import Family, drop_path_hooks, plain_dict, rename_state, vision_no_grad
 
 IMAGE_TOKEN = "<ImageHere>"
 
@@ -98,23 +97,6 @@ frozen Q-Former in eval mode (``disabled_train``); set ``family.qformer.hidden_d
 (BLIP-2's) for a stage that trains it."""
 
 
-def _rename(state: dict, table, what: str) -> dict:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in table:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            raise UserError(f"{what}: no rename rule for key {key!r}")
-    return out
-
-
-def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]  # stubs narrower than the code's use
-
-
 class MiniGPT4Family(Family):
     """MiniGPT-4 (``Blip2ForConditionalGeneration``). Settings: ``num_query_tokens`` (32) and
     ``qformer`` (Q-Former config keywords over BLIP-2's, ``QFORMER``)."""
@@ -145,8 +127,8 @@ class MiniGPT4Family(Family):
         vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
                       num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
                       image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
-                      layer_norm_eps=v.layer_norm_eps, qkv_bias=v.attention_bias, **_plain(v.config))
-        text = _plain(cfg.llm.config)
+                      layer_norm_eps=v.layer_norm_eps, qkv_bias=v.attention_bias, **plain_dict(v.config))
+        text = plain_dict(cfg.llm.config)
         text.setdefault("tie_word_embeddings", False)
         qformer = dict(self.qformer, encoder_hidden_size=v.hidden_size, use_qformer_text_input=False)
         return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,  # type: ignore[call-arg]  # stubs narrower than the code's use
@@ -216,7 +198,7 @@ class MiniGPT4Family(Family):
             for key in [k for k in state if re.match(_V + r"attn\.(q|v)_bias$", k)]:
                 m = re.match(_V + r"attn\.(q|v)_bias$", key)
                 biases.setdefault(m[1], {})[m[2]] = state.pop(key)  # type: ignore[index]  # stubs narrower than the code's use
-            out = _rename(state, MINIGPT4_RENAMES, "MiniGPT-4 checkpoint")
+            out = rename_state(state, MINIGPT4_RENAMES, "MiniGPT-4 checkpoint")
             for i, b in biases.items():
                 out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat(
                     [b["q"], torch.zeros_like(b["v"]), b["v"]])
@@ -234,7 +216,7 @@ class MiniGPT4Family(Family):
             if k.abs().max() > 0:
                 raise UserError(f"{key}: the k bias is not zero; EVA's attention (MiniGPT-4's layout) has none")
             biases[i] = (q, v)
-        out = _rename(state, NATIVE_TO_MINIGPT4, "native Blip2 state")
+        out = rename_state(state, NATIVE_TO_MINIGPT4, "native Blip2 state")
         for i, (q, v) in biases.items():
             out[f"visual_encoder.blocks.{i}.attn.q_bias"] = q.clone()
             out[f"visual_encoder.blocks.{i}.attn.v_bias"] = v.clone()
