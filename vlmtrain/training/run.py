@@ -202,4 +202,14 @@ def _train(cfg: TrainConfig, composed, run_dir: Path, callbacks: list | None = N
         tail = module.meter.losses[-10:]
         final = f", final loss {sum(x[1] for x in tail) / len(tail):.4f} (mean of the last {len(tail)} logged steps)" if tail else ""
         print(f"[vlmtrain] finished: {trainer.global_step} steps{final}; {run_dir / 'summary.json'}", flush=True)
+    _close_process_group()
     return run_dir
+
+
+def _close_process_group() -> None:
+    """Every rank waits for the others, then the process group is torn down before the interpreter exits:
+    a gloo/NCCL group left alive at exit can abort a rank in its C++ destructors ('terminate called without
+    an active exception', exit -6) after a run that finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
