@@ -1,9 +1,11 @@
-"""Lightning's DeepSpeedStrategy allowed on CPU processes (DS_ACCELERATOR=cpu, gloo): for tests only."""
+"""vlmtrain's DeepSpeed strategy (Lightning's, resuming with weights_only) allowed on CPU processes (DS_ACCELERATOR=cpu, gloo): for tests only."""
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy
+
+from vlmtrain.training.strategies import SafeDeepSpeedStrategy
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class CPUDeepSpeedStrategy(SafeDeepSpeedStrategy):
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # Lightning's check refuses CPUs; DeepSpeed itself runs there
 

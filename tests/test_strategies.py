@@ -152,6 +152,51 @@ def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
         _assert_same_adapter(single, tmp_path / "ds", rtol=1e-4, atol=1e-6)
 
 
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted checkpoint does: run code when unpickled
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_resume_reads_the_folder_with_weights_only(tmp_path, zero):
+    """resume=auto of a DeepSpeed run: the engine's checkpoint loads (weights_only=False in DeepSpeed)
+    read every shard with weights_only. A real folder resumes (the safe types suffice); one whose model
+    states hold a pickled payload is refused with a one-line error and the payload never runs."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
+           "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
+    run = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "vlmtrain", "stage=instruction_tuning", *SMALL, f"hardware=deepspeed_zero{zero}",
+           "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
+           "hardware.strategy.config.bf16.enabled=false", "hardware.strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy",
+           f"hydra.run.dir={run}"]
+
+    def vlmtrain(*extra):
+        return subprocess.run([*cmd, *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    out = vlmtrain("stage.max_steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    states = sorted((run / "checkpoints" / "last.ckpt" / "checkpoint").glob("*model_states.pt"))
+    assert len(states) == (2 if zero == 3 else 1)  # ZeRO-3 keeps one per rank
+    out = vlmtrain("stage.max_steps=3", "resume=auto", "resume_changes=[stage.max_steps]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(_losses(run)) == 3  # two steps, then one more after the resume
+
+    marker = tmp_path / "pwned"
+    for path in states:  # every rank reads its own
+        client = torch.load(path, map_location="cpu", weights_only=False)
+        client["x"] = _Payload(str(marker))
+        torch.save(client, path)
+    out = vlmtrain("stage.max_steps=4", "resume=auto", "resume_changes=[stage.max_steps]")
+    assert out.returncode != 0
+    assert "refused" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("hardware", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 @pytest.mark.parametrize("stage", ["mlp_warmup", "instruction_tuning"])
 def test_scaleout_experiment_composes_and_builds(hardware, stage):

@@ -20,6 +20,8 @@ training, inference) can use it without an import cycle.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -185,14 +187,13 @@ def _deepspeed_safe_globals() -> list:
     return allowed
 
 
-def read_deepspeed_folder(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights gathered from the ZeRO partitions of a DeepSpeed checkpoint folder, with
-    every shard read by ``torch.load(weights_only=True)``: DeepSpeed's own ``zero_to_fp32`` loads
-    them as pickles (``weights_only=False``), so a crafted shard would run code. A shard that needs
-    more than tensors and plain data is refused."""
+@contextmanager
+def deepspeed_weights_only(ckpt: Path, key: str) -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's ``zero_to_fp32`` and its engine's checkpoint loads, which
+    pass ``weights_only=False``) reads with ``weights_only=True``, allowing only the plain types of
+    ``_deepspeed_safe_globals``: a crafted shard runs no code, and one that needs more is refused
+    naming ``key`` and the folder."""
     import pickle
-
-    from deepspeed.utils import zero_to_fp32
 
     real_load = torch.load
 
@@ -200,16 +201,25 @@ def read_deepspeed_folder(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
         kwargs["weights_only"] = True
         return real_load(*args, **kwargs)
 
-    zero_to_fp32.torch.load = load  # the module's torch is the torch module: restored below
+    torch.load = load  # DeepSpeed calls torch.load by attribute: restored below
     try:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+            yield
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{key}: {ckpt}: a shard of this DeepSpeed checkpoint holds objects that only an "
                         f"unrestricted pickle load could read (which can run code), refused: {first}") from None
     finally:
-        zero_to_fp32.torch.load = real_load
+        torch.load = real_load
+
+
+def read_deepspeed_folder(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights gathered from the ZeRO partitions of a DeepSpeed checkpoint folder, every
+    shard read with ``weights_only`` (DeepSpeed's own ``zero_to_fp32`` would unpickle them)."""
+    from deepspeed.utils import zero_to_fp32
+
+    with deepspeed_weights_only(ckpt, key):
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
 
 
 def read_weights(ckpt: Path, key: str) -> dict[str, torch.Tensor]:

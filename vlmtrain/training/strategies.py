@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -309,6 +310,18 @@ class DeepSpeedSteps(StepProtocol):
         opt.step()  # the engine clips (config gradient_clipping) and steps at the boundary
         norm = self.strategy.model.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+
+class SafeDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy whose resume runs no pickled code: the engine's checkpoint loads
+    (``weights_only=False`` in DeepSpeed) read every shard of the folder with ``weights_only`` and the
+    few plain DeepSpeed types allowed, and a shard that needs more is refused (a one-line error)."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from vlmtrain.models.run_checkpoint import deepspeed_weights_only
+
+        with deepspeed_weights_only(Path(checkpoint_path), "resume"):
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
 
 def step_protocol(strategy) -> StepProtocol:
