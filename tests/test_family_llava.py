@@ -151,6 +151,26 @@ def test_rename_tables_both_ways(tmp_path):
     assert all(torch.equal(loaded[k], native[k]) for k in native if k.startswith("model.vision_tower."))
 
 
+def test_a_pretrain_stage_projector_file_loads_by_path(tmp_path):
+    """LLaVA's pretrain stage writes mm_projector.bin (model.mm_projector.{0,2}.*, torch.save of a
+    plain dict); finetune starts from it: model.projector_path loads it over CLIP + Vicuna."""
+    from vlmtrain.models.build import build_model, load_tokenizer
+
+    cfg = compose_config(["model=llava_tiny"])
+    tok = load_tokenizer(cfg.model)
+    trained = build_model(cfg.model, tok, seed=3)
+    original = family_of(trained).from_native(trained.state_dict())
+    torch.save({k: v.clone() for k, v in original.items() if k.startswith("model.mm_projector.")},
+               tmp_path / "mm_projector.bin")
+    cfg.model.projector_path, cfg.model.allow_pickle = str(tmp_path / "mm_projector.bin"), True
+    loaded = build_model(cfg.model, tok, seed=9).state_dict()
+    fresh = build_model(compose_config(["model=llava_tiny"]).model, tok, seed=9).state_dict()
+    native = trained.state_dict()
+    assert any(k.startswith("model.multi_modal_projector.") for k in loaded)
+    for k, v in loaded.items():
+        assert torch.equal(v, native[k] if k.startswith("model.multi_modal_projector.") else fresh[k]), k
+
+
 def _losses(run_dir):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]

@@ -113,6 +113,33 @@ def test_rename_table_both_ways(tmp_path):
     assert all(torch.equal(loaded[k], native[k]) for k in native)
 
 
+def test_the_released_projection_alone_loads_by_path(tmp_path):
+    """pretrained_minigpt4*.pth holds {"model": {llama_proj.weight, llama_proj.bias}} (LAVIS's save):
+    model.projector_path loads it over the rest (BLIP-2's visual side, Vicuna), pickle only when allowed."""
+    from vlmtrain.errors import UserError
+    from vlmtrain.models.build import build_model, load_tokenizer
+
+    cfg = compose_config(["model=minigpt4_tiny"])
+    tok = load_tokenizer(cfg.model)
+    trained = build_model(cfg.model, tok, seed=3).state_dict()
+    proj = {"llama_proj.weight": trained["language_projection.weight"].clone(),
+            "llama_proj.bias": trained["language_projection.bias"].clone()}
+    torch.save({"model": proj, "epoch": 4, "config": {"run": {"lr": 1e-4}}}, tmp_path / "pretrained_minigpt4.pth")
+    cfg.model.projector_path = str(tmp_path / "pretrained_minigpt4.pth")
+    with pytest.raises(UserError, match="allow_pickle"):
+        build_model(cfg.model, tok, seed=9)
+    cfg.model.allow_pickle = True
+    loaded = build_model(cfg.model, tok, seed=9).state_dict()
+    fresh = build_model(compose_config(["model=minigpt4_tiny"]).model, tok, seed=9).state_dict()
+    for k, v in loaded.items():  # the projection is the file's, everything else the seed-9 init
+        want = trained[k] if k.startswith("language_projection.") else fresh[k]
+        assert torch.equal(v, want), k
+    torch.save({"model": {"llama_model.lm_head.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    cfg.model.projector_path = str(tmp_path / "other.pth")
+    with pytest.raises(UserError, match="holds no multi_modal_projector weights"):
+        build_model(cfg.model, tok, seed=9)
+
+
 def _losses(run_dir):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]

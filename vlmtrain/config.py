@@ -266,6 +266,10 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     downsample_ratio: float = 0.5
     projector_hidden_act: str = "gelu"
+    projector_path: str | None = None
+    """Load the projector alone, over what ``path`` / ``vision.path`` / ``llm.path`` loaded: a file
+    that holds only it, as LLaVA's pretrain stage writes (``mm_projector.bin``) and MiniGPT-4 releases
+    (``pretrained_minigpt4*.pth``: ``llama_proj``); pickle files need ``allow_pickle``."""
     vision_select_layer: int = -1
     template: Template = Template("internvl2_5")
     image_mode: str = "tile"

@@ -82,7 +82,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0) -> InternVLForCondit
         )
     # a whole checkpoint overwrites every weight (strictly checked): skip the random init
     model = build_from_config(cfg, image_token_id, seed, init_weights=not cfg.path)
-    if cfg.path or cfg.vision.path or cfg.llm.path:
+    if cfg.path or cfg.vision.path or cfg.llm.path or cfg.projector_path:
         load_pretrained(model, cfg)
     if cfg.init_dtype:
         round_weights(model, cfg.init_dtype)

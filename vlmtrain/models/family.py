@@ -124,7 +124,7 @@ class Family:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.model_class(config)
-        self.init_weights(model, cfg)
+            self.init_weights(model, cfg)  # under the same seed: its draws (MiniGPT-4's queries) too
         return self.attach(model if device is None else model.to(device))
 
     def attach(self, model):

@@ -76,7 +76,9 @@ def read_state_dict(path: str | Path, key: str, allow_pickle: bool = False) -> d
             state.update(load_file(str(f)))
         else:
             obj = torch.load(f, map_location="cpu", weights_only=True)
-            state.update(obj.get("state_dict", obj) if isinstance(obj, dict) else obj)
+            if isinstance(obj, dict):  # Lightning's {"state_dict": ...}, LAVIS / MiniGPT-4's {"model": ...}
+                obj = obj.get("state_dict", obj["model"] if isinstance(obj.get("model"), dict) else obj)
+            state.update(obj)
     return state
 
 
@@ -272,37 +274,42 @@ def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, so
 
 def load_pretrained(model: torch.nn.Module, cfg) -> None:
     """Load what the ModelConfig names: a whole checkpoint (``model.path``), then the vision tower
-    (``model.vision.path``: a ViT or whole VLM) and the LLM (``model.llm.path``) over it. A part that
+    (``model.vision.path``: a ViT or whole VLM), the LLM (``model.llm.path``) and the projector
+    (``model.projector_path``) over it. A part that
     no path names keeps its random init (e.g. the projector of a composed stage-1 model). Every
     layout goes through the family's rename tables (``Family.to_native``)."""
     from vlmtrain.models.family import family_of
 
     fam = family_of(model)
-    prefixes = fam.part_prefixes()
     text_config = model.config.text_config
     if cfg.path:
         state = fam.to_native(read_state_dict(cfg.path, "model.path", cfg.allow_pickle), text_config)
         load_strict(model, state, f"model.path={cfg.path}")
     if cfg.vision.path:
-        vision = tuple(prefixes["vision_tower"])
-        state = fam.to_native(read_state_dict(cfg.vision.path, "model.vision.path", cfg.allow_pickle), text_config)
-        state = {k: v for k, v in state.items() if k.startswith(vision)}
-        if not state:
-            raise UserError(f"model.vision.path={cfg.vision.path}: holds no vision-tower weights")
-        load_strict(model, state, f"model.vision.path={cfg.vision.path}", list(vision))
+        load_strict(model, *_part_state(fam, cfg.vision.path, "model.vision.path", "vision_tower", model, cfg))
     if cfg.llm.path:
-        llm = tuple(prefixes["language_model"])
         embed, head = fam.embedding_keys()
-        state = fam.to_native(read_state_dict(cfg.llm.path, "model.llm.path", cfg.allow_pickle), text_config)
-        state = {k: v for k, v in state.items() if k.startswith(llm)}
-        if not state:
-            raise UserError(f"model.llm.path={cfg.llm.path}: holds no language-model weights")
+        state, key, part = _part_state(fam, cfg.llm.path, "model.llm.path", "language_model", model, cfg)
         if head not in state and getattr(text_config, "tie_word_embeddings", False) is False:
             emb = state.get(embed)
             if emb is not None:  # a tied-embedding LLM (e.g. Qwen2.5-0.5B): untie by copying
                 state[head] = emb.clone()
-        state = resize_vocab_rows(state, model, f"model.llm.path={cfg.llm.path}", (embed, head))
-        load_strict(model, state, f"model.llm.path={cfg.llm.path}", list(llm))
+        state = resize_vocab_rows(state, model, key, (embed, head))
+        load_strict(model, state, key, part)
+    if cfg.projector_path:
+        load_strict(model, *_part_state(fam, cfg.projector_path, "model.projector_path", "multi_modal_projector",
+                                        model, cfg))
+
+
+def _part_state(fam, path: str, key: str, part: str, model, cfg) -> tuple[dict, str, list[str]]:
+    """The weights of one part (``vision_tower``, ``language_model``, ``multi_modal_projector``) in the
+    file ``path`` names, renamed by the family: (state, source for errors, the part's prefixes)."""
+    prefixes = tuple(fam.part_prefixes()[part])
+    state = fam.to_native(read_state_dict(path, key, cfg.allow_pickle), model.config.text_config)
+    state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if not state:
+        raise UserError(f"{key}={path}: holds no {part} weights")
+    return state, f"{key}={path}", list(prefixes)
 
 
 # -- configs of checkpoints -------------------------------------------------------------------------
