@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -133,6 +134,19 @@ def test_fused_vit_qkv_computes_the_same_and_keeps_the_state_dict():
     _, _, other = tiny_model("model.fuse_vit_qkv=true", "seed=1")
     other.load_state_dict(sd_plain, strict=True)
     assert all(torch.equal(v, sd_plain[k]) for k, v in other.state_dict().items())
+
+
+def test_fused_vit_qkv_is_internvl_only_and_other_levers_serve_every_family():
+    """fuse_vit_qkv replaces InternViT's attention forward: another family's ViT is refused in one
+    line. Selective checkpointing (the family's blocks) and bf16 compute weights are generic."""
+    from vlmtrain.errors import UserError
+
+    with pytest.raises(UserError, match="fuse_vit_qkv=true: InternVL's ViT only; LlavaForConditionalGeneration"):
+        tiny_model("model=llava_tiny", "model.fuse_vit_qkv=true")
+    _, _, model = tiny_model("model=llava_tiny", "model.selective_checkpointing=[language_model]",
+                             "model.compute_dtype=bfloat16")
+    assert all(isinstance(b.forward, functools.partial) for b in model.model.language_model.layers)
+    assert next(model.parameters()).dtype == torch.bfloat16
 
 
 # -- selective activation checkpointing -------------------------------------------------------------------

@@ -20,7 +20,11 @@ def fuse_vit_qkv(model) -> int:
     """One (3d x d) matmul per ViT layer for q, k and v instead of three: each attention's
     ``q_proj``/``k_proj``/``v_proj`` become one ``qkv`` Linear. The state dict keeps the three
     names (split on save, fused on load), so checkpoints, exports and LoRA-free loading are
-    unchanged. Returns the number of layers fused."""
+    unchanged. InternViT only (its attention's forward is the one replaced): other families' ViTs
+    (CLIP, EVA, EVA2-CLIP) are refused. Returns the number of layers fused."""
+    if type(model).__name__ != "InternVLForConditionalGeneration":
+        raise UserError(f"model.fuse_vit_qkv=true: InternVL's ViT only; {type(model).__name__} keeps its q/k/v "
+                        "(set model.fuse_vit_qkv=false)")
     n = 0
     for layer in model.model.vision_tower.encoder.layer:
         attn = layer.attention
