@@ -275,9 +275,9 @@ def resize_vocab_rows(state: dict[str, torch.Tensor], model: torch.nn.Module, so
 def load_pretrained(model: torch.nn.Module, cfg) -> None:
     """Load what the ModelConfig names: a whole checkpoint (``model.path``), then the vision tower
     (``model.vision.path``: a ViT or whole VLM), the LLM (``model.llm.path``) and the projector
-    (``model.projector_path``) over it. A part that
-    no path names keeps its random init (e.g. the projector of a composed stage-1 model). Every
-    layout goes through the family's rename tables (``Family.to_native``)."""
+    (``model.projector_path``) over it. A part that no path names keeps its random init (e.g. the
+    projector of a composed stage-1 model). Every layout goes through the family's rename tables
+    (``Family.to_native``)."""
     from vlmtrain.models.family import family_of
 
     fam = family_of(model)
@@ -286,10 +286,12 @@ def load_pretrained(model: torch.nn.Module, cfg) -> None:
         state = fam.to_native(read_state_dict(cfg.path, "model.path", cfg.allow_pickle), text_config)
         load_strict(model, state, f"model.path={cfg.path}")
     if cfg.vision.path:
-        load_strict(model, *_part_state(fam, cfg.vision.path, "model.vision.path", "vision_tower", model, cfg))
+        load_strict(model, *_part_state(fam, cfg.vision.path, "model.vision.path", "vision_tower", text_config,
+                                        cfg.allow_pickle))
     if cfg.llm.path:
         embed, head = fam.embedding_keys()
-        state, key, part = _part_state(fam, cfg.llm.path, "model.llm.path", "language_model", model, cfg)
+        state, key, part = _part_state(fam, cfg.llm.path, "model.llm.path", "language_model", text_config,
+                                       cfg.allow_pickle)
         if head not in state and getattr(text_config, "tie_word_embeddings", False) is False:
             emb = state.get(embed)
             if emb is not None:  # a tied-embedding LLM (e.g. Qwen2.5-0.5B): untie by copying
@@ -298,14 +300,14 @@ def load_pretrained(model: torch.nn.Module, cfg) -> None:
         load_strict(model, state, key, part)
     if cfg.projector_path:
         load_strict(model, *_part_state(fam, cfg.projector_path, "model.projector_path", "multi_modal_projector",
-                                        model, cfg))
+                                        text_config, cfg.allow_pickle))
 
 
-def _part_state(fam, path: str, key: str, part: str, model, cfg) -> tuple[dict, str, list[str]]:
+def _part_state(fam, path: str, key: str, part: str, text_config, allow_pickle: bool) -> tuple[dict, str, list[str]]:
     """The weights of one part (``vision_tower``, ``language_model``, ``multi_modal_projector``) in the
     file ``path`` names, renamed by the family: (state, source for errors, the part's prefixes)."""
     prefixes = tuple(fam.part_prefixes()[part])
-    state = fam.to_native(read_state_dict(path, key, cfg.allow_pickle), model.config.text_config)
+    state = fam.to_native(read_state_dict(path, key, allow_pickle), text_config)
     state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     if not state:
         raise UserError(f"{key}={path}: holds no {part} weights")

@@ -9,7 +9,11 @@ from types import MethodType
 
 import torch
 from torch import nn
-from transformers.models.internvl.modeling_internvl import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+from transformers.models.internvl.modeling_internvl import (
+    ALL_ATTENTION_FUNCTIONS,
+    InternVLForConditionalGeneration,
+    eager_attention_forward,
+)
 
 from vlmtrain.errors import UserError
 
@@ -22,7 +26,7 @@ def fuse_vit_qkv(model) -> int:
     names (split on save, fused on load), so checkpoints, exports and LoRA-free loading are
     unchanged. InternViT only (its attention's forward is the one replaced): other families' ViTs
     (CLIP, EVA, EVA2-CLIP) are refused. Returns the number of layers fused."""
-    if type(model).__name__ != "InternVLForConditionalGeneration":
+    if not isinstance(model, InternVLForConditionalGeneration):
         raise UserError(f"model.fuse_vit_qkv=true: InternVL's ViT only; {type(model).__name__} keeps its q/k/v "
                         "(set model.fuse_vit_qkv=false)")
     n = 0

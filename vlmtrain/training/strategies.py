@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 
 from vlmtrain.errors import UserError
+from vlmtrain.models.run_checkpoint import deepspeed_weights_only
 
 log = logging.getLogger("vlmtrain")
 
@@ -318,8 +319,6 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
     few plain DeepSpeed types allowed, and a shard that needs more is refused (a one-line error)."""
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        from vlmtrain.models.run_checkpoint import deepspeed_weights_only
-
         with deepspeed_weights_only(Path(checkpoint_path), "resume"):
             return super().load_checkpoint(checkpoint_path, weights_only)
 
