@@ -1,4 +1,4 @@
-"""The LLaVA and MiniGPT-4 families under FSDP2 on two CPU ranks, packed: the same losses and
+"""The LLaVA (1.5 and NeXT's anyres) and MiniGPT-4 families under FSDP2 on two CPU ranks, packed: the same losses and
 the same whole checkpoint as one process (the InternVL cases are tests/test_strategies.py)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from conftest import compose_config
 from vlmtrain.training.run import train
 
 CASES = {"llava": ["model=llava_tiny", "stage=llava_finetune"],
+         "llava_next": ["model=llava_next_tiny", "stage=llava_next_finetune", "optim.lr=1e-3"],
          "minigpt4": ["model=minigpt4_tiny", "stage=minigpt4_stage2", "optim.lr=1e-3"]}
 
 

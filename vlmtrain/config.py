@@ -274,7 +274,7 @@ class ModelConfig:
     template: Template = Template("internvl2_5")
     image_mode: str = "tile"
     """How an image becomes tiles at inference (chat, eval) and, by default, in training
-    (``data.image_mode``): tile, pad, crop or resize (``vlmtrain.data.tiling.IMAGE_MODES``)."""
+    (``data.image_mode``): tile, anyres, pad, crop or resize (``vlmtrain.data.tiling.IMAGE_MODES``)."""
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -382,7 +382,9 @@ class DataConfig(Checked):
     image_mode: str | None = None
     """How an image becomes the ViT's tiles (``vlmtrain.data.tiling.IMAGE_MODES``); None: the
     model's (``model.image_mode``, carried by the family's ImageLayout). ``tile``
-    (InternVL's dynamic tiling, n_max tiles + thumbnail), ``pad`` (LLaVA's pad to square with the
+    (InternVL's dynamic tiling, n_max tiles + thumbnail), ``anyres`` (LLaVA-NeXT's grid at the
+    best of the model's pinpoints + a whole-image tile first; n_max and min_tiles do not apply,
+    videos are skipped as ``bad_media``), ``pad`` (LLaVA's pad to square with the
     mean colour, one tile), ``crop`` (CLIP's shortest side to the tile size, centre crop, one
     tile) or ``resize`` (squashed to the tile, one tile: BLIP-2 / MiniGPT-4)."""
     fast_resize: bool = False

@@ -43,6 +43,10 @@ class Batch:
     """Preference batches: (num_pairs, 2) sample indices of each pair's (chosen, rejected)."""
     ref_logps: torch.Tensor | None = None
     """Preference batches with precomputed reference log-probs: (num_pairs, 2) (chosen, rejected)."""
+    image_sizes: list[tuple[int, int]] | None = None
+    """Anyres layouts (LLaVA-NeXT): each image's original (height, width) in text order, as the
+    model's feature packing takes them (a host list: reading it needs no device sync); None:
+    every image is ``tokens_per_tile`` features per tile."""
 
     def __post_init__(self):
         if self.supervised_positions is None:
@@ -150,7 +154,13 @@ def pad_batch(samples: list[EncodedSample], pad_id: int, tile_size: int, pad_mul
         sample_index=torch.arange(rows).unsqueeze(1).expand(rows, length).clone(),
         datasets=[s.dataset for s in samples],
         token_type_ids=token_type_ids,
+        image_sizes=image_sizes_of(samples),
     )
+
+
+def image_sizes_of(samples: list[EncodedSample]) -> list[tuple[int, int]] | None:
+    """The samples' anyres image sizes in text order (None when they have none)."""
+    return [size for s in samples for size in s.image_sizes] or None
 
 
 def pair_layout(pairs: list[PairSample]) -> tuple[list[EncodedSample], torch.Tensor, torch.Tensor | None,

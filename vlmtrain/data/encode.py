@@ -37,6 +37,9 @@ class EncodedSample:
     position_ids: torch.Tensor | None = None
     """Layouts with ``token_types``: the sample's own position ids (image positions share one);
     None: 0, 1, 2, ..."""
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    """Anyres layouts (LLaVA-NeXT): each image's original (height, width), in placeholder order;
+    the model packs an image's tile features by it. Empty otherwise."""
 
     @property
     def num_supervised(self) -> int:
@@ -94,13 +97,14 @@ class ConversationEncoder:
         self.img_context = self.renderer.img_context
 
     def encode(self, conv: Conversation, template: ChatTemplate, num_tiles: list[int], system: str | None,
-               frames: list[int] = ()):
+               frames: list[int] = (), image_sizes=()):
         """Returns (input_ids, labels) as int64 tensors. num_tiles: tiles per <image> once videos
-        are expanded, in order; frames: frames per <video>.
+        are expanded, in order; frames: frames per <video>; image_sizes: an anyres layout's
+        original (height, width) per image.
 
         ``self.last_truncated`` tells whether trailing turns were dropped (data.too_long)."""
         self.last_truncated = False
-        r = self.renderer.render(conv, template, num_tiles, frames, system)
+        r = self.renderer.render(conv, template, num_tiles, frames, system, image_sizes)
         ids, labels = r.input_ids, r.labels
         if len(ids) > self.max_seq_len:
             ids, labels = self._fit(ids, labels, r.turn_ends)

@@ -185,7 +185,7 @@ class MixtureDataset:
                 source.reference.check(self.reference_settings(source))
         self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
         self.layout = self.encoder.layout
-        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode)
+        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode, self.layout)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -251,8 +251,8 @@ class MixtureDataset:
         conv = source.reader.to_conversation(record.parse(), source.root)
         conv.check()
         source.confine(conv, self.cfg.media_outside_root)
-        tiles, num_tiles, frames_per_video = self._media(source, conv, rng, frames_seed, pixels)
-        return self._encode(source, conv, tiles, num_tiles, frames_per_video)
+        media = self._media(source, conv, rng, frames_seed, pixels)
+        return self._encode(source, conv, *media)
 
     def _build_pair(self, source: SourceDataset, record, rng: random.Random, frames_seed: int,
                     pixels: bool) -> PairSample:
@@ -260,18 +260,18 @@ class MixtureDataset:
         chosen, rejected = source.reader.to_pair(record.parse(), source.root)
         chosen.check()
         rejected.check()
-        tiles, num_tiles, frames_per_video = self._media(source, chosen, rng, frames_seed, pixels)
-        c = self._encode(source, chosen, tiles, num_tiles, frames_per_video)
-        r = self._encode(source, rejected, [], num_tiles, frames_per_video)
+        tiles, num_tiles, frames_per_video, sizes = self._media(source, chosen, rng, frames_seed, pixels)
+        c = self._encode(source, chosen, tiles, num_tiles, frames_per_video, sizes)
+        r = self._encode(source, rejected, [], num_tiles, frames_per_video, sizes)
         if c.truncated or r.truncated:  # dropping turns would drop the answers the pair compares
             raise SampleError("too_long", f"a pair longer than data.max_seq_len={self.cfg.max_seq_len}")
         return PairSample(c, r, source.reader.reference_of(source.reference, record))
 
-    def _encode(self, source: SourceDataset, conv, tiles, num_tiles, frames_per_video) -> EncodedSample:
+    def _encode(self, source: SourceDataset, conv, tiles, num_tiles, frames_per_video, image_sizes) -> EncodedSample:
         d = source.cfg
         template = get_template(d.template or self.cfg.template)
         system = d.system if d.system is not None else self.cfg.system
-        input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video)
+        input_ids, labels = self.encoder.encode(conv, template, num_tiles, system, frames_per_video, image_sizes)
         token_types = positions = None
         if self.layout.token_types:  # CogVLM: the visual expert's routing and its position-id rule
             token_types, positions = sample_token_types(input_ids, self.encoder.img_context)
@@ -284,10 +284,12 @@ class MixtureDataset:
             truncated=self.encoder.last_truncated,
             token_type_ids=token_types,
             position_ids=positions,
+            image_sizes=list(image_sizes),
         )
 
     def _media(self, source: SourceDataset, conv, rng: random.Random, frames_seed: int, pixels: bool = True):
-        """(tiles, tiles per image or frame, frames per video) of a conversation's media, in order."""
+        """(tiles, tiles per image or frame, frames per video, anyres images' (height, width)) of a
+        conversation's media, in order."""
         d = source.cfg
         media = conv.media()
         per_image = tiles_per_image(len(conv.images), d.n_max) if conv.images else 0
@@ -296,8 +298,21 @@ class MixtureDataset:
         jpeg_images = self.training and d.jpeg_augment is not False
         jpeg_frames = self.training and d.jpeg_augment is True
         tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
+        sizes: list[tuple[int, int]] = []
+        anyres = self.layout.anyres
         for kind, src in media:
-            if kind == "image" and self.image_mode != "tile":
+            if kind == "image" and self.image_mode == "anyres":
+                if not pixels:
+                    w, h = image_size(src)
+                    num_tiles.append(anyres.num_tiles(h, w))
+                else:
+                    img = load_image(src)
+                    w, h = img.size
+                    img_tiles = anyres.tiles(img)
+                    tiles += [jpeg_reencode(t, rng) for t in img_tiles] if jpeg_images else img_tiles
+                    num_tiles.append(len(img_tiles))
+                sizes.append((h, w))
+            elif kind == "image" and self.image_mode != "tile":
                 if not pixels:
                     image_size(src)  # the image must open, as with pixels
                     num_tiles.append(1)
@@ -327,6 +342,8 @@ class MixtureDataset:
                 tiles += img_tiles
                 num_tiles.append(len(img_tiles))
             else:
+                if self.image_mode == "anyres":
+                    raise SampleError("bad_media", "a video, and data.image_mode=anyres (LLaVA-NeXT) takes images only")
                 lo, hi = self._frames(d)
                 video_rng = random.Random(frames_seed + len(frames_per_video)) if self.training else None
                 if pixels:
@@ -344,7 +361,7 @@ class MixtureDataset:
                     n = video_rng.randint(lo, hi) if video_rng is not None else hi
                 frames_per_video.append(n)
                 num_tiles += [1] * n
-        return tiles, num_tiles, frames_per_video
+        return tiles, num_tiles, frames_per_video, sizes
 
 
 def build_mixture(cfg, training: bool = True) -> tuple[MixtureDataset, object]:

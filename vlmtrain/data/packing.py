@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from vlmtrain.data.collate import Batch, Step, blank_tile, pair_layout, split_items, with_pairs, zero_weight_batch
+from vlmtrain.data.collate import (
+    Batch,
+    Step,
+    blank_tile,
+    image_sizes_of,
+    pair_layout,
+    split_items,
+    with_pairs,
+    zero_weight_batch,
+)
 from vlmtrain.data.encode import EncodedSample, PairSample
 from vlmtrain.data.mixture import Skipped
 from vlmtrain.errors import UserError
@@ -74,6 +83,7 @@ def pack_samples(samples: list[EncodedSample], tile_size: int) -> Batch:
         cu_seq_lens=cu,
         max_length=max(lengths),
         token_type_ids=token_types,
+        image_sizes=image_sizes_of(samples),
     )
 
 

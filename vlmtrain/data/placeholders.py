@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vlmtrain.data.anyres import AnyRes
 from vlmtrain.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,7 +33,8 @@ class ImageLayout:
     """How one image of ``tiles`` tiles is spelled in tokens, and the pixel normalisation its
     vision tower takes: what a model family tells the data side (``Family.layout``).
 
-    An ``<image>`` renders as ``start + context * (tokens_per_tile * tiles) + end``."""
+    An ``<image>`` renders as ``start + context * image_tokens(tiles, size) + end``: ``tokens_per_tile``
+    per tile, or with ``anyres`` the count LLaVA-NeXT's unpadded grid gives an image of that size."""
 
     context: str = "<IMG_CONTEXT>"
     """The token repeated once per image feature (its id is the model's ``image_token_id``)."""
@@ -57,9 +59,21 @@ class ImageLayout:
     """The model routes positions by type (CogVLM's visual expert): samples carry token_type_ids
     (VISION at context tokens) and their position ids (an image's positions share one id,
     ``vlmtrain.data.token_types``), and collation and packing keep them."""
+    anyres: AnyRes | None = None
+    """LLaVA-NeXT's grids (``data.image_mode=anyres`` tiles by it): an image's token count depends
+    on its size, which samples carry (``image_sizes``) to the model's feature packing."""
 
-    def image_text(self, tiles: int) -> str:
-        return self.start + self.context * (self.tokens_per_tile * tiles) + self.end
+    def image_tokens(self, tiles: int, size: tuple[int, int] | None = None) -> int:
+        """Context tokens of an image of ``tiles`` tiles; ``size`` (height, width): its original
+        size, given for anyres images only."""
+        if size is not None:
+            if self.anyres is None:
+                raise ValueError("an image size is given for a layout without anyres grids")
+            return self.anyres.tokens(*size)
+        return self.tokens_per_tile * tiles
+
+    def image_text(self, tiles: int, size: tuple[int, int] | None = None) -> str:
+        return self.start + self.context * self.image_tokens(tiles, size) + self.end
 
     @property
     def placeholder(self) -> str:

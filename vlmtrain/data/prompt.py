@@ -50,33 +50,40 @@ class PromptEncoder:
         ``image_mode``: how an image becomes tiles (``data.image_mode``)."""
         self.renderer = Renderer(tokenizer, tokens_per_tile)
         self.layout = self.renderer.layout
-        self.image_mode = check_image_mode(image_mode)
+        self.image_mode = check_image_mode(image_mode, self.layout)
         self.template, self.tile_size, self.system = template, tile_size, system
         self.max_tiles, self.num_frames = max_tiles, num_frames
 
-    def encode(self, prompt: Prompt) -> tuple[Rendered, torch.Tensor | None]:
-        """The rendered prompt (ending with the assistant header) and its ImageNet-normalised
-        tiles, in placeholder order. A placeholder / media mismatch is a UserError."""
+    def encode(self, prompt: Prompt) -> tuple[Rendered, torch.Tensor | None, list[tuple[int, int]] | None]:
+        """The rendered prompt (ending with the assistant header), its normalised tiles in
+        placeholder order, and (anyres layouts) each image's original (height, width), else None.
+        A placeholder / media mismatch is a UserError."""
         conv = prompt.conversation()
         try:
             conv.check_media()
-            tiles, num_tiles, frames = [], [], []
+            tiles, num_tiles, frames, sizes = [], [], [], []
             per_image = tiles_per_image(len(conv.images), self.max_tiles) if conv.images else 0
             for kind, src in conv.media():
                 if kind == "image":
                     img = src.convert("RGB") if isinstance(src, Image.Image) else load_image(src)
                     if self.image_mode == "tile":
                         image_tiles = tile_image(img, 1, per_image, self.tile_size)
+                    elif self.image_mode == "anyres":
+                        image_tiles = self.layout.anyres.tiles(img)
+                        sizes.append((img.height, img.width))
                     else:
                         image_tiles = [single_tile(img, self.image_mode, self.tile_size, self.layout.mean)]
                     tiles += image_tiles
                     num_tiles.append(len(image_tiles))
                 else:
+                    if self.image_mode == "anyres":
+                        raise UserError("a video, and image_mode=anyres (LLaVA-NeXT) takes images only")
                     video = read_frames(src, self.num_frames, self.num_frames, rng=None)
                     tiles += [resize_bicubic(f, (self.tile_size, self.tile_size)) for f in video]
                     num_tiles += [1] * len(video)
                     frames.append(len(video))
-            rendered = self.renderer.render(conv, self.template, num_tiles, frames, self.system)
+            rendered = self.renderer.render(conv, self.template, num_tiles, frames, self.system, sizes)
         except SampleError as e:
             raise UserError(str(e)) from None
-        return rendered, (to_pixel_values(tiles, self.layout.mean, self.layout.std) if tiles else None)
+        pixels = to_pixel_values(tiles, self.layout.mean, self.layout.std) if tiles else None
+        return rendered, pixels, (sizes or None)

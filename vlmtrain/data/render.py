@@ -76,6 +76,8 @@ class _Piece:
     loss: bool = False
     tiles: int = 0
     """> 0: an image of that many tiles (text is unused)."""
+    size: tuple[int, int] | None = None
+    """An anyres image's original (height, width): its token count depends on it."""
     markers: bool = True
     """An image with the layout's start / end tokens."""
     apart: bool = False
@@ -102,19 +104,20 @@ class Renderer:
         self.img_end = tokenizer.convert_tokens_to_ids(layout.end) if layout.end else None
         self.bos = tokenizer.bos_token if tokenizer_adds_bos(tokenizer) else None
 
-    def image_text(self, tiles: int, markers: bool = True) -> str:
-        """What an image of ``tiles`` tiles renders as (``markers``: with the layout's start / end
-        tokens, when they are tokens)."""
+    def image_text(self, tiles: int, markers: bool = True, size: tuple[int, int] | None = None) -> str:
+        """What an image of ``tiles`` tiles (an anyres image: of original ``size``) renders as
+        (``markers``: with the layout's start / end tokens, when they are tokens)."""
         if markers and not self.layout.markers_are_text:
-            return self.layout.image_text(tiles)
-        return self.layout.context * (self.tokens_per_tile * tiles)
+            return self.layout.image_text(tiles, size)
+        return self.layout.context * self.layout.image_tokens(tiles, size)
 
     def render(self, conv: Conversation, template: ChatTemplate, num_tiles=(), frames=(),
-               system: str | None = None) -> Rendered:
+               system: str | None = None, image_sizes=()) -> Rendered:
         """``num_tiles``: tiles per ``<image>`` in text order once videos are expanded (a frame is
         one); ``frames``: frame count per ``<video>``. ``system`` applies when the conversation has
         none of its own; None: the template's default. A last answer of None renders the prompt
-        up to the assistant header."""
+        up to the assistant header. ``image_sizes``: each image's original (height, width), for
+        an anyres layout (empty: every image has ``tokens_per_tile`` per tile)."""
         counts = iter(frames)
         turns = conv.turns
         if template.user_images_only:
@@ -170,10 +173,13 @@ class Renderer:
         if len(tiles) != len(num_tiles):
             raise SampleError("placeholder_mismatch",
                               f"{len(tiles)} <image> placeholders (frames included) for {len(num_tiles)} images")
-        for p, n in zip((p for p in pieces if p.tiles), num_tiles):
+        if image_sizes and len(image_sizes) != len(num_tiles):
+            raise ValueError(f"{len(image_sizes)} image sizes for {len(num_tiles)} images")
+        sizes = list(image_sizes) or [None] * len(num_tiles)
+        for p, n, size in zip((p for p in pieces if p.tiles), num_tiles, sizes):
             if n < 1:
                 raise ValueError(f"an image has {n} tiles")
-            p.tiles = n
+            p.tiles, p.size = n, size
         return self._tokenize(pieces, ends, self.bos if template.bos else None)
 
     def _content(self, text: str, loss: bool, markers: bool = True) -> list[_Piece]:
@@ -220,14 +226,14 @@ class Renderer:
         for i, p in enumerate(pieces):
             if p.tiles:
                 flush()
-                n = self.tokens_per_tile * p.tiles
+                n = self.layout.image_tokens(p.tiles, p.size)
                 token_markers = p.markers and not self.layout.markers_are_text
                 start = [self.img_start] if token_markers and self.img_start is not None else []
                 end = [self.img_end] if token_markers and self.img_end is not None else []
                 image = start + [self.img_context] * n + end
                 ids += image
                 labels += [IGNORE_INDEX] * len(image)
-                texts.append(self.image_text(p.tiles, token_markers))
+                texts.append(self.image_text(p.tiles, token_markers, p.size))
             else:
                 if p.apart:
                     flush()

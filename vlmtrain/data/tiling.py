@@ -140,13 +140,18 @@ def tiles_per_image(num_images: int, n_max: int) -> int:
     return max(1, n_max // num_images)
 
 
-IMAGE_MODES = ("tile", "pad", "crop", "resize")
-"""``data.image_mode``: ``tile`` is InternVL's dynamic tiling above; the others give one tile."""
+IMAGE_MODES = ("tile", "anyres", "pad", "crop", "resize")
+"""``data.image_mode``: ``tile`` is InternVL's dynamic tiling above, ``anyres`` LLaVA-NeXT's grids
+(``vlmtrain.data.anyres``, the model's pinpoints); the others give one tile."""
 
 
-def check_image_mode(mode: str) -> str:
+def check_image_mode(mode: str, layout=None) -> str:
+    """``mode`` if it is one of IMAGE_MODES and the model's ``layout`` can take it."""
     if mode not in IMAGE_MODES:
         raise UserError(f"data.image_mode must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+    if mode == "anyres" and layout is not None and layout.anyres is None:
+        raise UserError("data.image_mode=anyres needs a model with anyres grids (LLaVA-NeXT: "
+                        "model.family.image_grid_pinpoints)")
     return mode
 
 

@@ -65,23 +65,24 @@ class InferenceEngine:
     # -- prompt ---------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> tuple[list[int], torch.Tensor | None]:
         """Token ids of the prompt (ending with the assistant header) and its tiles, in order."""
-        rendered, pixels = self.prompts.encode(prompt)
+        rendered, pixels, _ = self.prompts.encode(prompt)
         return rendered.input_ids, pixels
 
     # -- generation -----------------------------------------------------------------------------
     def _inputs(self, prompts: list[Prompt]) -> dict:
-        encoded = [self.encode(p) for p in prompts]
-        width = max(len(ids) for ids, _ in encoded)
+        encoded = [self.prompts.encode(p) for p in prompts]
+        width = max(len(r.input_ids) for r, _, _ in encoded)
         input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
-        for i, (ids, _) in enumerate(encoded):  # left padding: every prompt ends where generation starts
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        pixels = [px for _, px in encoded if px is not None]
+        for i, (r, _, _) in enumerate(encoded):  # left padding: every prompt ends where generation starts
+            input_ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
+            mask[i, width - len(r.input_ids):] = 1
+        pixels = [px for _, px, _ in encoded if px is not None]
+        sizes = [size for _, _, s in encoded for size in (s or [])] or None
         inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
-        inputs.update(self.family.generate_kwargs(inputs.get("pixel_values")))
+        inputs.update(self.family.generate_kwargs(inputs.get("pixel_values"), sizes))
         return inputs
 
     def _generate_kwargs(self, gen: GenerationConfig) -> dict:

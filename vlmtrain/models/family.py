@@ -174,33 +174,50 @@ class Family:
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 
+    def image_features(self, model, pixel_values: torch.Tensor, tile_index: torch.Tensor | None = None,
+                       image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """The features that replace the context tokens, (M, D) in text order: each tile's
+        ``encode_images`` rows (``tile_index``: which tile each image tile of the text shows).
+        ``image_sizes``: anyres images' original sizes (a family with an anyres layout packs by them)."""
+        if image_sizes is not None:
+            raise ValueError("image sizes are given, and this model family has no anyres layout")
+        feats = self.encode_images(model, pixel_values)
+        if tile_index is not None:
+            feats = feats[tile_index]
+        return feats.reshape(-1, feats.shape[-1])
+
+    def dummy_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """A zero-weight scalar over the tiles' features and every vision-side parameter the
+        real path uses: what a text-only batch adds, so every rank's graph holds the same parameters."""
+        return 0.0 * self.encode_images(model, pixel_values).sum()
+
     def multimodal_embeddings(self, model, input_ids, pixel_values, dummy_vision: bool = False,
-                              tile_index: torch.Tensor | None = None) -> torch.Tensor:
+                              tile_index: torch.Tensor | None = None,
+                              image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Token embeddings with the context-token positions replaced, in order, by the projected
-        tile features. ``dummy_vision``: tiles of no text position (a text-only batch) enter the
-        graph with weight zero, so sharded strategies see every rank run the vision tower.
-        ``tile_index``: which tile each image of the text shows, in text order (None: every tile
-        once, in order): a preference pair's answers share their prompt's tiles."""
+        image features (``image_features``). ``dummy_vision``: tiles of no text position (a
+        text-only batch) enter the graph with weight zero, so sharded strategies see every rank
+        run the vision tower. ``tile_index``: which tile each image of the text shows, in text
+        order (None: every tile once, in order): a preference pair's answers share their prompt's
+        tiles. ``image_sizes``: anyres images' original (height, width), in text order."""
         embeds = model.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
-        feats = self.encode_images(model, pixel_values).to(embeds.dtype)
-        if tile_index is not None and not dummy_vision:
-            feats = feats[tile_index]
         if dummy_vision:
-            return embeds + 0.0 * feats.sum()
+            return embeds + self.dummy_features(model, pixel_values).to(embeds.dtype)
+        feats = self.image_features(model, pixel_values, tile_index, image_sizes).to(embeds.dtype)
         mask = input_ids == self.image_token_id(model)
-        n_feats = feats.shape[0] * feats.shape[1]
-        message = (f"image context tokens != {feats.shape[0]} tiles x {feats.shape[1]} = {n_feats} image features: "
-                   "the data side and the model disagree on tokens per tile")
+        message = (f"image context tokens != {feats.shape[0]} image features: the data side and the model "
+                   "disagree on an image's token count")
         if mask.is_cuda:
             # checked on the device: a host sync would stall the CPU until the ViT has run
-            torch._assert_async(mask.sum() == n_feats, message)
-        elif int(mask.sum()) != n_feats:
+            torch._assert_async(mask.sum() == feats.shape[0], message)
+        elif int(mask.sum()) != feats.shape[0]:
             raise ValueError(f"{int(mask.sum())} {message}")
-        return embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        return embeds.masked_scatter(mask.unsqueeze(-1), feats)
 
-    def generate_kwargs(self, pixel_values: torch.Tensor | None) -> dict:
+    def generate_kwargs(self, pixel_values: torch.Tensor | None,
+                        image_sizes: list[tuple[int, int]] | None = None) -> dict:
         return {}
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -245,6 +262,26 @@ def plain_dict(node) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})  # type: ignore[return-value]  # stubs narrower than the code's use
+
+
+def full_parameter(param: torch.Tensor) -> torch.Tensor:
+    """A parameter used outside its module's forward, whole. FSDP2 gathers a unit's parameters
+    in its forward and averages their gradients over the ranks after its backward; the objectives
+    call a model's parts directly, so parameters held by a module whose forward never runs
+    (MiniGPT-4's query tokens, LLaVA-NeXT's image_newline) stay sharded DTensors and FSDP2 never
+    reduces their gradients. Here the gather is differentiable and its backward does FSDP2's part:
+    each rank's gradient is a partial sum, reduce-scattered onto the shards and divided by the
+    rank count (FSDP2's average), so the parameter trains as in one process."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if not isinstance(param, DTensor):
+        return param
+    mesh = param.device_mesh
+    whole = param.redistribute(mesh, [Replicate()] * mesh.ndim).to_local(grad_placements=[Partial()] * mesh.ndim)
+    if whole.requires_grad:
+        ranks = mesh.size()
+        whole.register_hook(lambda grad: grad / ranks)
+    return whole
 
 
 def vision_no_grad(tower: nn.Module):

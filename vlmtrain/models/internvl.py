@@ -195,6 +195,7 @@ def multimodal_embeddings(
     pixel_values: torch.Tensor | None,
     dummy_vision: bool = False,
     tile_index: torch.Tensor | None = None,
+    image_sizes: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Token embeddings with the image context positions replaced, in order, by projected tile
     features (``Family.multimodal_embeddings``).
@@ -210,7 +211,8 @@ def multimodal_embeddings(
     """
     from vlmtrain.models.family import family_of
 
-    return family_of(model).multimodal_embeddings(model, input_ids, pixel_values, dummy_vision, tile_index)
+    return family_of(model).multimodal_embeddings(model, input_ids, pixel_values, dummy_vision, tile_index,
+                                                  image_sizes)
 
 
 class InternVLFamily(Family):

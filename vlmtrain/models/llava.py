@@ -22,14 +22,18 @@ Checkpoint layouts read (``LlavaFamily.to_native``; ``from_native`` writes the o
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from vlmtrain.data.anyres import AnyRes
 from vlmtrain.data.images import normalize_pixels
 from vlmtrain.data.placeholders import CLIP_MEAN, CLIP_STD, ImageLayout
 from vlmtrain.errors import UserError
-from vlmtrain.models.family import Family, drop_path_hooks, plain_dict, rename_state, vision_no_grad
+from vlmtrain.models.family import Family, drop_path_hooks, full_parameter, plain_dict, rename_state, vision_no_grad
 
 IMAGE_TOKEN = "<image>"
 
@@ -248,7 +252,15 @@ class _NoShuffle:
 
 class LlavaNextFamily(LlavaFamily):
     """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): LLaVA-1.5's parts plus the learned
-    ``image_newline`` and anyres grids (``image_grid_pinpoints``). Settings: ``image_grid_pinpoints``."""
+    ``image_newline`` and anyres grids (``image_grid_pinpoints``, (height, width) each). Settings:
+    ``image_grid_pinpoints``.
+
+    With ``data.image_mode=anyres`` an image is its whole-image tile then its grid's tiles
+    (``vlmtrain.data.anyres``); its features are packed by transformers' own
+    ``LlavaNextModel.pack_image_features`` (base features, then the grid's feature map unpadded
+    to the image's aspect, an ``image_newline`` after each row), which the data side's token count
+    matches. Single-tile modes (``crop``, ``pad``: LLaVA-NeXT's stage 1 aligns the projector on
+    square images, ``mm_patch_merge_type=flat``) give LLaVA-1.5's 576 features an image."""
 
     model_class = LlavaNextForConditionalGeneration
     config_class = LlavaNextConfig
@@ -259,15 +271,54 @@ class LlavaNextFamily(LlavaFamily):
         self.image_grid_pinpoints = [list(p) for p in (image_grid_pinpoints or
                                                         [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])]
 
+    def layout(self, cfg) -> ImageLayout:
+        v = cfg.vision
+        grids = AnyRes(tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints), v.image_size,
+                       v.image_size // v.patch_size)
+        return dataclasses.replace(super().layout(cfg), anyres=grids)
+
     def config_kwargs(self, cfg) -> dict:
         return {"image_grid_pinpoints": self.image_grid_pinpoints}
 
-    def encode_images(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise UserError("LLaVA-NeXT trains in vlmtrain only through LLaVA-1.5's single-tile path so far: anyres "
-                        "token counts (unpadding + image_newline) are not on the data side yet (README)")
+    def image_features(self, model, pixel_values: torch.Tensor, tile_index: torch.Tensor | None = None,
+                       image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        if image_sizes is None:  # one tile an image: LLaVA-1.5's flat features
+            return super().image_features(model, pixel_values, tile_index)
+        feats = self.encode_images(model, pixel_values)
+        if tile_index is not None:
+            feats = feats[tile_index]
+        config = model.config
+        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for size in image_sizes]
+        if sum(counts) != feats.shape[0]:
+            raise ValueError(f"{feats.shape[0]} tiles for anyres images of {sum(counts)} tiles (sizes {image_sizes})")
+        packed, _ = model.model.pack_image_features(list(feats.split(counts)), image_sizes, "default",
+                                                    full_parameter(model.model.image_newline))
+        return torch.cat(packed)
+
+    def dummy_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        return super().dummy_features(model, pixel_values) + 0.0 * full_parameter(model.model.image_newline).sum()
+
+    def generate_kwargs(self, pixel_values: torch.Tensor | None,
+                        image_sizes: list[tuple[int, int]] | None = None) -> dict:
+        if pixel_values is None:
+            return {}
+        if image_sizes is None:
+            raise UserError("LLaVA-NeXT generates from anyres images only (model.image_mode=anyres): transformers' "
+                            "LlavaNextForConditionalGeneration packs features by each image's size")
+        return {"image_sizes": torch.tensor(image_sizes, dtype=torch.long, device=pixel_values.device)}
+
+    def processor_files(self, model_cfg, max_tiles: int) -> dict[str, dict]:
+        files = super().processor_files(model_cfg, max_tiles)
+        files["processor_config.json"]["processor_class"] = "LlavaNextProcessor"
+        files["preprocessor_config.json"].update(
+            image_processor_type="LlavaNextImageProcessor", processor_class="LlavaNextProcessor",
+            image_grid_pinpoints=self.image_grid_pinpoints, do_pad=True)
+        return files
 
     def config_from_checkpoint(self, c: dict, cfg_file) -> dict:
         fields = super().config_from_checkpoint(c, cfg_file)
         fields["family"] = {"_target_": "vlmtrain.models.llava.LlavaNextFamily",
                             "image_grid_pinpoints": c.get("image_grid_pinpoints")}
+        fields["image_mode"] = "anyres"
         return fields

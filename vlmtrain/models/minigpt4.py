@@ -32,13 +32,12 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from vlmtrain.data.images import normalize_pixels
 from vlmtrain.data.placeholders import CLIP_MEAN, CLIP_STD, ImageLayout
 from vlmtrain.errors import UserError
-from vlmtrain.models.family import Family, drop_path_hooks, plain_dict, rename_state, vision_no_grad
+from vlmtrain.models.family import Family, drop_path_hooks, full_parameter, plain_dict, rename_state, vision_no_grad
 
 IMAGE_TOKEN = "<ImageHere>"
 
@@ -169,10 +168,7 @@ class MiniGPT4Family(Family):
         trains = model.query_tokens.requires_grad or any(p.requires_grad for p in model.qformer.parameters())
         with nullcontext() if trains and torch.is_grad_enabled() else torch.no_grad():
             mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-            queries = model.query_tokens
-            if isinstance(queries, DTensor):  # FSDP2 shards the root's own parameter; gather it (differentiable)
-                queries = queries.full_tensor()
-            queries = queries.expand(image_embeds.shape[0], -1, -1)
+            queries = full_parameter(model.query_tokens).expand(image_embeds.shape[0], -1, -1)
             out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                                 encoder_attention_mask=mask).last_hidden_state
         return model.language_projection(out[:, :self.num_query_tokens].to(model.language_projection.weight.dtype))

@@ -79,7 +79,8 @@ class Objective:
 def hidden_states(model, mb: Batch) -> torch.Tensor:
     """The language model's last hidden states for a micro-batch, (rows, length, hidden)."""
     fam = family_of(model)
-    embeds = fam.multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision, mb.tile_index)
+    embeds = fam.multimodal_embeddings(model, mb.input_ids, mb.pixel_values, mb.dummy_vision, mb.tile_index,
+                                       mb.image_sizes)
     # the data side's token types, for families that route by them (CogVLM's visual expert)
     types = {} if mb.token_type_ids is None else {"token_type_ids": mb.token_type_ids}
     if mb.packed:
