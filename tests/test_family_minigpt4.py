@@ -140,6 +140,63 @@ def test_the_released_projection_alone_loads_by_path(tmp_path):
         build_model(cfg.model, tok, seed=9)
 
 
+def _coordinate_image(width: int, height: int):
+    """Red = x, green = y (scaled to 0..255): a crop's corners tell where it came from."""
+    import numpy as np
+    from PIL import Image
+
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).round().astype(np.uint8))
+
+
+def test_random_resized_crop_is_blip2_train_transform():
+    """torchvision's RandomResizedCrop(224, scale=(0.5, 1), ratio=(3/4, 4/3)) as MiniGPT-4's
+    blip2_image_train has it: boxes of 50-100% of the area, aspect within 3/4..4/3, seeded by the
+    sample; the fallback centre crop for an image no box fits; eval is the plain resize."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from vlmtrain.data.tiling import random_resized_crop, single_tile
+
+    image = _coordinate_image(400, 300)
+    tiles = [np.asarray(random_resized_crop(image, 224, random.Random(seed)), dtype=float) for seed in range(40)]
+    assert np.array_equal(tiles[0], np.asarray(random_resized_crop(image, 224, random.Random(0)), dtype=float))
+    assert len({t.tobytes() for t in tiles}) == len(tiles)
+    for t in tiles:
+        w = (t[0, -1, 0] - t[0, 0, 0]) / 255 * 399 * 224 / 223  # the box's extent, from its corner colours
+        h = (t[-1, 0, 1] - t[0, 0, 1]) / 255 * 299 * 224 / 223
+        assert 0.5 * 0.95 <= w * h / (400 * 300) <= 1.0 + 1e-6 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05, (w, h)
+    wide = _coordinate_image(1000, 10)  # no 50% box of aspect <= 4/3 fits: the centre 13 x 10
+    expected = wide.crop((493, 0, 506, 10)).resize((224, 224), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(random_resized_crop(wide, 224, random.Random(1))), np.asarray(expected))
+    assert np.array_equal(np.asarray(single_tile(image, "random_crop", 224)),
+                          np.asarray(image.resize((224, 224), Image.Resampling.BICUBIC)))
+
+
+def test_minigpt4_stages_train_on_random_crops_and_evaluate_on_resize():
+    import numpy as np
+
+    from vlmtrain.data.mixture import build_mixture
+
+    for stage in ("minigpt4_stage1", "minigpt4_stage2"):
+        cfg = compose_config(["model=minigpt4_tiny", f"stage={stage}", "data.datasets.shapes.jpeg_augment=false"])
+        assert cfg.data.image_mode == "random_crop" and cfg.model.image_mode == "resize"
+        train_set, _ = build_mixture(cfg, training=True)
+        eval_set, _ = build_mixture(cfg, training=False)
+        with_images = [i for i in range(12) if train_set[i].pixel_values is not None]
+        # a new crop every epoch (a wide image's is the same centre crop: no random box fits it)
+        assert any(not torch.equal(train_set[i, 0].pixel_values, train_set[i, 1].pixel_values) for i in with_images)
+        for i in with_images:
+            a = train_set[i, 0].pixel_values
+            assert torch.equal(a, train_set[i, 0].pixel_values), "the same crop for the same sample and epoch"
+            resized = eval_set[i].pixel_values
+            assert torch.equal(resized, eval_set[i, 1].pixel_values) and not torch.equal(resized, a)
+            assert np.asarray(resized).shape == np.asarray(a).shape
+
+
 def _losses(run_dir):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]

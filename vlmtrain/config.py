@@ -274,7 +274,7 @@ class ModelConfig:
     template: Template = Template("internvl2_5")
     image_mode: str = "tile"
     """How an image becomes tiles at inference (chat, eval) and, by default, in training
-    (``data.image_mode``): tile, anyres, pad, crop or resize (``vlmtrain.data.tiling.IMAGE_MODES``)."""
+    (``data.image_mode``): tile, anyres, pad, crop, resize or random_crop (``vlmtrain.data.tiling.IMAGE_MODES``)."""
     image_token_id: int | None = None
     """``<IMG_CONTEXT>``'s id in the released tokenizer (151667 Qwen2.5, 92546 InternLM2); used
     when building without a tokenizer (``vlmtrain.plan``) and checked against a loaded one."""
@@ -386,7 +386,9 @@ class DataConfig(Checked):
     best of the model's pinpoints + a whole-image tile first; n_max and min_tiles do not apply,
     videos are skipped as ``bad_media``), ``pad`` (LLaVA's pad to square with the
     mean colour, one tile), ``crop`` (CLIP's shortest side to the tile size, centre crop, one
-    tile) or ``resize`` (squashed to the tile, one tile: BLIP-2 / MiniGPT-4)."""
+    tile), ``resize`` (squashed to the tile, one tile: BLIP-2 / MiniGPT-4 at evaluation) or
+    ``random_crop`` (MiniGPT-4's training: a random resized crop, scale 0.5-1; ``resize`` outside
+    training)."""
     fast_resize: bool = False
     """Opt-in approximate pixels: decode JPEGs at the smallest DCT scale that covers the tile grid
     and resize with one torch bicubic call; faster on large photos, but up to tens of grey levels

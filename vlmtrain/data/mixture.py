@@ -317,7 +317,8 @@ class MixtureDataset:
                     image_size(src)  # the image must open, as with pixels
                     num_tiles.append(1)
                     continue
-                tile = single_tile(load_image(src), self.image_mode, size, self.layout.mean)
+                tile = single_tile(load_image(src), self.image_mode, size, self.layout.mean,
+                                   rng if self.training else None)
                 tiles.append(jpeg_reencode(tile, rng) if jpeg_images else tile)
                 num_tiles.append(1)
             elif kind == "image":

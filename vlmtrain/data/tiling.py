@@ -9,6 +9,8 @@ tiles with another (``tests/golden/tiling_grid.json`` pins it).
 
 from __future__ import annotations
 
+import math
+import random
 from functools import lru_cache
 
 import numpy as np
@@ -140,9 +142,9 @@ def tiles_per_image(num_images: int, n_max: int) -> int:
     return max(1, n_max // num_images)
 
 
-IMAGE_MODES = ("tile", "anyres", "pad", "crop", "resize")
+IMAGE_MODES = ("tile", "anyres", "pad", "crop", "resize", "random_crop")
 """``data.image_mode``: ``tile`` is InternVL's dynamic tiling above, ``anyres`` LLaVA-NeXT's grids
-(``vlmtrain.data.anyres``, the model's pinpoints); the others give one tile."""
+(``vlmtrain.data.anyres``, the model's pinpoints); the others give one tile (``single_tile``)."""
 
 
 def check_image_mode(mode: str, layout=None) -> str:
@@ -167,20 +169,25 @@ def expand_to_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.
     return out
 
 
-def single_tile(image: Image.Image, mode: str, tile_size: int, mean=(0.0, 0.0, 0.0)) -> Image.Image:
+def single_tile(image: Image.Image, mode: str, tile_size: int, mean=(0.0, 0.0, 0.0),
+                rng: random.Random | None = None) -> Image.Image:
     """One ``tile_size`` square tile, as a single-tile family's processor makes it (PIL bicubic):
 
     - ``pad``: LLaVA-1.5's ``image_aspect_ratio=pad``: ``expand_to_square`` with the mean colour
       (``int(m * 255)`` per channel of the ViT's normalisation mean), then resized;
     - ``crop``: CLIPImageProcessor's: shortest side to ``tile_size``, then the centre crop;
-    - ``resize``: squashed to the square (BLIP-2's / MiniGPT-4's eval processor).
+    - ``resize``: squashed to the square (BLIP-2's / MiniGPT-4's eval processor);
+    - ``random_crop``: MiniGPT-4's training processor (``blip2_image_train``), drawn from ``rng``
+      (``random_resized_crop``); without an ``rng`` (evaluation, chat) its eval processor, ``resize``.
     """
     image = image if image.mode == "RGB" else image.convert("RGB")
     bicubic = Image.Resampling.BICUBIC
+    if mode == "random_crop" and rng is not None:
+        return random_resized_crop(image, tile_size, rng)
     if mode == "pad":
         image = expand_to_square(image, tuple(int(m * 255) for m in mean))
         return image.resize((tile_size, tile_size), bicubic)
-    if mode == "resize":
+    if mode in ("resize", "random_crop"):
         return image.resize((tile_size, tile_size), bicubic)
     if mode == "crop":
         w, h = image.size
@@ -192,3 +199,32 @@ def single_tile(image: Image.Image, mode: str, tile_size: int, mean=(0.0, 0.0, 0
         left, top = (w - tile_size) // 2, (h - tile_size) // 2
         return image.crop((left, top, left + tile_size, top + tile_size))
     raise UserError(f"data.image_mode {mode!r} does not give a single tile")
+
+
+def random_resized_crop(image: Image.Image, tile_size: int, rng: random.Random, scale=(0.5, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's ``RandomResizedCrop(tile_size, scale, ratio, BICUBIC)``, as BLIP-2's and
+    MiniGPT-4's ``blip2_image_train`` use it (scale 0.5-1, no flip): up to 10 draws of an area
+    fraction (uniform in ``scale``) and an aspect (log-uniform in ``ratio``) until the box fits,
+    at a uniform position; else the centre crop of the nearest allowed aspect. The box is cropped,
+    then resized (PIL bicubic). The draws come from the sample's own ``rng``, so a sample's crop
+    is reproducible (the reference draws from torch's global generator)."""
+    width, height = image.size
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            break
+    else:
+        if width / height < ratio[0]:
+            w, h = width, int(round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            w, h = int(round(height * ratio[1])), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return image.crop((left, top, left + w, top + h)).resize((tile_size, tile_size), Image.Resampling.BICUBIC)
