@@ -233,3 +233,36 @@ def test_tiny_llava_next_trains_both_stages_exports_and_chats(tmp_path):
 
 def tok_decode(engine, ids) -> str:
     return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_original_llava_next_checkpoint_reads_as_next(tmp_path):
+    """The original llava-v1.6 layout: LlavaLlamaForCausalLM's config (model_type llava_llama with
+    image_aspect_ratio anyres) and its keys (model.image_newline beside LLaVA's) load by path."""
+    from safetensors.torch import save_file
+
+    from vlmtrain.models.loading import model_config_from_checkpoint
+
+    cfg = compose_config(["model=llava_next_tiny"])
+    tok = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok, seed=4)
+    fam = family_of(model)
+    native = {k: v.clone() for k, v in model.state_dict().items()}
+    original = fam.from_native(native)
+    assert "model.image_newline" in original and "model.mm_projector.0.weight" in original
+    assert fam.to_native(original, model.config.text_config).keys() == native.keys()
+    text = model.config.text_config.to_dict()
+    config = {**{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                      "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps")},
+              "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+              "image_aspect_ratio": "anyres", "image_grid_pinpoints": TINY_PINPOINTS,
+              "mm_patch_merge_type": "spatial_unpad", "mm_vision_select_layer": -2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    fields = model_config_from_checkpoint(tmp_path)
+    assert fields["family"] == {"_target_": "vlmtrain.models.llava.LlavaNextFamily",
+                                "image_grid_pinpoints": TINY_PINPOINTS}
+    assert fields["image_mode"] == "anyres"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "model.safetensors"))
+    cfg.model.path = str(tmp_path)
+    loaded = build_model(cfg.model, tok, seed=9)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in native.items())

@@ -216,6 +216,8 @@ class LlavaFamily(Family):
                       image_mode="pad", projector_hidden_act=c.get("projector_hidden_act", "gelu"))
         if image_token_id is not None:
             fields["image_token_id"] = image_token_id
+        if "text_config" not in c and str(c.get("image_aspect_ratio", "")).startswith("anyres"):
+            fields.update(next_fields(c))  # original LLaVA-NeXT (llava-v1.6-*): the same model_type
         return fields
 
     # -- export ------------------------------------------------------------------------------------
@@ -317,8 +319,12 @@ class LlavaNextFamily(LlavaFamily):
         return files
 
     def config_from_checkpoint(self, c: dict, cfg_file) -> dict:
-        fields = super().config_from_checkpoint(c, cfg_file)
-        fields["family"] = {"_target_": "vlmtrain.models.llava.LlavaNextFamily",
-                            "image_grid_pinpoints": c.get("image_grid_pinpoints")}
-        fields["image_mode"] = "anyres"
-        return fields
+        return {**super().config_from_checkpoint(c, cfg_file), **next_fields(c)}
+
+
+def next_fields(c: dict) -> dict:
+    """The ModelConfig fields that make a LLaVA checkpoint config LLaVA-NeXT's: the family with the
+    config's pinpoints, anyres images."""
+    return {"family": {"_target_": "vlmtrain.models.llava.LlavaNextFamily",
+                       "image_grid_pinpoints": c.get("image_grid_pinpoints")},
+            "image_mode": "anyres"}
