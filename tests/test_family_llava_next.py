@@ -7,7 +7,9 @@ carry the image sizes; the tiny model trains through its two stages, exports to 
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +171,13 @@ def test_anyres_needs_grids_and_skips_video(tmp_path):
     ds = MixtureDataset(cfg.data, tok, family_of(cfg.model).layout(cfg.model))
     skipped = ds[0]
     assert skipped.reason == "bad_media" and "anyres" in skipped.message
+    # InternVL tiling's speed-ups would do nothing here: refused, not ignored
+    for extra, message in (("data.fast_resize=true", "data.fast_resize applies to data.image_mode=tile, not anyres"),
+                           (f"++data.datasets.single.tile_cache={tmp_path}",
+                            "data.datasets.single.tile_cache holds InternVL's tiles")):
+        cfg = compose_config(["model=llava_next_tiny", "data=single", f"data.path={data}", extra])
+        with pytest.raises(UserError, match=message):
+            MixtureDataset(cfg.data, tok, family_of(cfg.model).layout(cfg.model))
 
 
 def test_pinpoints_must_be_tile_multiples():
@@ -266,3 +275,39 @@ def test_original_llava_next_checkpoint_reads_as_next(tmp_path):
     cfg.model.path = str(tmp_path)
     loaded = build_model(cfg.model, tok, seed=9)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in native.items())
+
+
+@pytest.mark.slow
+def test_llava_next_tiny_trains_lora_and_mpo_on_anyres(tmp_path):
+    """The InternVL path's other stages on the anyres path: LoRA on the LLM, then MPO on preference
+    pairs (both answers of a pair read its image's tiles, encoded once, packed)."""
+    from test_preference import write_pairs
+
+    from vlmtrain.training.run import train
+
+    common = ["model=llava_next_tiny", "data.num_workers=0", "stage.max_epochs=-1", "trainer.enable_progress_bar=false"]
+    lora = train(compose_config(["stage=lora", "stage.max_steps=6", "optim.lr=1e-3", *common], run_dir=tmp_path / "lora"))
+    losses = _losses(lora)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    pairs = ["data=single", f"data.path={write_pairs(tmp_path / 'p.jsonl', 6)}", "data.media_outside_root=true",
+             "stage.global_batch_size=2", "data.micro_batch_size=2", "stage.max_steps=2", "data/collate=packed",
+             "data.collate.max_tokens=4096"]
+    mpo = train(compose_config(["stage=mpo", *pairs, *common], run_dir=tmp_path / "mpo"))
+    rows = list(csv.DictReader(open(mpo / "metrics.csv")))
+    assert len([r for r in rows if r.get("train/loss")]) == 2
+    assert all(float(r["train/logps/chosen"]) < 0 for r in rows if r.get("train/logps/chosen"))
+    summary = json.loads((mpo / "summary.json").read_text())
+    assert summary["tiles"] > summary["samples"] and not summary["skipped"], summary
+
+    # vlmtrain.pairs on the anyres model: answers generated from its images, then the reference pass
+    from vlmtrain.cli import command
+
+    made = command("pairs").run(compose_config(
+        [f"ckpt={lora}", f"out={tmp_path / 'made'}", "pairs.limit=6", "pairs.samples=2", "pairs.max_new_tokens=3",
+         "device=cpu"], config_name="pairs"))["datasets"]["shapes"]
+    assert made["pairs"] == 6 and Path(made["reference"]).is_file(), made
+    single = ["data=single", f"data.path={tmp_path / 'p.jsonl'}", "data.media_outside_root=true"]
+    command("pairs").run(compose_config([f"ckpt={lora}", "pairs.mode=reference", "device=cpu", *single],
+                                        config_name="pairs"))
+    dpo = train(compose_config(["stage=dpo", "stage/reference=precomputed", *pairs, *common], run_dir=tmp_path / "dpo"))
+    assert len([r for r in csv.DictReader(open(dpo / "metrics.csv")) if r.get("train/loss")]) == 2

@@ -175,6 +175,16 @@ class MixtureDataset:
             lo, hi = self._frames(source.cfg)
             if not 1 <= lo <= hi:
                 raise UserError(f"dataset {source.name}: need 1 <= min_frames <= max_frames, got {lo}, {hi}")
+        self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
+        self.layout = self.encoder.layout
+        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode, self.layout)
+        if self.image_mode != "tile":  # both are InternVL tiling's: elsewhere they would do nothing
+            if cfg.fast_resize:
+                raise UserError(f"data.fast_resize applies to data.image_mode=tile, not {self.image_mode}")
+            for source in self.sources:
+                if source.cfg.tile_cache:
+                    raise UserError(f"data.datasets.{source.name}.tile_cache holds InternVL's tiles "
+                                    f"(data.image_mode=tile), not {self.image_mode}'s")
         for source in self.sources:
             if source.cfg.tile_cache:
                 expected = settings(cfg.tile_size, source.cfg.n_max, source.cfg.min_tiles, cfg.use_thumbnail)
@@ -183,9 +193,6 @@ class MixtureDataset:
                                               f"data.datasets.{source.name}.tile_cache")
             if source.reference is not None:  # precomputed reference log-probs: computed on these inputs?
                 source.reference.check(self.reference_settings(source))
-        self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, cfg.max_seq_len, cfg.too_long)
-        self.layout = self.encoder.layout
-        self.image_mode = check_image_mode(cfg.image_mode or self.layout.image_mode, self.layout)
         sizes = [len(s.indices) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 

@@ -48,7 +48,7 @@ from vlmtrain.errors import UserError
 from vlmtrain.inference.engine import GenerationConfig, InferenceEngine, Prompt, resolve_device
 from vlmtrain.inference.evaluation import questions, relaxed
 from vlmtrain.models.checkpoint import load_trained
-from vlmtrain.models.internvl import tokens_per_tile
+from vlmtrain.models.family import image_layout
 
 log = logging.getLogger("vlmtrain")
 
@@ -101,11 +101,13 @@ def blind(prompt: Prompt) -> Prompt:
 @torch.no_grad()
 def continue_answer(engine: InferenceEngine, prompt: Prompt, prefix: list[int], max_new_tokens: int) -> str:
     """Greedy continuation of the answer tokens ``prefix`` after ``prompt``; the whole answer's text."""
-    ids, pixels = engine.encode(prompt)
+    rendered, pixels, sizes = engine.prompts.encode(prompt)
+    ids = rendered.input_ids
     input_ids = torch.tensor([ids + prefix], device=engine.device)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if pixels is not None:
         inputs["pixel_values"] = pixels.to(engine.device, engine.model.dtype)
+        inputs.update(engine.family.generate_kwargs(inputs["pixel_values"], sizes))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
     out = engine.model.generate(**inputs, **engine._generate_kwargs(gen))
     return engine.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
@@ -190,14 +192,13 @@ def score_pairs(trained, data: DataConfig, path: Path, batch_size: int = 8, sett
     from vlmtrain.training.preference import pair_logps, sample_logps
 
     model, cfg = trained.model, trained.model_cfg
-    n_tok = tokens_per_tile(cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio)
     settings = settings or DatasetConfig(path=str(path))
     entry = {"path": str(path), "format": "preference", "jpeg_augment": False, "n_max": settings.n_max,
              "min_tiles": settings.min_tiles, "template": settings.template, "system": settings.system}
     one = DataConfig(**{**{k: getattr(data, k) for k in ("template", "system", "tile_size", "use_thumbnail",
                                                           "fast_resize", "max_seq_len", "min_frames", "max_frames")},
                         "datasets": {name: entry}, "too_long": "skip", "on_error": "skip"})
-    ds = MixtureDataset(one, trained.tokenizer, n_tok, training=False)
+    ds = MixtureDataset(one, trained.tokenizer, image_layout(cfg), training=False)
     source = ds.sources[0]
     source.reference = None  # scored afresh here (a table beside the data must match the settings)
     device = next(model.parameters()).device

@@ -23,7 +23,8 @@ reference implementation):
   every weight is loaded next) and ``init_weights`` (family-specific init after the random init).
 - **Image tokens / placeholders on the data side**: ``layout(cfg)`` ->
   ``vlmtrain.data.placeholders.ImageLayout`` (data, the one renderer reads it): an ``<image>``
-  placeholder renders as ``start + context * (tokens_per_tile * tiles) + end``; the context
+  placeholder renders as ``start + context * (tokens_per_tile * tiles) + end`` (an ``anyres``
+  layout, LLaVA-NeXT's: the token count of the image's size, which samples carry); the context
   token's id is the model's ``image_token_id``; ``special_tokens`` are added to the tokenizer;
   ``processor_placeholder`` is what the exported Jinja template writes per image (the native
   processor expands it); ``mean``/``std`` the pixel normalisation the model applies on the
@@ -42,8 +43,10 @@ reference implementation):
   ``lora_targets`` the linear layers ``stage.lora.targets`` names, ``add_drop_path`` the ViT's
   stochastic depth.
 - **Forward for training**: ``encode_images`` (tiles -> projected features, no autograd graph
-  for a frozen ViT), ``multimodal_embeddings`` (the generic scatter into the context tokens;
-  ``tile_index`` lets a preference pair's answers share their prompt's tiles), ``decoder`` (the
+  for a frozen ViT), ``image_features`` (those features in text order: every tile's rows, or a
+  family's packing by image size, LLaVA-NeXT's), ``multimodal_embeddings`` (the generic scatter
+  into the context tokens; ``tile_index`` lets a preference pair's answers share their prompt's
+  tiles; ``dummy_features`` is a text-only batch's zero-weight vision graph), ``decoder`` (the
   LLM without head: packed attention goes through it, ``inputs_embeds`` + ``position_ids`` +
   the packed kwargs) and ``lm_head`` (the loss never materialises full logits). The objectives
   (``vlmtrain.training.objective`` / ``preference``) call only these.
