@@ -308,3 +308,31 @@ def test_fast_resize_matches_pil_tiles(tmp_path, tok):
     quick = mixture(tok, d, tile_size=56)[(0, 0)]
     assert quick.num_tiles == exact.num_tiles
     assert float((normalize_pixels(quick.pixel_values) - normalize_pixels(exact.pixel_values)).abs().mean()) < 0.02
+
+
+def test_data_level_jpeg_default_and_the_family_stages_turn_it_off(monkeypatch):
+    """``data.jpeg_augment`` is the default of datasets that set none: InternVL 2.5's stages leave
+    it None (images re-encoded), the other families' stage files set it false (their recipes do
+    not re-encode); a dataset's own setting still wins."""
+    import vlmtrain.data.mixture as mixture_module
+    from conftest import compose_config
+    from vlmtrain.data.mixture import build_mixture
+
+    for stage in ("mlp_warmup", "instruction_tuning"):
+        assert compose_config([f"stage={stage}"]).data.jpeg_augment is None
+    family_stages = {"llava_tiny": ["llava_pretrain", "llava_finetune"], "llava_next_tiny": ["llava_next_finetune"],
+                     "minigpt4_tiny": ["minigpt4_stage1", "minigpt4_stage2"],
+                     "cogvlm_tiny": ["cogvlm_pretrain", "cogvlm_sft"]}
+    for model, stages in family_stages.items():
+        for stage in stages:
+            assert compose_config([f"model={model}", f"stage={stage}"]).data.jpeg_augment is False, stage
+    calls = []
+    real = mixture_module.jpeg_reencode
+    monkeypatch.setattr(mixture_module, "jpeg_reencode", lambda t, rng: calls.append(1) or real(t, rng))
+    for overrides, expect in ((["stage=llava_finetune"], False),
+                              (["stage=llava_finetune", "++data.datasets.shapes.jpeg_augment=true"], True),
+                              (["stage=instruction_tuning"], True)):
+        calls.clear()
+        ds, _ = build_mixture(compose_config(["model=llava_tiny", *overrides]), training=True)
+        next(ds[i] for i in range(len(ds)) if ds[i].pixel_values is not None)
+        assert bool(calls) is expect, overrides

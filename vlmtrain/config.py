@@ -323,7 +323,7 @@ class DatasetConfig(Checked):
     repeat: float = 1.0
     """r < 1: a seeded random subset of round(N*r) lines; r > 1: floor(r) copies plus a fraction."""
     jpeg_augment: bool | None = None
-    """Random JPEG re-encoding; None: on for image datasets, off for video."""
+    """Random JPEG re-encoding in training; None: ``data.jpeg_augment``'s."""
     tile_cache: str | None = None
     """A folder of pre-tiled images (``vlmtrain.data.tile_cache.build_tile_cache``): their tiles are
     read from it instead of decoded and resized (the JPEG augmentation still runs per sample)."""
@@ -379,6 +379,10 @@ class DataConfig(Checked):
     """System prompt; None: the template's default."""
     tile_size: int = "${model.vision.image_size}"  # type: ignore[assignment]
     use_thumbnail: bool = True
+    jpeg_augment: bool | None = None
+    """Random JPEG re-encoding (quality 75-100, training only) of datasets that do not set their
+    own: None: images yes, video frames no (InternVL 2.5's recipe); false: none (the LLaVA,
+    LLaVA-NeXT, MiniGPT-4 and CogVLM stage files set it: their recipes do not re-encode)."""
     image_mode: str | None = None
     """How an image becomes the ViT's tiles (``vlmtrain.data.tiling.IMAGE_MODES``); None: the
     model's (``model.image_mode``, carried by the family's ImageLayout). ``tile``

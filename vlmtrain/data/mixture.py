@@ -301,9 +301,10 @@ class MixtureDataset:
         media = conv.media()
         per_image = tiles_per_image(len(conv.images), d.n_max) if conv.images else 0
         size = self.cfg.tile_size
-        # JPEG re-encoding is training's augmentation: on for images, off for video, per dataset
-        jpeg_images = self.training and d.jpeg_augment is not False
-        jpeg_frames = self.training and d.jpeg_augment is True
+        # JPEG re-encoding is training's augmentation: per dataset, else data.jpeg_augment (None: images only)
+        jpeg = d.jpeg_augment if d.jpeg_augment is not None else self.cfg.jpeg_augment
+        jpeg_images = self.training and jpeg is not False
+        jpeg_frames = self.training and jpeg is True
         tiles, num_tiles, frames_per_video = [], [], []  # tiles: PIL images or (S, S, 3) uint8 tensors
         sizes: list[tuple[int, int]] = []
         anyres = self.layout.anyres
