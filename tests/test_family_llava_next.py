@@ -124,9 +124,11 @@ def logits(fam, model, batch) -> torch.Tensor:
 
 def test_anyres_features_match_the_native_forward(tiny):
     cfg, tok, model, fam, layout = tiny
-    s = sample(tok, layout, [noise(200, 90, 1), noise(60, 230, 2)])  # two images, two grids, in one text
+    # three images in one text: two grids, and one so wide that unpadding leaves no grid row
+    s = sample(tok, layout, [noise(200, 90, 1), noise(60, 230, 2), noise(900, 5, 3)])
+    assert layout.anyres.tokens(5, 900) == layout.tokens_per_tile
     batch = pad_batch([s], tok.pad_token_id, 112, pad_multiple=1)
-    assert batch.image_sizes == [(90, 200), (230, 60)]
+    assert batch.image_sizes == [(90, 200), (230, 60), (5, 900)]
     with torch.no_grad():
         ours = logits(fam, model, batch)
         theirs = model(input_ids=batch.input_ids, pixel_values=normalize_pixels(batch.pixel_values, CLIP_MEAN, CLIP_STD),
