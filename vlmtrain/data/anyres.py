@@ -25,6 +25,9 @@ from PIL import Image
 
 from vlmtrain.errors import UserError
 
+NO_VIDEO = "a video, and image_mode=anyres (LLaVA-NeXT) takes images only"
+"""Why a video is refused under anyres (a counted ``bad_media`` skip in training, an error in chat)."""
+
 
 @dataclass(frozen=True)
 class AnyRes:

@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from vlmtrain.config import DataConfig, DatasetConfig, dataset_config
+from vlmtrain.data.anyres import NO_VIDEO
 from vlmtrain.data.conversation import SampleError
 from vlmtrain.data.encode import ConversationEncoder, EncodedSample, PairSample
 from vlmtrain.data.formats import META, guess_format, reader
@@ -352,7 +353,7 @@ class MixtureDataset:
                 num_tiles.append(len(img_tiles))
             else:
                 if self.image_mode == "anyres":
-                    raise SampleError("bad_media", "a video, and data.image_mode=anyres (LLaVA-NeXT) takes images only")
+                    raise SampleError("bad_media", NO_VIDEO)
                 lo, hi = self._frames(d)
                 video_rng = random.Random(frames_seed + len(frames_per_video)) if self.training else None
                 if pixels:

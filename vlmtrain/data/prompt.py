@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from vlmtrain.data.anyres import NO_VIDEO
 from vlmtrain.data.conversation import Conversation, SampleError
 from vlmtrain.data.images import load_image, to_pixel_values
 from vlmtrain.data.placeholders import ImageLayout
@@ -77,7 +78,7 @@ class PromptEncoder:
                     num_tiles.append(len(image_tiles))
                 else:
                     if self.image_mode == "anyres":
-                        raise UserError("a video, and image_mode=anyres (LLaVA-NeXT) takes images only")
+                        raise UserError(NO_VIDEO)
                     video = read_frames(src, self.num_frames, self.num_frames, rng=None)
                     tiles += [resize_bicubic(f, (self.tile_size, self.tile_size)) for f in video]
                     num_tiles += [1] * len(video)
