@@ -97,27 +97,10 @@ def test_cogvlm_fsdp_two_cpu_ranks_match_one_process(tmp_path):
 def test_cogvlm_deepspeed_zero3_two_cpu_ranks_match_one_process(tmp_path):
     """ZeRO-3 over 2 CPU ranks (tests/cpu_deepspeed.py), packed buffers with token types and uneven
     micro-batch counts per rank: the single process's losses and grad norms, step by step."""
-    import os
-    import subprocess
-    import sys
+    from test_strategies import deepspeed_two_ranks_match_one_process
 
-    from conftest import REPO
-
-    pytest.importorskip("deepspeed")
     packed = [*SMALL, "stage.max_steps=3", "data/collate=packed", "data.collate.max_tokens=550", "trainer.checkpoint=false"]
-    single = train(compose_config(packed, run_dir=tmp_path / "single"))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
-           "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
-    cmd = [sys.executable, "-m", "vlmtrain", *packed, "hardware=deepspeed_zero3", "hardware.accelerator=cpu",
-           "hardware.devices=2", "hardware.precision=32-true", "hardware.strategy.config.bf16.enabled=false",
-           "hardware.strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy", f"hydra.run.dir={tmp_path / 'ds'}"]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, b = _losses(single), _losses(tmp_path / "ds")
-    assert len(a) == len(b) == 3 and b == pytest.approx(a, rel=1e-5)
-    norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
-             for d in (single, tmp_path / "ds")]
-    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    deepspeed_two_ranks_match_one_process(tmp_path, packed)
 
 
 @pytest.mark.slow

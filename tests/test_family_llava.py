@@ -112,19 +112,26 @@ def test_pad_to_square_with_the_mean_colour():
     assert crop.size == (30, 30) and crop.getpixel((0, 0)) == (0, 255, 0)  # shortest side to 30, centre crop
 
 
+def native_and_original(name: str, seed: int):
+    """(cfg, tokenizer, model, its state, the state in the original LLaVA layout) of a seeded tiny build."""
+    from vlmtrain.models.build import build_model, load_tokenizer
+
+    cfg = compose_config([f"model={name}"])
+    tok = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tok, seed=seed)
+    native = {k: v.clone() for k, v in model.state_dict().items()}
+    return cfg, tok, model, native, family_of(model).from_native(native)
+
+
 def test_rename_tables_both_ways(tmp_path):
     """Native <-> the original LLaVA layout (model.mm_projector.{0,2}, model.vision_tower.vision_tower.
     vision_model.*, model.layers.*), and a checkpoint in each layout loads by path to the same weights."""
     from safetensors.torch import save_file
 
-    from vlmtrain.models.build import build_model, load_tokenizer
+    from vlmtrain.models.build import build_model
 
-    cfg = compose_config(["model=llava_tiny"])
-    tok = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, tok, seed=3)
+    cfg, tok, model, native, original = native_and_original("llava_tiny", seed=3)
     fam = family_of(model)
-    native = {k: v.clone() for k, v in model.state_dict().items()}
-    original = fam.from_native(native)
     assert "model.mm_projector.0.weight" in original and "model.mm_projector.2.bias" in original
     assert "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight" in original
     assert "model.layers.0.self_attn.q_proj.weight" in original and "lm_head.weight" in original

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_family_llava import _losses
+from test_family_llava import _losses, native_and_original
 from transformers import LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -253,12 +253,8 @@ def test_original_llava_next_checkpoint_reads_as_next(tmp_path):
 
     from vlmtrain.models.loading import model_config_from_checkpoint
 
-    cfg = compose_config(["model=llava_next_tiny"])
-    tok = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, tok, seed=4)
+    cfg, tok, model, native, original = native_and_original("llava_next_tiny", seed=4)
     fam = family_of(model)
-    native = {k: v.clone() for k, v in model.state_dict().items()}
-    original = fam.from_native(native)
     assert "model.image_newline" in original and "model.mm_projector.0.weight" in original
     assert fam.to_native(original, model.config.text_config).keys() == native.keys()
     text = model.config.text_config.to_dict()

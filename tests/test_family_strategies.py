@@ -3,14 +3,13 @@ the same whole checkpoint as one process (the InternVL cases are tests/test_stra
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_strategies import REPO, SMALL, _losses
+from test_strategies import REPO, SMALL, _losses, deepspeed_two_ranks_match_one_process
 
 from conftest import compose_config
 from vlmtrain.training.run import train
@@ -47,18 +46,6 @@ def test_family_fsdp_two_cpu_ranks_packed_match_one_process(tmp_path, family):
 def test_llava_next_deepspeed_zero3_two_cpu_ranks_match_one_process(tmp_path):
     """ZeRO-3 partitions image_newline, a parameter of no submodule's forward: its gather and its
     gradient still match one process (the anyres path, packed)."""
-    pytest.importorskip("deepspeed")
-    overrides = [*CASES["llava_next"], *SMALL, "stage.max_steps=3", "data/collate=packed",
-                 "data.collate.max_tokens=2048", "trainer.checkpoint=false"]
-    single = train(compose_config(overrides, run_dir=tmp_path / "single"))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
-           "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
-    cmd = [sys.executable, "-m", "vlmtrain", *overrides, "hardware=deepspeed_zero3", "hardware.accelerator=cpu",
-           "hardware.devices=2", "hardware.precision=32-true", "hardware.strategy.config.bf16.enabled=false",
-           "hardware.strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy", f"hydra.run.dir={tmp_path / 'ds'}"]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert _losses(tmp_path / "ds") == pytest.approx(_losses(single), rel=1e-5)
-    norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
-             for d in (single, tmp_path / "ds")]
-    assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+    deepspeed_two_ranks_match_one_process(tmp_path, [*CASES["llava_next"], *SMALL, "stage.max_steps=3",
+                                                     "data/collate=packed", "data.collate.max_tokens=2048",
+                                                     "trainer.checkpoint=false"])

@@ -121,6 +121,30 @@ def test_fsdp_packed_with_uneven_micro_batch_counts_matches_one_process(tmp_path
     assert b == pytest.approx(a, rel=1e-5)
 
 
+def deepspeed_two_ranks_match_one_process(tmp_path, overrides: list[str], zero: int = 3, steps: int = 3):
+    """Train ``overrides`` in this process (``tmp_path/single``), then under DeepSpeed ZeRO-``zero``
+    on two CPU ranks (tests/cpu_deepspeed.py, fp32; ``tmp_path/ds``), and hold the second to the
+    first: the same losses and grad norms (the whole step's gradient), step by step. Returns the
+    single run's directory."""
+    pytest.importorskip("deepspeed")
+    single = train(compose_config(overrides, run_dir=tmp_path / "single"))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
+           "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
+    cmd = [sys.executable, "-m", "vlmtrain", *overrides, f"hardware=deepspeed_zero{zero}",
+           "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
+           "hardware.strategy.config.bf16.enabled=false", "hardware.strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy",
+           f"hydra.run.dir={tmp_path / 'ds'}"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _losses(single), _losses(tmp_path / "ds")
+    assert len(a) == len(b) == steps
+    assert b == pytest.approx(a, rel=1e-5)
+    norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
+             for d in (single, tmp_path / "ds")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    return single
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero, stage", [(3, "instruction_tuning"), (3, "mlp_warmup"), (2, "instruction_tuning"),
                                          (3, "lora")])
@@ -129,25 +153,10 @@ def test_deepspeed_two_cpu_ranks_match_one_process(tmp_path, zero, stage):
     ZeRO-2/3 (ZeRO-1 shares ZeRO-2's optimizer class; it passed too, left out for time), fp32, packed buffers with uneven micro-batch counts per rank: the single process's
     losses and grad norms, step by step. With fp32 everywhere, any gap is a strategy bug, not rounding:
     ZeRO-3 once kept only each step's last micro-batch's gradients."""
-    pytest.importorskip("deepspeed")
     packed = ["stage.max_steps=3", "data/collate=packed", "data.collate.max_tokens=550", "trainer.checkpoint=false"]
     if stage == "lora":
         packed.append("stage.lora.dropout=0")  # drawn per rank
-    single = train(compose_config([f"stage={stage}", *SMALL, *packed], run_dir=tmp_path / "single"))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DS_ACCELERATOR": "cpu",
-           "VLMTRAIN_CACHE": os.environ["VLMTRAIN_CACHE"]}
-    cmd = [sys.executable, "-m", "vlmtrain", f"stage={stage}", *SMALL, *packed, f"hardware=deepspeed_zero{zero}",
-           "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
-           "hardware.strategy.config.bf16.enabled=false", "hardware.strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy",
-           f"hydra.run.dir={tmp_path / 'ds'}"]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, b = _losses(single), _losses(tmp_path / "ds")
-    assert len(a) == len(b) == 3
-    assert b == pytest.approx(a, rel=1e-5)
-    norms = [[float(r["train/grad_norm"]) for r in csv.DictReader(open(d / "metrics.csv")) if r.get("train/loss")]
-             for d in (single, tmp_path / "ds")]
-    assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # the whole step's gradient, every micro-batch in it
+    single = deepspeed_two_ranks_match_one_process(tmp_path, [f"stage={stage}", *SMALL, *packed], zero)
     if stage == "lora":  # the adapter file is gathered from ZeRO-3's partitions: the single run's tensors
         _assert_same_adapter(single, tmp_path / "ds", rtol=1e-4, atol=1e-6)
 
