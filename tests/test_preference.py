@@ -273,6 +273,16 @@ def test_precomputed_reference_gives_the_live_references_loss(tmp_path):
                             "++data.datasets.single.n_max=4"])
     with pytest.raises(UserError, match="other data settings.*n_max: 1 there, 4 here"):
         MixtureDataset(other.data, tok, 64)
+    # so is another image mode (the same tile count, other pixels); a file that predates the key is read
+    other = compose_config(["model=tiny", "data=single", f"data.path={tmp_path / 'p.jsonl'}",
+                            "++data.datasets.single.n_max=1", "data.image_mode=resize"])
+    with pytest.raises(UserError, match="other data settings.*image_mode: 'tile' there, 'resize' here"):
+        MixtureDataset(other.data, tok, 64)
+    ref_lines = ref_file.read_text().splitlines()
+    head = json.loads(ref_lines[0])
+    del head["provenance"]["settings"]["image_mode"]
+    ref_file.write_text("\n".join([json.dumps(head), *ref_lines[1:]]) + "\n")
+    MixtureDataset(other.data, tok, 64)
     # a line changed after its log-probs were written is an error naming it
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     lines[1] = lines[1].replace('"chosen"', '"chosen" ', 1)

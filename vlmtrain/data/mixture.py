@@ -205,7 +205,7 @@ class MixtureDataset:
         d = source.cfg
         return {"n_max": d.n_max, "min_tiles": d.min_tiles, "template": d.template or self.cfg.template,
                 "tile_size": self.cfg.tile_size, "use_thumbnail": self.cfg.use_thumbnail,
-                "max_seq_len": self.cfg.max_seq_len}
+                "max_seq_len": self.cfg.max_seq_len, "image_mode": self.image_mode}
 
     def locate(self, index: int) -> tuple[SourceDataset, int]:
         if not 0 <= index < len(self):

@@ -196,7 +196,8 @@ def score_pairs(trained, data: DataConfig, path: Path, batch_size: int = 8, sett
     entry = {"path": str(path), "format": "preference", "jpeg_augment": False, "n_max": settings.n_max,
              "min_tiles": settings.min_tiles, "template": settings.template, "system": settings.system}
     one = DataConfig(**{**{k: getattr(data, k) for k in ("template", "system", "tile_size", "use_thumbnail",
-                                                          "fast_resize", "max_seq_len", "min_frames", "max_frames")},
+                                                          "fast_resize", "max_seq_len", "min_frames", "max_frames",
+                                                          "image_mode")},
                         "datasets": {name: entry}, "too_long": "skip", "on_error": "skip"})
     ds = MixtureDataset(one, trained.tokenizer, image_layout(cfg), training=False)
     source = ds.sources[0]

@@ -112,7 +112,7 @@ def write_reference(path: str | Path, rows: list[tuple[Record, float, float]], p
     return out
 
 
-SETTINGS = ("n_max", "min_tiles", "template", "tile_size", "use_thumbnail", "max_seq_len")
+SETTINGS = ("n_max", "min_tiles", "template", "tile_size", "use_thumbnail", "max_seq_len", "image_mode")
 """What the log-probs depend on beside the line: the first pass records them, training checks them."""
 
 
