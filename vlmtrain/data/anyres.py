@@ -2,7 +2,7 @@
 plus a squashed whole-image tile, and the token count its unpadded feature map gives.
 
 The reference is what the released ``llava-hf/llava-v1.6-*`` checkpoints were shown, through
-transformers' ``LlavaNextImageProcessor`` and ``LlavaNextProcessor`` (``tests/test_family_llava.py``
+transformers' ``LlavaNextImageProcessor`` and ``LlavaNextProcessor`` (``tests/test_family_llava_next.py``
 holds vlmtrain to both, pixel for pixel and token for token):
 
 - the best resolution (``select_best_resolution``): of the pinpoints (height, width), the one whose

@@ -98,7 +98,6 @@ class Renderer:
         if unknown:
             raise UserError(f"tokenizer lacks the image tokens {' '.join(layout.tokens)}")
         self.tokenizer = tokenizer
-        self.tokens_per_tile = layout.tokens_per_tile
         self.img_context = tokenizer.convert_tokens_to_ids(layout.context)
         self.img_start = tokenizer.convert_tokens_to_ids(layout.start) if layout.start else None
         self.img_end = tokenizer.convert_tokens_to_ids(layout.end) if layout.end else None
